@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+# Pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+TRITON_PIN := triton==3.9.0
+DEEPCTR_PIN := deepctr-torch==0.3.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN) $(TRITON_PIN)
+	# deepctr-torch pins old deps; install it alone and give it its real imports.
+	$(PY) -m pip install -q --no-deps $(DEEPCTR_PIN)
+	$(PY) -m pip install -q tqdm scikit-learn requests
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m din compare --data movielens --epochs 2 --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks runs

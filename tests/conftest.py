@@ -1,0 +1,42 @@
+"""Test set-up shared by the whole suite.
+
+CI has no GPU, so the Triton kernels run on CPU tensors under Triton's interpreter. The interpreter must
+be switched on before any ``@triton.jit`` decorator runs, hence before ``din_kernels`` is imported.
+The suite's default backend is the torch composite path (the interpreter is far too slow for model and
+CLI tests); kernel tests ask for both paths explicitly through the ``backend`` fixture.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DIN_KERNELS_BACKEND", "torch")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import din_kernels as dk  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """Run the test once on the Triton kernels (interpreter on CPU) and once on the composite path."""
+    previous = dk.get_backend()
+    dk.set_backend(request.param)
+    yield request.param
+    dk.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data():
+    """The read-only real data sets beside the checkout; absent for users of the package."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    return SHARED_DATA
