@@ -194,7 +194,8 @@ class _MBAEmbeddingFunction(torch.autograd.Function):
         rows = weight[unique_ids].float()
         values = summed + ctx.lam * inv_freq[unique_ids].float()[:, None] * rows
         grad_weight = torch.sparse_coo_tensor(
-            unique_ids[None, :], values.to(weight.dtype), weight.shape, is_coalesced=True
+            unique_ids[None, :], values.to(weight.dtype), weight.shape, is_coalesced=True,
+            check_invariants=False,  # indices are unique and sorted by construction
         )
         return None, grad_weight, None, None
 

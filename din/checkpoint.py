@@ -1,0 +1,66 @@
+"""Checkpoints and metrics files, always written atomically (temp file in the same folder, then rename).
+
+A crash or Ctrl-C while saving leaves the previous file intact, never a truncated one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Tuple, Union
+
+import torch
+
+from .model import ModelConfig, build_model
+
+PathLike = Union[str, "os.PathLike[str]"]
+CHECKPOINT_FORMAT = 1
+
+
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: PathLike, payload: Dict[str, Any]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> None:
+    """Save ``model`` (its ``ModelConfig`` and state) plus JSON-able ``extra`` (train config, metrics)."""
+    payload = {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(),
+               "state_dict": model.state_dict(), **extra}
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Tuple[torch.nn.Module, dict]:
+    """Rebuild the model saved by ``save_checkpoint``; returns ``(model, payload)``. Tables trained with
+    MBA load as plain embeddings (the regulariser matters only while training)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a din checkpoint: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a din checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    config = ModelConfig.from_dict(payload["model_config"])
+    model = build_model(config)
+    model.load_state_dict(payload["state_dict"])
+    return model, payload

@@ -1,0 +1,168 @@
+"""Command line: ``din train``, ``din evaluate``, ``din compare`` (also ``python -m din``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import metrics
+from .checkpoint import load_checkpoint, write_json_atomic
+from .data import load_data
+from .model import ModelConfig, build_model
+from .train import OPTIMIZERS, TrainConfig, evaluate, train
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="movielens",
+                        help="'movielens' (bundled ml-latest-small), 'synthetic', or a PATH: a folder with "
+                             "MovieLens ratings.csv + movies.csv, or one written by 'din prepare'")
+    parser.add_argument("--max-len", type=_positive_int, default=50,
+                        help="keep the last N behaviours of each history (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    _add_data_args(parser)
+    parser.add_argument("--epochs", type=_positive_int, default=2)
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--lr", type=_positive_float, default=1e-3)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--activation", choices=("dice", "prelu"), default="dice",
+                        help="activation of the prediction MLP (default dice)")
+    parser.add_argument("--attention-normalize", choices=("none", "softmax"), default="none",
+                        help="'none' keeps the weights' sum as interest intensity (paper); 'softmax' as the "
+                             "official code (with scale D**-0.5)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and model.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model_config(args, model: str, split) -> ModelConfig:
+    summary = split.train
+    dim = 36  # goods 18 + category 18, as DeepCTR's DIN example
+    scale = dim ** -0.5 if args.attention_normalize == "softmax" else None
+    return ModelConfig(model=model, num_goods=summary.num_goods, num_cates=summary.num_cates,
+                       num_users=summary.num_users, activation=args.activation,
+                       attention_normalize=args.attention_normalize, attention_scale=scale)
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       max_len=args.max_len, seed=args.seed, device=args.device, progress=not args.quiet)
+
+
+def _train_one(args, model_name: str, split, out: Optional[Path]) -> Dict:
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = build_model(_model_config(args, model_name, split))
+    history = train(model, split, _train_config(args), out_dir=out,
+                    log=lambda line: print(f"[{model_name}] {line}", file=sys.stderr))
+    history["data_spec"] = args.data
+    if out is not None:
+        write_json_atomic(out / "metrics.json", history)
+    return history
+
+
+def cmd_train(args) -> int:
+    split = load_data(args.data, max_len=args.max_len, seed=args.seed)
+    history = _train_one(args, args.model, split, args.out)
+    last = history["epochs"][-1]
+    print(f"{args.model}: AUC {last['auc']:.4f}  GAUC {last['gauc']:.4f}  logloss {last['logloss']:.4f}")
+    if args.out is not None:
+        print(f"wrote {args.out / 'metrics.json'} and {args.out / 'model.pt'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    model, payload = load_checkpoint(args.checkpoint, map_location=args.device)
+    train_config = payload.get("train_config", {})
+    max_len = args.max_len or train_config.get("max_len", 50)
+    seed = args.seed if args.seed is not None else train_config.get("seed", 0)
+    split = load_data(args.data, max_len=max_len, seed=seed)
+    config = model.config
+    test = split.test
+    if test.num_goods > config.num_goods or test.num_cates > config.num_cates:
+        raise SystemExit(f"error: --data {args.data} has {test.num_goods} goods / {test.num_cates} categories, "
+                         f"more than the checkpoint's tables ({config.num_goods} / {config.num_cates}): "
+                         "evaluate on the data the model was trained on")
+    model.to(args.device)
+    result = evaluate(model, test, max_len, device=args.device)
+    print(f"{config.model}: AUC {result['auc']:.4f}  GAUC {result['gauc']:.4f}  "
+          f"per-user AUC {result['per_user_auc']:.4f}  logloss {result['logloss']:.4f}  "
+          f"({result['samples']} test samples)")
+    return 0
+
+
+def format_table(rows: List[Dict], base_gauc: float) -> str:
+    """The paper's Table 3 layout: model, AUC, user-weighted AUC, logloss, RelaImpr (on GAUC) vs BaseModel."""
+    lines = [f"{'Model':<10} {'AUC':>7} {'GAUC':>7} {'Logloss':>8} {'RelaImpr':>9}"]
+    for row in rows:
+        impr = metrics.rela_impr(row["gauc"], base_gauc)
+        lines.append(f"{row['name']:<10} {row['auc']:>7.4f} {row['gauc']:>7.4f} {row['logloss']:>8.4f} "
+                     f"{impr * 100:>+8.2f}%")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    split = load_data(args.data, max_len=args.max_len, seed=args.seed)
+    rows = []
+    for model_name, label in (("base", "BaseModel"), ("din", "DIN")):
+        out = args.out / model_name if args.out is not None else None
+        history = _train_one(args, model_name, split, out)
+        rows.append({"name": label, **history["epochs"][-1]})
+    table = format_table(rows, rows[0]["gauc"])
+    print(table)
+    if args.out is not None:
+        write_json_atomic(args.out / "compare.json", {"data": args.data, "rows": rows, "table": table})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="din", description="Train and evaluate the Deep Interest Network.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="train one model and evaluate it after each epoch")
+    _add_train_args(train_parser)
+    train_parser.add_argument("--model", choices=("din", "base"), default="din")
+    train_parser.set_defaults(handler=cmd_train)
+
+    eval_parser = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
+    eval_parser.add_argument("--checkpoint", type=Path, required=True)
+    eval_parser.add_argument("--data", default="movielens")
+    eval_parser.add_argument("--max-len", type=_positive_int, default=None,
+                             help="default: the value the checkpoint was trained with")
+    eval_parser.add_argument("--seed", type=int, default=None,
+                             help="split seed (default: the checkpoint's, so the test split matches)")
+    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    eval_parser.set_defaults(handler=cmd_evaluate)
+
+    compare_parser = commands.add_parser("compare", help="train BaseModel and DIN on one split, print Table 3")
+    _add_train_args(compare_parser)
+    compare_parser.set_defaults(handler=cmd_compare)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

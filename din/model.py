@@ -1,0 +1,160 @@
+"""DIN and its baseline (paper Sections 4.1 and 4.3), built only on din_kernels' public API.
+
+Both models embed the candidate and every behaviour as ``[goods_emb, cate_emb]`` (id 0 = padding), pool
+the behaviours into one user-interest vector, and feed ``[user profile?, pooled, candidate,
+pooled * candidate]`` to an MLP (200-80, Dice or PReLU) that ends in one logit. The product term follows
+the official DIN code. The only difference is the pooling: ``BaseModel`` sums the valid behaviours
+(paper: "sum pooling"), ``DIN`` weights each by the local activation unit's score for the candidate.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+import din_kernels as dk
+
+from .features import ItemEmbedding
+
+Tensor = torch.Tensor
+
+MODELS = ("din", "base")
+HEAD_ACTIVATIONS = ("dice", "prelu")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in checkpoints)."""
+
+    model: str = "din"                      # "din" | "base"
+    num_goods: int = 1
+    num_cates: int = 1
+    num_users: int = 0                      # > 0 with use_user: a user-id embedding joins the MLP input
+    goods_dim: int = 18
+    cate_dim: int = 18
+    user_dim: int = 18
+    use_user: bool = False
+    hidden_units: Tuple[int, ...] = (200, 80)
+    activation: str = "dice"                # head MLP activation: "dice" | "prelu"
+    attention_units: Tuple[int, ...] = (80, 40)
+    attention_activation: str = "sigmoid"
+    attention_form: str = "concat"
+    attention_normalize: str = "none"       # paper: "none"; official code: "softmax" with scale D**-0.5
+    attention_scale: Optional[float] = None
+    mba_lambda: float = 0.0                 # > 0: embedding tables regularised by MBA (see din.train)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.activation not in HEAD_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {HEAD_ACTIVATIONS}, got {self.activation!r}")
+        for name in ("num_goods", "num_cates", "goods_dim", "cate_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.use_user and self.num_users <= 0:
+            raise ValueError("use_user=True needs num_users > 0")
+        self.hidden_units = tuple(self.hidden_units)
+        self.attention_units = tuple(self.attention_units)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**values)
+
+
+class _Activation(nn.Module):
+    """Dice (batch statistics) or PReLU (one slope per unit) for the head MLP."""
+
+    def __init__(self, kind: str, width: int):
+        super().__init__()
+        self.fn = dk.Dice(width) if kind == "dice" else nn.PReLU(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+class _Head(nn.Module):
+    """``BatchNorm -> [Linear -> act] * len(hidden) -> Linear(.., 1)``; the input norm as in the official code."""
+
+    def __init__(self, in_features: int, hidden_units: Tuple[int, ...], activation: str):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features)
+        layers = []
+        width = in_features
+        for units in hidden_units:
+            layers += [nn.Linear(width, units), _Activation(activation, units)]
+            width = units
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm(x)).squeeze(-1)  # [B]
+
+
+class _InterestModel(nn.Module):
+    """Shared body: embeddings, pooling (subclass), head."""
+
+    def __init__(self, config: ModelConfig, goods_table: Optional[nn.Module] = None,
+                 cate_table: Optional[nn.Module] = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemEmbedding(config.num_goods, config.num_cates, config.goods_dim, config.cate_dim,
+                                   goods_table=goods_table, cate_table=cate_table)
+        self.users = nn.Embedding(config.num_users, config.user_dim) if config.use_user else None
+        dim = self.items.dim
+        in_features = 3 * dim + (config.user_dim if config.use_user else 0)
+        self.head = _Head(in_features, config.hidden_units, config.activation)
+
+    def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
+        raise NotImplementedError  # each model defines its pooling
+
+    def forward(self, batch) -> Tensor:
+        """batch: ``din.data.Batch`` -> logits [B]."""
+        candidate = self.items(batch.goods, batch.cate)                  # [B, D]
+        behaviours = self.items(batch.hist_goods, batch.hist_cates)      # [B, T, D]
+        pooled = self.pool(candidate, behaviours, batch.lengths)         # [B, D]
+        parts = [pooled, candidate, pooled * candidate]
+        if self.users is not None:
+            parts.insert(0, self.users(batch.user))
+        return self.head(torch.cat(parts, dim=-1))
+
+
+class BaseModel(_InterestModel):
+    """Embedding & MLP baseline: sum pooling over the valid behaviours."""
+
+    def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
+        positions = torch.arange(behaviours.shape[1], device=behaviours.device)
+        mask = (positions[None, :] < lengths[:, None]).to(behaviours.dtype)  # [B, T]
+        return torch.einsum("bt,btd->bd", mask, behaviours)
+
+
+class DIN(_InterestModel):
+    """Deep Interest Network: behaviours weighted by the local activation unit's relevance to the candidate."""
+
+    def __init__(self, config: ModelConfig, goods_table: Optional[nn.Module] = None,
+                 cate_table: Optional[nn.Module] = None):
+        super().__init__(config, goods_table, cate_table)
+        self.attention = dk.LocalActivationUnit(
+            self.items.dim, hidden_units=config.attention_units, activation=config.attention_activation,
+            form=config.attention_form, normalize=config.attention_normalize, scale=config.attention_scale,
+        )
+
+    def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
+        return self.attention(candidate, behaviours, lengths)
+
+
+def build_model(config: ModelConfig, goods_table: Optional[nn.Module] = None,
+                cate_table: Optional[nn.Module] = None) -> _InterestModel:
+    """The model named by ``config.model``; custom embedding tables (e.g. MBA) may replace the defaults."""
+    cls = DIN if config.model == "din" else BaseModel
+    return cls(config, goods_table=goods_table, cate_table=cate_table)

@@ -1,0 +1,156 @@
+"""Training and evaluation loops for DIN and BaseModel."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import metrics
+from .checkpoint import save_checkpoint, write_json_atomic
+from .data import InteractionData, Split
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 256
+    eval_batch_size: int = 4096
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    max_len: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA device is available")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_optimizer(parameters, name: str, lr: float) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(parameters, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: InteractionData, max_len: int, batch_size: int = 4096,
+            device: str = "cpu") -> np.ndarray:
+    """Click probabilities for every sample of ``data``, in order.  -> [N] float64"""
+    was_training = model.training
+    model.eval()
+    scores = []
+    for batch in data.batches(batch_size, max_len, shuffle=False):
+        scores.append(torch.sigmoid(model(batch.to(device)).float()).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+
+def evaluate(model: nn.Module, data: InteractionData, max_len: int, batch_size: int = 4096,
+             device: str = "cpu") -> Dict[str, float]:
+    """AUC, user-weighted AUC (paper Eq. 10), per-user mean AUC (official GAUC) and logloss on ``data``."""
+    probs = predict(model, data, max_len, batch_size, device)
+    labels, users = np.asarray(data.label), np.asarray(data.user)
+    return {
+        "auc": metrics.auc(labels, probs),
+        "gauc": metrics.user_weighted_auc(users, labels, probs),
+        "per_user_auc": metrics.per_user_auc(users, labels, probs),
+        "logloss": metrics.logloss(labels, probs),
+        "samples": int(len(data)),
+    }
+
+
+def train(
+    model: nn.Module,
+    split: Split,
+    config: TrainConfig,
+    out_dir: Optional[Path] = None,
+    extra_optimizers: Optional[List[torch.optim.Optimizer]] = None,
+    regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+    log: Callable[[str], None] = print,
+) -> Dict:
+    """Train ``model`` on ``split.train`` and evaluate on ``split.test`` after each epoch.
+
+    Writes ``out_dir/metrics.json`` (config, per-epoch metrics, throughput) after every epoch and
+    ``out_dir/model.pt`` at the end, both atomically. ``regularizer(model)`` adds a penalty to each
+    batch's loss (e.g. full-table L2); parameters with their own update rule (MBA tables updated
+    inside backward) are left out of the optimizer by having ``requires_grad`` handled by their module.
+    Returns the metrics dictionary.
+    """
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr)
+    optimizers = [optimizer] + list(extra_optimizers or [])
+    loss_fn = nn.BCEWithLogitsLoss()
+    history = {"model": model.config.to_dict(), "train": config.to_dict(), "data": split.summary(),
+               "epochs": []}
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        seen, loss_sum = 0, 0.0
+        num_batches = math.ceil(len(split.train) / config.batch_size)
+        batches = split.train.batches(config.batch_size, config.max_len, shuffle=True,
+                                      seed=config.seed * 1000 + epoch)
+        bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=not config.progress, leave=False)
+        for batch in bar:
+            batch = batch.to(device)
+            logits = model(batch)
+            loss = loss_fn(logits, batch.label)
+            total = loss + regularizer(model) if regularizer is not None else loss
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            for opt in optimizers:
+                opt.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training diverged at epoch {epoch}: loss {loss.item()} "
+                                         f"(try a smaller --lr)")
+            seen += len(batch.label)
+            loss_sum += loss.item() * len(batch.label)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}")
+        train_seconds = time.perf_counter() - started
+        test_metrics = evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device)
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_seconds": train_seconds,
+                  "samples_per_second": seen / max(train_seconds, 1e-9), **test_metrics}
+        history["epochs"].append(record)
+        log(f"epoch {epoch}: loss {record['train_loss']:.4f}  test AUC {record['auc']:.4f}  "
+            f"GAUC {record['gauc']:.4f}  logloss {record['logloss']:.4f}  "
+            f"({record['samples_per_second']:,.0f} samples/s)")
+        if out_dir is not None:
+            write_json_atomic(Path(out_dir) / "metrics.json", history)
+    if out_dir is not None:
+        save_checkpoint(Path(out_dir) / "model.pt", model, train_config=config.to_dict(),
+                        metrics=history["epochs"][-1])
+    return history
