@@ -62,5 +62,11 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise ValueError(f"{path} is not a din checkpoint (format {CHECKPOINT_FORMAT} expected)")
     config = ModelConfig.from_dict(payload["model_config"])
     model = build_model(config)
-    model.load_state_dict(payload["state_dict"])
+    state = {key: value for key, value in payload["state_dict"].items() if not _is_training_only(key)}
+    model.load_state_dict(state)
     return model, payload
+
+
+def _is_training_only(key: str) -> bool:
+    """MBA tables' frequency and optimiser buffers: needed to train, not to predict."""
+    return key.startswith("items.") and key.endswith((".inv_freq", ".state"))

@@ -10,6 +10,7 @@ from . import metrics
 from .checkpoint import load_checkpoint, write_json_atomic
 from .data import load_data
 from .model import ModelConfig, build_model
+from .regularization import embedding_setup
 from .train import OPTIMIZERS, TrainConfig, evaluate, train
 
 
@@ -48,6 +49,13 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-normalize", choices=("none", "softmax"), default="none",
                         help="'none' keeps the weights' sum as interest intensity (paper); 'softmax' as the "
                              "official code (with scale D**-0.5)")
+    parser.add_argument("--mba-lambda", type=float, default=0.0,
+                        help="mini-batch aware L2 on the goods and category tables (paper: 0.01); "
+                             "0 (default) turns it off")
+    parser.add_argument("--l2", choices=("none", "full"), default="none",
+                        help="'full': dense L2 over every row of the tables each step, the baseline the "
+                             "paper argues against (strength --l2-lambda)")
+    parser.add_argument("--l2-lambda", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and model.pt")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -62,17 +70,30 @@ def _model_config(args, model: str, split) -> ModelConfig:
 
 
 def _train_config(args) -> TrainConfig:
+    if args.mba_lambda > 0 and args.l2 == "full":
+        raise ValueError("choose one regulariser: --mba-lambda or --l2 full, not both")
+    if args.mba_lambda > 0:
+        regularizer, reg_lambda = "mba", args.mba_lambda
+    elif args.l2 == "full":
+        regularizer, reg_lambda = "full", args.l2_lambda
+    else:
+        regularizer, reg_lambda = "none", 0.0
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       max_len=args.max_len, seed=args.seed, device=args.device, progress=not args.quiet)
+                       max_len=args.max_len, seed=args.seed, device=args.device, regularizer=regularizer,
+                       reg_lambda=reg_lambda, progress=not args.quiet)
 
 
 def _train_one(args, model_name: str, split, out: Optional[Path]) -> Dict:
     import torch
 
+    train_config = _train_config(args)
     torch.manual_seed(args.seed)
-    model = build_model(_model_config(args, model_name, split))
-    history = train(model, split, _train_config(args), out_dir=out,
-                    log=lambda line: print(f"[{model_name}] {line}", file=sys.stderr))
+    model_config = _model_config(args, model_name, split)
+    setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
+                            train_config.optimizer, train_config.lr, model_config.goods_dim, model_config.cate_dim)
+    model = build_model(model_config, goods_table=setup.goods_table, cate_table=setup.cate_table)
+    history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
+                    regularizer=setup.penalty, log=lambda line: print(f"[{model_name}] {line}", file=sys.stderr))
     history["data_spec"] = args.data
     if out is not None:
         write_json_atomic(out / "metrics.json", history)

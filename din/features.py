@@ -1,7 +1,7 @@
 """Item representation: goods and category embeddings concatenated, padding id 0."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,3 +26,15 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, goods: Tensor, cates: Tensor) -> Tensor:
         return torch.cat([self.goods(goods), self.cates(cates)], dim=-1)
+
+    def candidate_and_history(self, goods: Tensor, cates: Tensor, hist_goods: Tensor,
+                              hist_cates: Tensor) -> Tuple[Tensor, Tensor]:
+        """Embed the candidates [B] and the histories [B, T] with ONE lookup per table.
+
+        One lookup matters for tables that update themselves inside backward (MBA with a fused
+        optimizer): each step must see every id of the batch at once, so that a row occurring both as
+        candidate and as behaviour is coalesced and stepped once.  -> ([B, D], [B, T, D])
+        """
+        items = self(torch.cat([goods[:, None], hist_goods], dim=1),
+                     torch.cat([cates[:, None], hist_cates], dim=1))  # [B, 1 + T, D]
+        return items[:, 0], items[:, 1:]

@@ -44,7 +44,6 @@ class ModelConfig:
     attention_form: str = "concat"
     attention_normalize: str = "none"       # paper: "none"; official code: "softmax" with scale D**-0.5
     attention_scale: Optional[float] = None
-    mba_lambda: float = 0.0                 # > 0: embedding tables regularised by MBA (see din.train)
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -120,8 +119,8 @@ class _InterestModel(nn.Module):
 
     def forward(self, batch) -> Tensor:
         """batch: ``din.data.Batch`` -> logits [B]."""
-        candidate = self.items(batch.goods, batch.cate)                  # [B, D]
-        behaviours = self.items(batch.hist_goods, batch.hist_cates)      # [B, T, D]
+        candidate, behaviours = self.items.candidate_and_history(
+            batch.goods, batch.cate, batch.hist_goods, batch.hist_cates)  # [B, D], [B, T, D]
         pooled = self.pool(candidate, behaviours, batch.lengths)         # [B, D]
         parts = [pooled, candidate, pooled * candidate]
         if self.users is not None:

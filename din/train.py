@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .checkpoint import save_checkpoint, write_json_atomic
 from .data import InteractionData, Split
+from .regularization import REGULARIZERS, table_parameters
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 DEVICES = ("cpu", "cuda")
@@ -31,6 +32,8 @@ class TrainConfig:
     max_len: int = 50
     seed: int = 0
     device: str = "cpu"
+    regularizer: str = "none"   # "none" | "full" (dense L2 over the tables) | "mba" (paper Eq. 4)
+    reg_lambda: float = 0.0
     progress: bool = True
 
     def __post_init__(self):
@@ -44,6 +47,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if not (isinstance(self.reg_lambda, (int, float)) and math.isfinite(self.reg_lambda)
+                and self.reg_lambda >= 0):
+            raise ValueError(f"reg_lambda must be a finite number >= 0, got {self.reg_lambda!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
@@ -102,14 +110,15 @@ def train(
 
     Writes ``out_dir/metrics.json`` (config, per-epoch metrics, throughput) after every epoch and
     ``out_dir/model.pt`` at the end, both atomically. ``regularizer(model)`` adds a penalty to each
-    batch's loss (e.g. full-table L2); parameters with their own update rule (MBA tables updated
-    inside backward) are left out of the optimizer by having ``requires_grad`` handled by their module.
-    Returns the metrics dictionary.
+    batch's loss (e.g. full-table L2); MBA tables have their own update rule (fused inside backward, or
+    one of ``extra_optimizers``) and stay out of the dense optimiser. Returns the metrics dictionary.
     """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
-    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr)
+    tables = {id(p) for p in table_parameters(model)}
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    optimizer = make_optimizer(dense, config.optimizer, config.lr)
     optimizers = [optimizer] + list(extra_optimizers or [])
     loss_fn = nn.BCEWithLogitsLoss()
     history = {"model": model.config.to_dict(), "train": config.to_dict(), "data": split.summary(),

@@ -53,3 +53,23 @@ def test_bad_arguments(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "din", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "compare" in result.stdout
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+def test_train_with_mba_then_evaluate(tmp_path, capsys, optimizer):
+    out = tmp_path / optimizer
+    code = main(["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--max-len", "20",
+                 "--mba-lambda", "0.01", "--optimizer", optimizer, "--lr", "0.05" if optimizer != "adam" else "1e-3",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    history = json.loads((out / "metrics.json").read_text())
+    assert history["train"]["regularizer"] == "mba" and history["train"]["reg_lambda"] == 0.01
+    assert history["epochs"][0]["auc"] > 0.6
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--data", "synthetic"]) == 0
+
+
+def test_full_l2_and_conflicting_regularisers(tmp_path, capsys):
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--max-len", "20",
+                 "--l2", "full", "--quiet"]) == 0
+    assert main(["train", "--data", "synthetic", "--mba-lambda", "0.01", "--l2", "full", "--quiet"]) == 2
+    assert "choose one regulariser" in capsys.readouterr().err
