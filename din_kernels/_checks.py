@@ -68,7 +68,9 @@ def check_lengths(lengths: Tensor, batch: int, max_len: int, device: torch.devic
         raise ValueError(f"lengths must have shape [B]=[{batch}], got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"lengths must be on {device} like keys, got {lengths.device}")
-    if lengths.numel() > 0:
+    # Reading values syncs and breaks torch.compile graphs: skipped while compiling, where the kernels
+    # clamp each length to [0, T] so that a bad value can still never touch memory outside its row.
+    if lengths.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 0 or high > max_len:
             raise ValueError(f"lengths must lie in [0, T]=[0, {max_len}], got values in [{low}, {high}]")

@@ -1,21 +1,645 @@
-"""Local activation unit (DIN's attention): functional op and module.
+"""Local activation unit (DIN's attention): fused Triton kernels, launchers, custom op, functional, module.
 
 ``out_b = sum_t w[b, t] * k[b, t]``, with ``w`` scored by a small MLP over features of the candidate
-``q_b`` and each behaviour ``k[b, t]`` (see ``reference.din_attention`` for the exact semantics).
+``q_b`` and each behaviour ``k[b, t]`` (``reference.din_attention`` fixes the semantics).
+
+The first layer is split by input block (DESIGN.md, "Kernel design"), so the ``[B, T, 4D]`` (or
+``[B, T, 2D + D^2]``) feature tensor never exists::
+
+    concat, W1 = [Wa | Wb | Wc | Wd]:  z1[b, t] = u_b + k[b, t] @ M_b
+        u_b = q_b @ (Wa + Wc)^T + b1                      # [H1]
+        M_b = (Wb - Wc)^T + diag(q_b) @ Wd^T              # [D, H1]
+    outer,  W1 = [Wq | Wk | Wo], Wo[h, a, c] at a*D + c:
+        u_b = q_b @ Wq^T + b1,  M_b = Wk^T + sum_a q_b[a] * Wo[:, a, :]^T
+
+``u`` and ``M`` (``O(B*D*H1)``) come from torch; the kernels do the ``O(B*T*D*H)`` work: one program per
+batch row loops over its valid positions in tiles, recomputes the MLP, and never stores anything of size
+``[B, T, H]``. The backward kernel recomputes the activations and returns per-row ``dM_b``/``du_b`` and
+per-row weight-gradient partials that torch reduces afterwards (deterministic, no atomics).
+
+Paths (``_backend.use_triton``): the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or
+2 hidden layers of width <= 256 and ``D <= 256`` whose resident tiles fit (``fused_supported``), in
+fp32/fp16/bf16; the torch composite path (same algebra, hand-written backward, ``attention_torch.py``)
+otherwise; the reference for Dice in training mode.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import types
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import reference
+from ._backend import use_triton
+from .attention_torch import attention_torch_backward, attention_torch_forward
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_attention_args, check_choice
 from .dice import Dice
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional (setup.py): without it only the composite path runs
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = None
+
 Tensor = torch.Tensor
 
+# Activation codes shared by the launchers and the kernels' ``ACT`` constexpr.
+_ACT_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
+_MAX_FUSED_WIDTH = 256  # hidden widths and D the kernels hold in registers
+# M_b [BD, BH1] and W2 [BH2, BH1] stay resident in a program, with same-sized gradient accumulators in the
+# backward, whose tl.dot operands are staged through shared memory. Compiled for sm_90a (ptxas, no GPU
+# run), the backward's shared memory grew ~9 bytes per resident element: 151 KB at DIN's 64x128 + 128x64,
+# 197 KB at 20480 elements, 295 KB (over the 227 KB a Hopper block may use) at 128x128 + 128x128.
+_MAX_RESIDENT_ELEMENTS = 20 * 1024
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _act_fwd(z, alpha, mean, rstd, ACT: tl.constexpr):
+    """h = act(z). prelu: ``where(z >= 0, z, alpha z)``; dice (eval): ``z (alpha + (1 - alpha) p)``,
+    ``p = sigmoid((z - mean) rstd)``. ``alpha``/``mean``/``rstd`` are [1, H] rows."""
+    if ACT == 0:
+        h = z
+    elif ACT == 1:
+        h = tl.sigmoid(z)
+    elif ACT == 2:
+        h = tl.maximum(z, 0.0)
+    elif ACT == 3:
+        h = tl.where(z >= 0, z, alpha * z)
+    else:
+        p = tl.sigmoid((z - mean) * rstd)
+        h = z * (alpha + (1.0 - alpha) * p)
+    return h
+
+
+@triton.jit
+def _act_bwd(z, dh, alpha, mean, rstd, ACT: tl.constexpr):
+    """(dz, dalpha elementwise) for h = act(z):
+    sigmoid: ``dz = dh s (1 - s)``; relu: ``dz = dh [z > 0]``; prelu: ``dz = dh where(z >= 0, 1, alpha)``,
+    ``dalpha = dh where(z >= 0, 0, z)``; dice: ``dz = dh (alpha + (1 - alpha) (p + z p (1 - p) rstd))``,
+    ``dalpha = dh z (1 - p)``. Only prelu and dice have a meaningful ``dalpha`` (zeros otherwise)."""
+    if ACT == 0:
+        dz = dh
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 1:
+        s = tl.sigmoid(z)
+        dz = dh * s * (1.0 - s)
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 2:
+        dz = tl.where(z > 0, dh, 0.0)
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 3:
+        dz = tl.where(z >= 0, dh, alpha * dh)
+        dalpha = tl.where(z >= 0, 0.0, dh * z)
+    else:
+        p = tl.sigmoid((z - mean) * rstd)
+        dz = dh * (alpha + (1.0 - alpha) * (p + z * p * (1.0 - p) * rstd))
+        dalpha = dh * z * (1.0 - p)
+    return dz, dalpha
+
+
+@triton.jit
+def _load_act_params(A, MU, RS, offs_h, mask_h, BLOCK_H: tl.constexpr, ACT: tl.constexpr):
+    """[1, H] rows of the activation's parameters (zeros where the activation has none)."""
+    if ACT >= 3:
+        alpha = tl.load(A + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        alpha = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if ACT == 4:
+        mean = tl.load(MU + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        rstd = tl.load(RS + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        mean = tl.zeros([BLOCK_H], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_H], dtype=tl.float32)
+    return alpha[None, :], mean[None, :], rstd[None, :]
+
+
+@triton.jit
+def _din_attention_fwd_kernel(
+    K,            # [B, T, D] keys
+    M,            # [B, D, H1] fp32, M_b
+    U,            # [B, H1] fp32, u_b (b1 included)
+    W2, B2,       # [H2, H1], [H2] (second hidden layer; unused with one layer)
+    WO, BO,       # [HL] (output layer row), [1]
+    A1, MU1, RS1,  # [H1] alpha, dice running mean, dice rsqrt(running var + eps)
+    A2, MU2, RS2,  # [H2]
+    LENGTHS,      # [B] int64
+    OUT,          # [B, D] pooled output (query dtype)
+    ATTN,         # [B, T] fp32 final weights, zero-initialised
+    LSE,          # [B] fp32 (softmax only)
+    T, D, H1, H2, scale,
+    stride_kb, stride_kt,
+    ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+):
+    """One program per batch row b, looping over its valid positions t < L_b in tiles:
+
+        z1 = k @ M_b + u_b,  h1 = act(z1),  [z2 = h1 @ W2^T + b2,  h2 = act(z2)],
+        s_t = (h_last @ w_out + b_out) * scale
+        none:    w_t = s_t,                        out_b = sum_t w_t k_t
+        softmax: w_t = exp(s_t - lse_b),           out_b = sum_t w_t k_t   (online softmax, base 2)
+    ATTN holds w (0 at padding); LSE holds lse_b = log sum_{t < L_b} exp(s_t) (0 for an empty row).
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    b = tl.program_id(0).to(tl.int64)
+    # Clamped so that a bad length can never send a load or store outside the row.
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h1 = tl.arange(0, BLOCK_H1)
+    mask_d = offs_d < D
+    mask_h1 = offs_h1 < H1
+    # Padded hidden units read 0 from M, u and every weight touching them, so the 0.5 a padded
+    # sigmoid unit produces never reaches a score.
+    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :],
+                 mask=mask_d[:, None] & mask_h1[None, :], other=0.0)  # [BD, BH1]
+    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
+    if TWO_LAYERS:
+        offs_h2 = tl.arange(0, BLOCK_H2)
+        mask_h2 = offs_h2 < H2
+        w2t = tl.load(W2 + offs_h2[None, :] * H1 + offs_h1[:, None],
+                      mask=mask_h1[:, None] & mask_h2[None, :], other=0.0).to(tl.float32)  # [BH1, BH2]
+        b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
+        wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)  # [BH2]
+    else:
+        wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)  # [BH1]
+    bo = tl.load(BO).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([], float("-inf"), tl.float32)  # running max of the base-2 scores
+    l_i = tl.full([], 0.0, tl.float32)  # running sum of exp2(s2 - m_i)
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        k = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                    mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BT, BD]
+        z1 = tl.dot(k, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        h = _act_fwd(z1, a1, mu1, rs1, ACT)
+        if TWO_LAYERS:
+            z2 = tl.dot(h, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            h = _act_fwd(z2, a2, mu2, rs2, ACT)
+        s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
+        if SOFTMAX:
+            s2 = tl.where(valid, s * LOG2E, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s2, axis=0))
+            p = tl.exp2(s2 - m_new)
+            correction = tl.exp2(m_i - m_new)
+            l_i = l_i * correction + tl.sum(p, axis=0)
+            acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
+            m_i = m_new
+            # raw scores for now; normalised by the second pass below
+            tl.store(ATTN + b * T + offs, s, mask=valid)
+        else:
+            w = tl.where(valid, s, 0.0)
+            acc += tl.sum(w[:, None] * k, axis=0)
+            tl.store(ATTN + b * T + offs, w, mask=valid)
+
+    if SOFTMAX:
+        has_any = L > 0
+        l_safe = tl.where(has_any, l_i, 1.0)
+        m_safe = tl.where(has_any, m_i, 0.0)
+        acc = acc / l_safe
+        tl.store(LSE + b, (m_safe + tl.log2(l_safe)) * LN2)
+        # the scores written above are re-read by (possibly) other threads of this program
+        tl.debug_barrier()
+        for t0 in range(0, L, BLOCK_T):
+            offs = t0 + offs_t
+            valid = offs < L
+            s = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)
+            tl.store(ATTN + b * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
+    tl.store(OUT + b * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _din_attention_bwd_kernel(
+    K, M, U, W2, B2, WO, A1, MU1, RS1, A2, MU2, RS2, LENGTHS,
+    ATTN,         # [B, T] fp32 final weights from the forward
+    DOUT,         # [B, D] upstream gradient
+    DELTA,        # [B] fp32, dout_b . out_b (softmax only)
+    DK,           # [B, T, D] keys gradient (keys dtype)
+    DM, DU,       # [B, D, H1], [B, H1] fp32: gradients of M_b and u_b
+    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-row partials
+    DWO, DBO,     # [B, HL], [B] fp32 per-row partials
+    DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
+    T, D, H1, H2, scale,
+    stride_kb, stride_kt,
+    ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+):
+    """Recompute the tile's activations and backpropagate, for t < L_b:
+
+        dw_t = dout_b . k_t
+        ds_t = scale * dw_t                          (none)
+        ds_t = scale * w_t (dw_t - delta_b)          (softmax; delta_b = dout_b . out_b = sum_t w_t dw_t)
+        dh_last = ds_t w_out,  [dz2 = act'(z2) dh2,  dW2 += dz2^T h1,  dh1 = dz2 @ W2],  dz1 = act'(z1) dh1
+        dk_t = w_t dout_b + dz1_t @ M_b^T,   dM_b = sum_t k_t^T dz1_t,   du_b = sum_t dz1_t
+    dk is 0 at padding. Weight and alpha gradients are written per row and summed by the launcher.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h1 = tl.arange(0, BLOCK_H1)
+    mask_d = offs_d < D
+    mask_h1 = offs_h1 < H1
+    mask_dh1 = mask_d[:, None] & mask_h1[None, :]
+    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
+    if TWO_LAYERS:
+        offs_h2 = tl.arange(0, BLOCK_H2)
+        mask_h2 = offs_h2 < H2
+        mask_h21 = mask_h2[:, None] & mask_h1[None, :]
+        w2 = tl.load(W2 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21, other=0.0).to(tl.float32)
+        w2t = tl.trans(w2)  # [BH1, BH2]
+        b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
+        wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        dw2 = tl.zeros([BLOCK_H2, BLOCK_H1], dtype=tl.float32)
+        db2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        da2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        dwo = tl.zeros([BLOCK_H2], dtype=tl.float32)
+    else:
+        wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)
+        dwo = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dout = tl.load(DOUT + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+    if SOFTMAX:
+        delta = tl.load(DELTA + b)
+
+    dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    du = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dbo = tl.full([], 0.0, tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        mask_k = valid[:, None] & mask_d[None, :]
+        k = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                    mask=mask_k, other=0.0).to(tl.float32)  # [BT, BD]
+        w = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)  # [BT]
+        dw = tl.sum(k * dout[None, :], axis=1)
+        if SOFTMAX:
+            ds = w * (dw - delta)
+        else:
+            ds = dw
+        # zero at padding: every gradient below is then zero there too
+        ds = tl.where(valid, ds, 0.0) * scale
+
+        z1 = tl.dot(k, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
+        if TWO_LAYERS:
+            z2 = tl.dot(h1, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
+            dwo += tl.sum(ds[:, None] * h2, axis=0)
+            dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
+            da2 += tl.sum(dalpha2, axis=0)
+            db2 += tl.sum(dz2, axis=0)
+            dw2 += tl.dot(tl.trans(dz2), h1, input_precision=DOT_PRECISION)  # [BH2, BH1]
+            dh1 = tl.dot(dz2, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
+        else:
+            dwo += tl.sum(ds[:, None] * h1, axis=0)
+            dh1 = ds[:, None] * wo[None, :]
+        dbo += tl.sum(ds, axis=0)
+        dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
+        da1 += tl.sum(dalpha1, axis=0)
+        du += tl.sum(dz1, axis=0)
+        dm += tl.dot(tl.trans(k), dz1, input_precision=DOT_PRECISION)  # [BD, BH1]
+        dk = w[:, None] * dout[None, :] + tl.dot(dz1, tl.trans(m1), input_precision=DOT_PRECISION)
+        tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
+    # padding past the last tile touched above
+    for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+        offs = t0 + offs_t
+        tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                 tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
+                 mask=(offs[:, None] < T) & mask_d[None, :])
+
+    tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+    tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
+    tl.store(DBO + b, dbo)
+    if ACT >= 3:
+        tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
+    if TWO_LAYERS:
+        tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
+        tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
+        tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
+        if ACT >= 3:
+            tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
+    else:
+        tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``attn`` and ``lse``: fp32, or fp64 for fp64 inputs (gradcheck of the composite path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _hidden_widths(weights: Sequence[Tensor]) -> List[int]:
+    return [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
+
+
+def _block(n: int) -> int:
+    """Padded tile extent: a power of two >= 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
+    """True when the Triton kernels cover this problem: 1 or 2 hidden layers of width <= 256, D <= 256,
+    fp32/fp16/bf16 keys, and padded resident tiles ``D x H1 + H1 x H2`` of at most 20480 elements (DIN's
+    D=36, (80, 40): 64x128 + 128x64 = 16384). Everything else runs the composite path (same API and results)."""
+    widths = _hidden_widths(weights)
+    dim = keys.shape[2]
+    if len(widths) not in (1, 2) or max(widths) > _MAX_FUSED_WIDTH or keys.dtype not in _FUSED_DTYPES:
+        return False
+    if not 0 < dim <= _MAX_FUSED_WIDTH:
+        return False
+    resident = _block(dim) * _block(widths[0])
+    if len(widths) == 2:
+        resident += _block(widths[0]) * _block(widths[1])
+    return resident <= _MAX_RESIDENT_ELEMENTS
+
+
+def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False):
+    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config: autotuning needs a GPU to measure."""
+    block_d, block_h1 = _block(dim), _block(widths[0])
+    block_h2 = _block(widths[1]) if len(widths) == 2 else 16
+    widest = max(block_d, block_h1, block_h2)
+    # [BT, BH] activation tiles live beside the resident ones; the backward keeps about twice as many
+    # (activations and their gradients), so its position tile is halved (sm_90a compile: smem 164 KB at
+    # BT=32 -> 151 KB at BT=16 for DIN's shape, fewer spilled registers).
+    block_t = 64 if widest <= 64 else 32
+    if backward:
+        block_t //= 2
+    block_t = max(16, min(block_t, _block(seq_len)))
+    num_warps = 4 if block_d * block_h1 <= 64 * 128 else 8
+    return block_t, block_d, block_h1, block_h2, num_warps
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 problems follow torch's own TF32 switch (off by default): the kernel then matches an fp32
+    # reference to 1e-5. 16-bit inputs are upcast to fp32 tiles; TF32 keeps fp16's 10-bit mantissa.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _first_layer(query: Tensor, w1: Tensor, b1: Tensor, form: str) -> Tuple[Tensor, Tensor]:
+    """``u`` [B, H1] and ``M`` [B, D, H1] in fp32 (see the module docstring)."""
+    dim = query.shape[1]
+    q, w1 = query.float(), w1.float()
+    if form == "concat":
+        wa, wb, wc, wd = w1.split(dim, dim=1)  # each [H1, D]
+        u = torch.addmm(b1.float(), q, (wa + wc).t())
+        m = (wb - wc).t()[None] + q[:, :, None] * wd.t()[None]
+    else:
+        wq, wk = w1[:, :dim], w1[:, dim:2 * dim]
+        wo = w1[:, 2 * dim:].reshape(-1, dim, dim)  # [H1, a, c]
+        u = torch.addmm(b1.float(), q, wq.t())
+        m = wk.t()[None] + torch.einsum("ba,hac->bch", q, wo)
+    return u, m.contiguous()
+
+
+def _first_layer_backward(query: Tensor, w1: Tensor, du: Tensor, dm: Tensor, form: str):
+    """(dquery fp32, dw1 fp32, db1 fp32) from du [B, H1] and dM [B, D, H1]."""
+    dim = query.shape[1]
+    q, w1 = query.float(), w1.float()
+    dm_sum_t = dm.sum(0).t()  # [H1, D]
+    if form == "concat":
+        wa, wb, wc, wd = w1.split(dim, dim=1)
+        dwa = du.t() @ q  # also dWc's u part: u depends on Wa + Wc
+        dwd = torch.einsum("bdh,bd->hd", dm, q)
+        dw1 = torch.cat([dwa, dm_sum_t, dwa - dm_sum_t, dwd], dim=1)
+        dq = du @ (wa + wc) + torch.einsum("bdh,hd->bd", dm, wd)
+    else:
+        wq = w1[:, :dim]
+        wo = w1[:, 2 * dim:].reshape(-1, dim, dim)
+        dwo = torch.einsum("ba,bch->hac", q, dm).reshape(w1.shape[0], dim * dim)
+        dw1 = torch.cat([du.t() @ q, dm_sum_t, dwo], dim=1)
+        dq = du @ wq + torch.einsum("bch,hac->ba", dm, wo)
+    return dq, dw1, du.sum(0)
+
+
+def _act_params(alphas, dice_eval, eps: float, widths: Sequence[int], dummy: Tensor):
+    """Per-layer (alpha [H], mean [H], rsqrt(var + eps) [H]) as contiguous tensors the kernel reads."""
+    params = []
+    for layer, width in enumerate(widths):
+        alpha = alphas[layer].reshape(-1).expand(width).contiguous() if alphas is not None else dummy
+        if dice_eval is not None:
+            mean, var = dice_eval[layer]
+            mean = mean.float().contiguous()
+            rstd = torch.rsqrt(var.float() + eps).contiguous()
+        else:
+            mean = rstd = dummy
+        params.append((alpha, mean, rstd))
+    if len(params) == 1:
+        params.append((dummy, dummy, dummy))
+    return params
+
+
+def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+                      alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
+                      eps: float, *, form: str, activation: str, normalize: str, scale: Optional[float]):
+    """Fused forward. query [B, D], keys [B, T, D], lengths [B], validated arguments (``fused_supported``).
+    Returns (out [B, D] query dtype, attn [B, T] fp32, lse [B] fp32 or empty)."""
+    if not fused_supported(keys, weights):
+        raise ValueError("attention_forward: problem outside the fused kernels' coverage (fused_supported)")
+    keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()  # no-ops from din_attention
+    batch, seq_len, dim = keys.shape
+    widths = _hidden_widths(weights)
+    softmax = normalize == "softmax"
+    out = torch.empty(batch, dim, dtype=query.dtype, device=keys.device)
+    attn = torch.zeros(batch, seq_len, dtype=torch.float32, device=keys.device)
+    lse = torch.zeros(batch if softmax else 0, dtype=torch.float32, device=keys.device)
+    if batch == 0:
+        return out, attn, lse
+    u, m = _first_layer(query, weights[0], weights[1], form)
+    weights = [w.contiguous() for w in weights]
+    (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
+    two = len(widths) == 2
+    w2, b2 = (weights[2], weights[3]) if two else (u, u)
+    block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths)
+    _din_attention_fwd_kernel[(batch,)](
+        keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
+        out, attn, lse,
+        seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
+        keys.stride(0), keys.stride(1),
+        ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax, DOT_PRECISION=_dot_precision(keys.dtype),
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, num_warps=num_warps,
+    )
+    return out, attn, lse
+
+
+def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+                       alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
+                       eps: float, out: Tensor, attn: Tensor, lse: Tensor, *, form: str, activation: str,
+                       normalize: str, scale: Optional[float]):
+    """Fused backward: (dquery [B, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None)."""
+    if not fused_supported(keys, weights):
+        raise ValueError("attention_backward: problem outside the fused kernels' coverage (fused_supported)")
+    keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()
+    batch, seq_len, dim = keys.shape
+    widths = _hidden_widths(weights)
+    two = len(widths) == 2
+    softmax = normalize == "softmax"
+    device, f32 = keys.device, torch.float32
+    h1, h2 = widths[0], (widths[1] if two else 1)
+    width_last = widths[-1]
+    dkeys = torch.empty_like(keys)
+    dm = torch.empty(batch, dim, h1, dtype=f32, device=device)
+    du = torch.empty(batch, h1, dtype=f32, device=device)
+    dw2 = torch.empty(batch, h2, h1, dtype=f32, device=device) if two else du
+    db2 = torch.empty(batch, h2, dtype=f32, device=device) if two else du
+    dwo = torch.empty(batch, width_last, dtype=f32, device=device)
+    dbo = torch.empty(batch, dtype=f32, device=device)
+    has_alpha = activation in ("prelu", "dice")
+    da1 = torch.empty(batch, h1, dtype=f32, device=device) if has_alpha else du
+    da2 = torch.empty(batch, h2, dtype=f32, device=device) if has_alpha and two else du
+    if batch > 0:
+        grad_out = grad_out.contiguous()
+        u, m = _first_layer(query, weights[0], weights[1], form)
+        weights = [w.contiguous() for w in weights]
+        (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
+        w2, b2 = (weights[2], weights[3]) if two else (u, u)
+        delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [B]
+        block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True)
+        _din_attention_bwd_kernel[(batch,)](
+            keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
+            attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
+            seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
+            keys.stride(0), keys.stride(1),
+            ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax,
+            DOT_PRECISION=_dot_precision(keys.dtype),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, num_warps=num_warps,
+        )
+    else:
+        for buffer in (dm, du, dw2, db2, dwo, dbo, da1, da2):
+            buffer.zero_()
+    dquery, dw1, db1 = _first_layer_backward(query, weights[0], du, dm, form)
+    grads = [dw1, db1]
+    if two:
+        grads += [dw2.sum(0), db2.sum(0)]
+    grads += [dwo.sum(0)[None, :], dbo.sum(0, keepdim=True)]
+    dweights = tuple(g.to(w.dtype) for g, w in zip(grads, weights))
+    dalphas = None
+    if has_alpha:
+        partials = [da1, da2][:len(widths)]
+        # a shared slope (one entry) gets the sum over its units
+        dalphas = tuple((p.sum(0) if a.numel() > 1 else p.sum()).reshape(a.shape).to(a.dtype)
+                        for p, a in zip(partials, alphas))
+    return dquery.to(query.dtype), dkeys, dweights, dalphas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom op: picks the Triton or the composite launchers; autograd through the matching backward
+# ----------------------------------------------------------------------------------------------------------
+
+def _launchers(keys: Tensor, weights: Sequence[Tensor]):
+    """(forward, backward) launchers for this problem; both paths honour one contract."""
+    if use_triton(keys) and fused_supported(keys, weights):
+        return attention_forward, attention_backward
+    return attention_torch_forward, attention_torch_backward
+
+
+def _plan(keys, weights, alphas, dice_means, dice_vars, activation):
+    """Launchers and their arguments. An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear
+    score) runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact."""
+    weights = list(weights)
+    if len(weights) == 2:
+        weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]
+        activation, alphas, dice_means = "identity", [], []
+    dice_eval = list(zip(dice_means, dice_vars)) if dice_means else None
+    forward, backward = _launchers(keys, weights)
+    return forward, backward, weights, alphas or None, dice_eval, activation
+
+
+@torch.library.custom_op("din_kernels::din_attention", mutates_args=())
+def _din_attention_op(
+    query: Tensor, keys: Tensor, lengths: Tensor, weights: List[Tensor], alphas: List[Tensor],
+    dice_means: List[Tensor], dice_vars: List[Tensor], eps: float, form: str, activation: str, normalize: str,
+    scale: Optional[float],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    # The schema has no optional tensor lists: an empty list stands for "none".
+    forward, _, weights, alphas, dice_eval, activation = _plan(keys, weights, alphas, dice_means, dice_vars,
+                                                               activation)
+    return forward(query, keys, lengths, weights, alphas, dice_eval, eps, form=form, activation=activation,
+                   normalize=normalize, scale=scale)
+
+
+@_din_attention_op.register_fake
+def _(query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, activation, normalize, scale):
+    batch, seq_len, dim = keys.shape
+    out = query.new_empty(batch, dim)
+    attn = keys.new_empty(batch, seq_len, dtype=_stats_dtype(keys.dtype))
+    lse = keys.new_empty(batch if normalize == "softmax" else 0, dtype=_stats_dtype(keys.dtype))
+    return out, attn, lse
+
+
+def _setup_context(ctx, inputs, output):
+    query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, activation, normalize, scale = inputs
+    out, attn, lse = output
+    ctx.counts = (len(weights), len(alphas), len(dice_means))
+    ctx.options = dict(form=form, activation=activation, normalize=normalize, scale=scale)
+    ctx.eps = eps
+    ctx.save_for_backward(query, keys, lengths, out, attn, lse, *weights, *alphas, *dice_means, *dice_vars)
+    ctx.mark_non_differentiable(attn, lse)
+
+
+@torch.library.custom_op("din_kernels::din_attention_backward", mutates_args=())
+def _din_attention_backward_op(
+    grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: List[Tensor], alphas: List[Tensor],
+    dice_means: List[Tensor], dice_vars: List[Tensor], out: Tensor, attn: Tensor, lse: Tensor, eps: float,
+    form: str, activation: str, normalize: str, scale: Optional[float],
+) -> List[Tensor]:
+    """``[dquery, dkeys, *dweights, *dalphas]``. An op of its own so that AOTAutograd (torch.compile) traces
+    the backward through ``register_fake`` instead of running a kernel launch on fake tensors."""
+    n_weights = len(weights)
+    _, backward, weights, alphas, dice_eval, activation = _plan(keys, weights, alphas, dice_means, dice_vars,
+                                                                activation)
+    dquery, dkeys, dweights, dalphas = backward(
+        grad_out, query, keys, lengths, weights, alphas, dice_eval, eps, out, attn, lse, form=form,
+        activation=activation, normalize=normalize, scale=scale)
+    return [dquery, dkeys, *dweights[:n_weights], *(dalphas or ())]
+
+
+@_din_attention_backward_op.register_fake
+def _(grad_out, query, keys, lengths, weights, alphas, dice_means, dice_vars, out, attn, lse, eps, form,
+      activation, normalize, scale):
+    return [torch.empty_like(t) for t in (query, keys, *weights, *alphas)]
+
+
+def _backward(ctx, grad_out, grad_attn, grad_lse):
+    query, keys, lengths, out, attn, lse, *rest = ctx.saved_tensors
+    n_w, n_a, n_d = ctx.counts
+    weights, alphas = rest[:n_w], rest[n_w:n_w + n_a]
+    means, variances = rest[n_w + n_a:n_w + n_a + n_d], rest[n_w + n_a + n_d:]
+    grads = _din_attention_backward_op(grad_out, query, keys, lengths, list(weights), list(alphas), list(means),
+                                       list(variances), out, attn, lse, ctx.eps, **ctx.options)
+    # the return mirrors the inputs' structure: a list per list input (running statistics get no gradient)
+    return (grads[0], grads[1], None, grads[2:2 + n_w], grads[2 + n_w:], [None] * n_d, [None] * n_d,
+            None, None, None, None, None)
+
+
+_din_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functional and module
+# ----------------------------------------------------------------------------------------------------------
 
 def din_attention(
     query: Tensor,
@@ -35,14 +659,41 @@ def din_attention(
     eps: float = 1e-8,
 ):
     """Local activation unit. query [B, D], keys [B, T, D], lengths [B] (or [B, 1]) -> pooled [B, D]
-    (and the [B, T] weights with ``return_scores=True``). See ``reference.din_attention``."""
+    (and the [B, T] weights with ``return_scores=True``). Semantics: ``reference.din_attention``.
+
+    ``weights = (w1, b1, ..., w_out, b_out)`` in ``nn.Linear`` layout; ``alphas``: one [H] (or [1]) tensor
+    per hidden layer for prelu / dice; ``dice_stats``: one (running_mean, running_var) pair per hidden layer
+    (required for dice in eval mode). Gradients flow to query, keys, every weight and bias, and the alphas.
+
+    Paths: the fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or 2 hidden layers of
+    width <= 256 and D <= 256 (padded D x H1 and H1 x H2 tiles up to 128 x 128; ``fused_supported``) in
+    fp32/fp16/bf16; the torch composite path otherwise (same results; also every CPU run without the
+    interpreter). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
+    ``activation="dice"`` with ``training=True`` runs the reference (batch statistics over the valid
+    positions, running statistics updated in place); every other mode runs as the custom op
+    ``torch.ops.din_kernels.din_attention``, which ``torch.compile(fullgraph=True)`` keeps as one node.
+    The weights returned with ``return_scores=True`` carry no gradient (they are detached).
+    """
     lengths, weights = check_attention_args(query, keys, lengths, weights, form, activation, normalize,
                                             scale, alphas, dice_stats)
-    return reference.din_attention(
-        query, keys, lengths, weights, form=form, activation=activation, normalize=normalize,
-        scale=scale, return_scores=return_scores, alphas=alphas, dice_stats=dice_stats,
-        training=training, momentum=momentum, eps=eps,
-    )
+    if activation == "dice" and training:
+        out, attn = reference.din_attention(
+            query, keys, lengths, weights, form=form, activation=activation, normalize=normalize, scale=scale,
+            return_scores=True, alphas=alphas, dice_stats=dice_stats, training=True, momentum=momentum, eps=eps)
+        return (out, attn.detach()) if return_scores else out
+    for name, group in (("alphas", alphas or ()), ("dice_stats", [t for pair in dice_stats or () for t in pair])):
+        if any(t.device != keys.device for t in group):
+            raise ValueError(f"{name} must be on {keys.device} like keys")
+    if activation == "dice" and dice_stats is None and len(weights) > 2:
+        raise ValueError("activation='dice' in eval mode (training=False) needs dice_stats: one "
+                         "(running_mean, running_var) pair per hidden layer")
+    alpha_list = list(alphas) if activation in ("prelu", "dice") else []
+    means = [s[0] for s in dice_stats] if activation == "dice" else []
+    variances = [s[1] for s in dice_stats] if activation == "dice" else []
+    out, attn, _ = _din_attention_op(
+        query.contiguous(), keys.contiguous(), lengths.to(torch.int64).contiguous(), list(weights), alpha_list,
+        means, variances, float(eps), form, activation, normalize, None if scale is None else float(scale))
+    return (out, attn) if return_scores else out
 
 
 class LocalActivationUnit(nn.Module):

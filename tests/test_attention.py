@@ -1,0 +1,179 @@
+"""Local activation unit: behaviour that does not depend on the path (validation, the module, the custom op
+under torch.compile and opcheck). Numerical agreement with the reference lives in test_attention_triton.py."""
+import pytest
+import torch
+
+import din_kernels as dk
+from din_kernels import reference
+
+
+def linear_weights(dim, hidden, form="concat"):
+    unit = dk.LocalActivationUnit(dim, hidden, form=form)
+    return [w.detach() for w in unit.weights()]
+
+
+@pytest.fixture
+def args():
+    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
+    return query, keys, torch.tensor([5, 0, 2]), linear_weights(4, (8,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# validation: a clear error naming the argument, before anything runs
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(query=torch.randn(3, 5)), ValueError, "query"),
+    (dict(query=torch.randn(3, 4, dtype=torch.float64)), TypeError, "query and keys"),
+    (dict(keys=torch.randn(3, 4)), ValueError, "keys"),
+    (dict(keys=torch.ones(3, 5, 4, dtype=torch.int64)), TypeError, "keys"),
+    (dict(query=[[0.0] * 4] * 3), TypeError, "query"),
+    (dict(lengths=torch.tensor([5, 0, 6])), ValueError, "lengths"),
+    (dict(lengths=torch.tensor([5, -1, 2])), ValueError, "lengths"),
+    (dict(lengths=torch.tensor([5.0, 0.0, 2.0])), TypeError, "lengths"),
+    (dict(lengths=torch.tensor([5, 0])), ValueError, "lengths"),
+    (dict(weights="w1"), TypeError, r"weights\[0\]"),
+    (dict(form="inner"), ValueError, "form"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(normalize="sum"), ValueError, "normalize"),
+    (dict(scale=float("nan")), ValueError, "scale"),
+    (dict(activation="prelu"), ValueError, "alphas"),
+])
+def test_bad_arguments_raise(args, change, error, match):
+    query, keys, lengths, weights = args
+    call = dict(query=query, keys=keys, lengths=lengths, weights=weights)
+    call.update(change)
+    options = {k: call.pop(k) for k in list(call) if k not in ("query", "keys", "lengths", "weights")}
+    with pytest.raises(error, match=match):
+        dk.din_attention(call["query"], call["keys"], call["lengths"], call["weights"], **options)
+
+
+def test_bad_weight_shapes_raise(args):
+    query, keys, lengths, weights = args
+    with pytest.raises(ValueError, match=r"weights\[0\]"):
+        dk.din_attention(query, keys, lengths, [weights[0][:, :7]] + weights[1:])
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        dk.din_attention(query, keys, lengths, [weights[0], weights[1][:3]] + weights[2:])
+    with pytest.raises(ValueError, match="output layer"):
+        dk.din_attention(query, keys, lengths, weights[:2] + [torch.randn(2, 8), torch.randn(2)])
+    with pytest.raises(ValueError, match="weights must be"):
+        dk.din_attention(query, keys, lengths, weights[:3])
+
+
+def test_dice_eval_needs_running_statistics(args):
+    query, keys, lengths, weights = args
+    alphas = [torch.zeros(8)]
+    with pytest.raises(ValueError, match="dice_stats"):
+        dk.din_attention(query, keys, lengths, weights, activation="dice", alphas=alphas, training=False)
+    with pytest.raises(ValueError, match=r"dice_stats\[0\].running_var"):
+        dk.din_attention(query, keys, lengths, weights, activation="dice", alphas=alphas,
+                         dice_stats=[(torch.zeros(8), torch.ones(7))])
+    with pytest.raises(ValueError, match=r"alphas\[0\]"):
+        dk.din_attention(query, keys, lengths, weights, activation="prelu", alphas=[torch.zeros(3)])
+
+
+def test_lengths_forms_accepted(args):
+    """[B, 1] lengths (DeepCTR style), int32 lengths and non-contiguous keys give the same result."""
+    query, keys, lengths, weights = args
+    expected = dk.din_attention(query, keys, lengths, weights)
+    torch.testing.assert_close(dk.din_attention(query, keys, lengths[:, None], weights), expected)
+    torch.testing.assert_close(dk.din_attention(query, keys, lengths.int(), weights), expected)
+    strided = torch.randn(3, 4, 5).transpose(1, 2)  # [3, 5, 4], not contiguous
+    torch.testing.assert_close(dk.din_attention(query, strided, lengths, weights),
+                               dk.din_attention(query, strided.contiguous(), lengths, weights))
+
+
+# --------------------------------------------------------------------------------------------------------
+# return_scores and the module
+# --------------------------------------------------------------------------------------------------------
+
+def test_return_scores_are_detached_weights(backend, args):
+    query, keys, lengths, weights = args
+    query = query.requires_grad_(True)
+    out, attn = dk.din_attention(query, keys, lengths, weights, normalize="softmax", return_scores=True)
+    assert out.requires_grad and not attn.requires_grad
+    assert attn.shape == (3, 5) and attn.dtype == torch.float32
+    torch.testing.assert_close(attn.sum(1), torch.tensor([1.0, 0.0, 1.0]))
+    assert bool((attn[2, 2:] == 0).all())
+
+
+def test_module_parameters_and_forward(backend):
+    unit = dk.LocalActivationUnit(6, (16, 8), activation="prelu", form="outer", normalize="softmax", scale=0.5)
+    names = [n for n, _ in unit.named_parameters()]
+    assert names == ["hidden.0.weight", "hidden.0.bias", "hidden.1.weight", "hidden.1.bias", "output.weight",
+                     "output.bias", "prelu_alphas.0", "prelu_alphas.1"]
+    assert unit.hidden[0].in_features == 2 * 6 + 36
+    assert "form='outer'" in repr(unit)
+    query, keys, lengths = torch.randn(2, 6), torch.randn(2, 4, 6), torch.tensor([4, 1])
+    out = unit(query, keys, lengths)
+    expected = reference.din_attention(query, keys, lengths, unit.weights(), form="outer", activation="prelu",
+                                       normalize="softmax", scale=0.5, alphas=list(unit.prelu_alphas))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in unit.parameters())
+
+
+def test_module_dice_train_updates_statistics_eval_uses_them(backend):
+    unit = dk.LocalActivationUnit(4, (8,), activation="dice")
+    query, keys, lengths = torch.randn(3, 4), torch.randn(3, 5, 4), torch.tensor([5, 2, 0])
+    before = unit.dice[0].running_mean.clone()
+    unit.train()
+    unit(query, keys, lengths)
+    assert not torch.equal(unit.dice[0].running_mean, before)
+    unit.eval()
+    moved = unit.dice[0].running_mean.clone()
+    out = unit(query, keys, lengths)
+    assert torch.equal(unit.dice[0].running_mean, moved)  # eval mode leaves the statistics alone
+    expected = reference.din_attention(query, keys, lengths, unit.weights(), activation="dice",
+                                       alphas=[unit.dice[0].alpha],
+                                       dice_stats=[(unit.dice[0].running_mean, unit.dice[0].running_var)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_module_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="embedding_dim"):
+        dk.LocalActivationUnit(bad)
+    with pytest.raises(ValueError, match="hidden_units"):
+        dk.LocalActivationUnit(4, (8, bad))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the custom op: torch.compile(fullgraph=True) and opcheck
+# --------------------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_composite_path():
+    """On CPU without the interpreter the op runs the composite path; it compiles as one graph."""
+    previous = dk.get_backend()
+    dk.set_backend("torch")
+    try:
+        torch._dynamo.reset()
+        unit = dk.LocalActivationUnit(8, (16, 8), normalize="softmax", scale=8 ** -0.5)
+        compiled = torch.compile(unit, fullgraph=True, backend="aot_eager")
+        query = torch.randn(4, 8, requires_grad=True)
+        keys, lengths = torch.randn(4, 6, 8), torch.tensor([0, 6, 2, 3])
+        out = compiled(query, keys, lengths)
+        out.square().sum().backward()
+        grad_compiled = query.grad.clone()
+        query.grad = None
+        expected = unit(query, keys, lengths)
+        expected.square().sum().backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(grad_compiled, query.grad)
+    finally:
+        dk.set_backend(previous)
+
+
+@pytest.mark.parametrize("activation,normalize", [("sigmoid", "softmax"), ("dice", "none")])
+def test_opcheck(backend, activation, normalize):
+    torch.manual_seed(1)
+    dim, hidden = 4, 16
+    query = torch.randn(2, dim, requires_grad=True)
+    keys = torch.randn(2, 3, dim, requires_grad=True)
+    weights = [w.requires_grad_(True) for w in linear_weights(dim, (hidden,))]
+    alphas = [torch.rand(hidden, requires_grad=True)] if activation == "dice" else []
+    means = [torch.randn(hidden)] if activation == "dice" else []
+    variances = [torch.rand(hidden) + 0.5] if activation == "dice" else []
+    torch.library.opcheck(torch.ops.din_kernels.din_attention.default,
+                          (query, keys, torch.tensor([0, 3]), weights, alphas, means, variances, 1e-8, "concat",
+                           activation, normalize, 0.5))
