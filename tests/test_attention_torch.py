@@ -1,0 +1,271 @@
+"""The torch composite path of the local activation unit (``din_kernels.attention_torch``), launcher by
+launcher, against ``reference.din_attention``: forward, the [B, T] weights, the softmax log-sum-exp and every
+gradient (query, keys, each weight and bias, the prelu/dice slopes), fp32 and low precision; fp64 gradcheck
+through a test-local autograd.Function; chunking (several chunks, lengths unsorted) and edge shapes."""
+import math
+
+import pytest
+import torch
+
+import din_kernels.attention_torch as at
+from din_kernels import reference
+
+FORMS = ("concat", "outer")
+ACTIVATIONS = ("sigmoid", "relu", "identity", "prelu", "dice")
+
+
+def make_problem(batch, seq_len, dim, hidden, *, form="concat", activation="sigmoid", lengths=None,
+                 dtype=torch.float32, shared_alpha=False):
+    """Random inputs, weights in nn.Linear layout, prelu/dice slopes and dice running statistics."""
+    query = torch.randn(batch, dim, dtype=dtype)
+    keys = torch.randn(batch, seq_len, dim, dtype=dtype)
+    if lengths is None:
+        lengths = torch.randint(0, seq_len + 1, (batch,))
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    widths = (4 * dim if form == "concat" else 2 * dim + dim * dim,) + tuple(hidden) + (1,)
+    weights = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        weights += [torch.randn(fan_out, fan_in, dtype=dtype) / math.sqrt(fan_in),
+                    0.1 * torch.randn(fan_out, dtype=dtype)]
+    alphas = dice_eval = None
+    if activation in ("prelu", "dice"):
+        alphas = [0.25 + 0.5 * torch.randn(1 if shared_alpha else h, dtype=dtype) for h in hidden]
+    if activation == "dice":
+        dice_eval = [(0.2 * torch.randn(h, dtype=dtype), 0.5 + torch.rand(h, dtype=dtype)) for h in hidden]
+    return query, keys, lengths, weights, alphas, dice_eval
+
+
+def reference_grads(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options):
+    """out, attn and the gradients of <out, grad_out> with respect to query, keys, weights, alphas."""
+    leaves = [t.detach().clone().requires_grad_() for t in [query, keys, *weights, *(alphas or [])]]
+    q, k, ws, als = leaves[0], leaves[1], leaves[2:2 + len(weights)], leaves[2 + len(weights):]
+    out, attn = reference.din_attention(q, k, lengths, ws, return_scores=True, alphas=als or None,
+                                        dice_stats=dice_eval, training=False, eps=1e-8, **options)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), attn.detach(), grads
+
+
+def composite(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options):
+    out, attn, lse = at.attention_torch_forward(query, keys, lengths, tuple(weights),
+                                                None if alphas is None else tuple(alphas), dice_eval, 1e-8,
+                                                **options)
+    dq, dk, dws, das = at.attention_torch_backward(grad_out, query, keys, lengths, tuple(weights),
+                                                   None if alphas is None else tuple(alphas), dice_eval, 1e-8,
+                                                   out, attn, lse, **options)
+    return out, attn, lse, [dq, dk, *dws, *(das or ())]
+
+
+def expected_lse(query, keys, lengths, weights, alphas, dice_eval, *, scale, **options):
+    """log-sum-exp of the scaled scores over the valid positions, from the reference MLP."""
+    h = reference.attention_features(query.double(), keys.double(), options["form"])
+    for layer in range(len(weights) // 2 - 1):
+        h = torch.nn.functional.linear(h, weights[2 * layer].double(), weights[2 * layer + 1].double())
+        h = reference._hidden_activation(
+            h, options["activation"], layer, None, None if alphas is None else [a.double() for a in alphas],
+            None if dice_eval is None else [(m.double(), v.double()) for m, v in dice_eval], False, 0.1, 1e-8)
+    scores = torch.nn.functional.linear(h, weights[-2].double(), weights[-1].double()).squeeze(-1)
+    scores = scores * (1.0 if scale is None else scale)
+    valid = reference.valid_mask(lengths, keys.shape[1])
+    return torch.logsumexp(scores.masked_fill(~valid, -math.inf), dim=1)
+
+
+def assert_matches(problem, options, atol=1e-5, rtol=1e-4):
+    query, keys, lengths, weights, alphas, dice_eval = problem
+    grad_out = torch.randn_like(query)
+    out_ref, attn_ref, grads_ref = reference_grads(*problem, grad_out, **options)
+    out, attn, lse, grads = composite(*problem, grad_out, **options)
+    assert out.dtype == query.dtype and out.shape == query.shape
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(attn, attn_ref.to(attn.dtype), atol=atol, rtol=rtol)
+    assert torch.all(attn[~reference.valid_mask(lengths, keys.shape[1])] == 0)
+    if options["normalize"] == "softmax":
+        lse_ref = expected_lse(query, keys, lengths, weights, alphas, dice_eval, **options)
+        nonempty = lengths > 0
+        torch.testing.assert_close(lse[nonempty].double(), lse_ref[nonempty], atol=atol, rtol=rtol)
+        assert torch.isfinite(lse).all()
+    else:
+        assert lse.numel() == 0
+    names = ["query", "keys"] + [f"weights[{i}]" for i in range(len(weights))] + \
+        [f"alphas[{i}]" for i in range(len(alphas or []))]
+    assert len(grads) == len(grads_ref)
+    for name, got, want in zip(names, grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# fp32 against the reference: every form x activation x normalization, nominal and weird shapes
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalize,scale", [("none", None), ("softmax", None), ("softmax", 0.4), ("none", 1.7)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_reference(form, activation, normalize, scale):
+    problem = make_problem(6, 9, 5, (8, 4), form=form, activation=activation, lengths=[9, 0, 3, 1, 7, 9])
+    assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=scale))
+
+
+@pytest.mark.parametrize("batch,seq_len,dim,hidden,lengths", [
+    (1, 1, 1, (2,), [1]),                    # smallest everything
+    (1, 1, 3, (4, 3), [0]),                  # a single empty history
+    (3, 13, 7, (5, 3), [13, 6, 1]),          # prime T, odd D
+    (4, 8, 4, (6,), [0, 0, 0, 0]),           # all histories empty
+    (4, 8, 4, (6, 5, 4, 3), [8, 8, 8, 8]),   # four hidden layers, full histories (in-order chunks)
+    (5, 11, 6, (9, 2), [1, 2, 3, 4, 11]),     # increasing lengths: the sort reverses them
+    (0, 5, 4, (3,), []),                     # empty batch
+    (3, 0, 4, (3,), [0, 0, 0]),              # empty histories, T = 0
+])
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize):
+    for form, activation in (("concat", "sigmoid"), ("outer", "dice")):
+        problem = make_problem(batch, seq_len, dim, hidden, form=form, activation=activation, lengths=lengths)
+        assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=None))
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 7, 40])
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_many_chunks_unsorted_lengths(monkeypatch, chunk_positions, normalize):
+    """Chunks of a row (or a few) at a time, gathered out of order and cut to their longest history."""
+    monkeypatch.setattr(at, "CHUNK_POSITIONS", chunk_positions)
+    problem = make_problem(17, 10, 6, (7, 5), activation="prelu", lengths=torch.randint(0, 11, (17,)))
+    assert_matches(problem, dict(form="concat", activation="prelu", normalize=normalize, scale=0.5))
+    problem = make_problem(9, 10, 6, (7, 5), form="outer", activation="sigmoid", lengths=[10] * 9)
+    assert_matches(problem, dict(form="outer", activation="sigmoid", normalize=normalize, scale=None))
+
+
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_both_first_layer_strategies(monkeypatch, normalize):
+    """concat applies M_b per row (bmm) for long chunks and per position (one GEMM over [k, k*q]) for chunks
+    with Tc <= 3D/4; one call with chunks of every length takes both."""
+    monkeypatch.setattr(at, "CHUNK_POSITIONS", 10)
+    used = []
+    per_position = at._FirstLayer.per_position
+
+    def spy(self, length):
+        used.append(per_position(self, length))
+        return used[-1]
+
+    monkeypatch.setattr(at._FirstLayer, "per_position", spy)
+    problem = make_problem(14, 12, 8, (9, 5), lengths=list(range(13)) + [12])
+    assert_matches(problem, dict(form="concat", activation="sigmoid", normalize=normalize, scale=None))
+    assert True in used and False in used
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_shared_slope_broadcasts(activation):
+    """A slope tensor with one entry (nn.PReLU()) is shared by every unit; its gradient is the sum."""
+    problem = make_problem(4, 6, 3, (5, 4), activation=activation, shared_alpha=True, lengths=[6, 2, 0, 5])
+    assert_matches(problem, dict(form="concat", activation=activation, normalize="softmax", scale=None))
+
+
+def test_padding_values_are_ignored():
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(3, 7, 4, (6, 3), lengths=[2, 7, 0])
+    noisy = keys.clone()
+    noisy[0, 2:] = 1e4
+    noisy[2] = float("nan")
+    grad_out = torch.randn_like(query)
+    options = dict(form="concat", activation="sigmoid", normalize="softmax", scale=None)
+    clean = composite(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options)
+    dirty = composite(query, noisy, lengths, weights, alphas, dice_eval, grad_out, **options)
+    assert torch.equal(clean[0], dirty[0])
+    for got, want in zip(dirty[3], clean[3]):
+        assert torch.equal(got, want)
+
+
+def test_noncontiguous_inputs():
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(4, 10, 5, (6, 3), lengths=[10, 3, 7, 0])
+    wide = torch.randn(4, 20, 10)
+    wide[:, ::2, ::2] = keys
+    problem = (torch.randn(5, 4).t(), wide[:, ::2, ::2], lengths, weights, alphas, dice_eval)
+    assert not problem[1].is_contiguous()
+    assert_matches(problem, dict(form="concat", activation="sigmoid", normalize="none", scale=None))
+
+
+# --------------------------------------------------------------------------------------------------------
+# low precision: computed in fp32, so no worse than torch's own low-precision reference (flash-attn rule)
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_low_precision(dtype, normalize):
+    options = dict(form="concat", activation="sigmoid", normalize=normalize, scale=None)
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(8, 12, 6, (10, 5), lengths=None)
+    grad_out = torch.randn_like(query)
+    want_out, _, want = reference_grads(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options)
+    low = [t.to(dtype) for t in (query, keys, *weights)]
+    lp_out, _, lp_grads = reference_grads(low[0], low[1], lengths, low[2:], None, None, grad_out.to(dtype),
+                                          **options)
+    out, attn, lse, grads = composite(low[0], low[1], lengths, low[2:], None, None, grad_out.to(dtype),
+                                      **options)
+    assert out.dtype == dtype and attn.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    atol = 1e-2
+    for got, lp, ref in zip([out, *grads], [lp_out, *lp_grads], [want_out, *want]):
+        err = (got.float() - ref).abs().max().item()
+        err_lp = (lp.float() - ref).abs().max().item()
+        assert err <= 2 * err_lp + atol, (err, err_lp)
+
+
+# --------------------------------------------------------------------------------------------------------
+# fp64 gradcheck through an autograd.Function around the two launchers
+# --------------------------------------------------------------------------------------------------------
+
+class _CompositeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, keys, lengths, options, n_weights, *params):
+        weights, alphas = params[:n_weights], params[n_weights:]
+        dice_eval = options.pop("dice_eval")
+        out, attn, lse = at.attention_torch_forward(query, keys, lengths, weights, alphas or None, dice_eval,
+                                                    1e-8, **options)
+        ctx.save_for_backward(query, keys, lengths, out, attn, lse, *params)
+        ctx.options, ctx.dice_eval, ctx.n_weights = options, dice_eval, n_weights
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, keys, lengths, out, attn, lse, *params = ctx.saved_tensors
+        weights, alphas = tuple(params[:ctx.n_weights]), tuple(params[ctx.n_weights:])
+        dq, dk, dws, das = at.attention_torch_backward(grad_out, query, keys, lengths, weights, alphas or None,
+                                                       ctx.dice_eval, 1e-8, out, attn, lse, **ctx.options)
+        return (dq, dk, None, None, None, *dws, *(das or ()))
+
+
+@pytest.mark.parametrize("form,activation,normalize,scale", [
+    ("concat", "sigmoid", "none", None),
+    ("concat", "prelu", "softmax", 0.5),
+    ("outer", "dice", "softmax", None),
+    ("outer", "relu", "none", 2.0),
+    ("concat", "identity", "softmax", None),
+])
+def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale):
+    monkeypatch.setattr(at, "CHUNK_POSITIONS", 2)  # a chunk per row, out of order; Tc=1 runs per position
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(
+        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
+    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
+    query.requires_grad_()
+    keys.requires_grad_()
+
+    def fn(q, k, *p):
+        options = dict(form=form, activation=activation, normalize=normalize, scale=scale, dice_eval=dice_eval)
+        return _CompositeFunction.apply(q, k, lengths, options, len(weights), *p)
+
+    assert torch.autograd.gradcheck(fn, (query, keys, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# launcher arguments
+# --------------------------------------------------------------------------------------------------------
+
+def test_launcher_rejects_bad_options():
+    query, keys, lengths, weights, _, _ = make_problem(2, 3, 2, (3,), lengths=[3, 1])
+    options = dict(form="concat", activation="sigmoid", normalize="none", scale=None)
+
+    def forward(weights=weights, alphas=None, dice_eval=None, **change):
+        return at.attention_torch_forward(query, keys, lengths, weights, alphas, dice_eval, 1e-8,
+                                          **{**options, **change})
+
+    for change, match in [(dict(activation="tanh"), "activation"), (dict(form="dot"), "form"),
+                          (dict(normalize="sum"), "normalize"), (dict(activation="prelu"), "alphas"),
+                          (dict(activation="dice", alphas=(torch.zeros(3),)), "dice_eval"),
+                          (dict(weights=weights[-2:]), "hidden layer")]:
+        with pytest.raises(ValueError, match=match):
+            forward(**change)
