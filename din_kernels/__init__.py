@@ -6,16 +6,18 @@ Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local a
 from ._backend import get_backend, set_backend
 from .attention import LocalActivationUnit, din_attention
 from .dice import Dice, dice
-from .mba import mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
+from .mba import MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Dice",
     "LocalActivationUnit",
+    "MBAEmbedding",
     "dice",
     "din_attention",
     "get_backend",
+    "inverse_frequencies",
     "mba_adagrad_",
     "mba_embedding",
     "mba_sgd_",
