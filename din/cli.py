@@ -1,4 +1,4 @@
-"""Command line: ``din train``, ``din evaluate``, ``din compare`` (also ``python -m din``)."""
+"""Command line: ``din train``, ``din evaluate``, ``din compare``, ``din prepare`` (also ``python -m din``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from . import metrics
 from .checkpoint import load_checkpoint, write_json_atomic
 from .data import load_data
 from .model import ModelConfig, build_model
+from .prepare import add_prepare_parser
 from .regularization import embedding_setup
 from .train import OPTIMIZERS, TrainConfig, evaluate, train
 
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser = commands.add_parser("compare", help="train BaseModel and DIN on one split, print Table 3")
     _add_train_args(compare_parser)
     compare_parser.set_defaults(handler=cmd_compare)
+
+    add_prepare_parser(commands)
     return parser
 
 

@@ -536,16 +536,28 @@ class Split:
         """Both parts with histories cut to their last ``max_len`` behaviours."""
         return Split(self.train.truncated(max_len), self.test.truncated(max_len))
 
-    def save(self, directory: PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``train/``, ``test/`` and ``summary.json`` into ``directory``, atomically."""
+    def save(self, directory: PathLike, *, overwrite: bool = False,
+             extra: Optional[Dict[str, Any]] = None) -> Path:
+        """Write ``train/``, ``test/`` and ``summary.json`` into ``directory``, atomically.
+
+        Args:
+            overwrite: replace an existing ``directory`` (otherwise ``FileExistsError``).
+            extra: more JSON-serialisable entries for ``summary.json`` (provenance, protocol counts);
+                they may not replace the computed sizes (``ValueError``).
+        """
         summary = self.summary()
         # NaN (an empty part) is not valid JSON; store null
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        payload = {"format": SPLIT_FORMAT, "version": FORMAT_VERSION, **summary}
+        clash = sorted(set(extra or {}) & set(payload))
+        if clash:
+            raise ValueError(f"extra must not replace the summary's own entries {clash}")
+        payload.update(extra or {})
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             for part in ("train", "test"):
                 (tmp / part).mkdir()
                 getattr(self, part).compact()._write(tmp / part)
-            write_json(tmp / "summary.json", {"format": SPLIT_FORMAT, "version": FORMAT_VERSION, **summary})
+            write_json(tmp / "summary.json", payload)
         return Path(directory)
 
     @staticmethod
