@@ -4,6 +4,9 @@ CI has no GPU, so the Triton kernels run on CPU tensors under Triton's interpret
 be switched on before any ``@triton.jit`` decorator runs, hence before ``din_kernels`` is imported.
 The suite's default backend is the torch composite path (the interpreter is far too slow for model and
 CLI tests); kernel tests ask for both paths explicitly through the ``backend`` fixture.
+
+``DIN_TEST_DEVICE=cuda`` (used by ``benchmarks/gpu_check.sh`` with ``TRITON_INTERPRET=0``) makes CUDA the
+default device of every tensor the tests create, so the same tests run the real Triton kernels on a GPU.
 """
 import os
 
@@ -16,6 +19,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import din_kernels as dk  # noqa: E402
+
+if os.environ.get("DIN_TEST_DEVICE"):
+    torch.set_default_device(os.environ["DIN_TEST_DEVICE"])
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,0 +1,320 @@
+"""Local activation unit: din_kernels against the eager reference, torch.compile(reference) and DeepCTR-Torch.
+
+    .venv/bin/python -m pytest -q benchmarks/bench_attention.py          # pytest-benchmark, all providers
+    .venv/bin/python benchmarks/bench_attention.py --table [--repeats 7]  # the ratio table of RESULTS.md, section 1
+
+Problem: hidden (80, 40) sigmoid, form "concat", normalize "none" (DeepCTR's default), fp32, lengths uniform
+in [1, T] ("random", the realistic case: din_kernels skips padding) or all T ("full", its worst case).
+Providers, all computing the same function from the same weights:
+  din_kernels  the public ``din_kernels.din_attention`` (validation included): the torch composite path on
+               CPU, the Triton kernels on CUDA
+  reference    ``din_kernels.reference.din_attention`` in eager mode (the [B, T, 4D] formulation)
+  compiled     ``torch.compile(reference.din_attention)``; compiled and warmed up outside the timed region
+  deepctr      ``deepctr_torch.layers.sequence.AttentionSequencePoolingLayer`` with the same weights
+Modes: "forward" (under torch.no_grad) and "forward+backward" (``torch.autograd.grad`` of the output with a
+random cotangent, for query, keys and every weight).
+
+Peak extra memory (``extra_info['peak_extra_mb']``): bytes allocated above what was live before one call,
+at its highest point, outputs and gradients included. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the
+profiler's allocator events (``profile_memory=True``): every torch tensor allocation and free in order,
+their running sum, its maximum. It counts tensors only (not MKL/oneDNN scratch, not Python objects), the
+same way for every provider.
+
+Cases: on CPU a subset that runs in a few minutes; with CUDA the grid B in {256, 1024, 4096} x T in {20,
+100, 500} x D in {36, 64}. ``DIN_BENCH_CASES="2048x200x64,1024x100x36:full"`` overrides either.
+On CUDA the forward's bandwidth bound (bytes of keys + query + output over the measured device-to-device
+copy bandwidth) is printed and stored in ``extra_info``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import din_kernels as dk  # noqa: E402
+from din_kernels import reference  # noqa: E402
+from din_kernels._backend import interpreter_enabled  # noqa: E402
+
+HIDDEN = (80, 40)
+PROVIDERS = ("din_kernels", "reference", "compiled", "deepctr")
+MODES = ("forward", "forward+backward")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU_CASES = ["1024x100x36", "1024x100x36:full", "256x500x36", "4096x20x64"]
+GPU_CASES = [f"{b}x{t}x{d}" for b, t, d in itertools.product((256, 1024, 4096), (20, 100, 500), (36, 64))]
+
+if DEVICE.type == "cpu" and interpreter_enabled():
+    # The Triton interpreter (set by tests/conftest.py when tests are collected too) is a correctness tool,
+    # ~26 ms per program instance: benchmark the composite path, which is what CPU users run.
+    dk.set_backend("torch")
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    seq_len: int
+    dim: int
+    lengths: str = "random"
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        shape, _, lengths = text.partition(":")
+        batch, seq_len, dim = (int(x) for x in shape.split("x"))
+        return cls(batch, seq_len, dim, lengths or "random")
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch}-T{self.seq_len}-D{self.dim}-{self.lengths}"
+
+
+def cases() -> List[Case]:
+    text = os.environ.get("DIN_BENCH_CASES")
+    names = text.split(",") if text else (GPU_CASES if DEVICE.type == "cuda" else CPU_CASES)
+    return [Case.parse(name.strip()) for name in names if name.strip()]
+
+
+class Problem:
+    """Inputs, weights (nn.Linear initialisation, seeded) and a cotangent for one case."""
+
+    def __init__(self, case: Case, device: torch.device = DEVICE):
+        generator = torch.Generator().manual_seed(0)
+        batch, seq_len, dim = case.batch, case.seq_len, case.dim
+        self.case = case
+        self.query = torch.randn(batch, dim, generator=generator).to(device).requires_grad_()
+        self.keys = torch.randn(batch, seq_len, dim, generator=generator).to(device).requires_grad_()
+        if case.lengths == "full":
+            lengths = torch.full((batch,), seq_len)
+        else:
+            lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+        self.lengths = lengths.to(device)
+        widths = (4 * dim,) + HIDDEN + (1,)
+        weights = []
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            weights.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound)
+            weights.append((torch.rand(fan_out, generator=generator) * 2 - 1) * bound)
+        self.weights = [w.to(device).requires_grad_() for w in weights]
+        self.grad_out = torch.randn(batch, dim, generator=generator).to(device)
+
+
+def _deepctr_layer(problem: Problem):
+    from deepctr_torch.layers.sequence import AttentionSequencePoolingLayer  # prints a version-check line offline
+
+    layer = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, att_activation="sigmoid",
+                                          embedding_dim=problem.case.dim).to(problem.query.device)
+    linears = list(layer.local_att.dnn.linears) + [layer.local_att.dense]
+    with torch.no_grad():
+        for index, linear in enumerate(linears):
+            linear.weight.copy_(problem.weights[2 * index])
+            linear.bias.copy_(problem.weights[2 * index + 1])
+    return layer
+
+
+def make_step(provider: str, mode: str, problem: Problem) -> Callable[[], None]:
+    """One call of ``provider`` in ``mode``, ready to time (compiled and warmed up already)."""
+    p = problem
+    if provider == "deepctr":
+        layer = _deepctr_layer(p)
+        query, lengths = p.query[:, None, :], p.lengths[:, None]
+        params = [p.query, p.keys] + list(layer.parameters())
+
+        def forward():
+            return layer(query, p.keys, lengths)[:, 0]
+    else:
+        params = [p.query, p.keys] + p.weights
+        if provider == "din_kernels":
+            fn = dk.din_attention
+        elif provider == "reference":
+            fn = reference.din_attention
+        elif provider == "compiled":
+            fn = torch.compile(reference.din_attention, dynamic=False)
+        else:
+            raise ValueError(f"unknown provider {provider!r}")
+
+        def forward():
+            return fn(p.query, p.keys, p.lengths, p.weights)
+
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                forward()
+    else:
+        def step():
+            torch.autograd.grad(forward(), params, p.grad_out)
+    for _ in range(2):  # compile (for "compiled"), warm caches and allocators
+        step()
+    return step
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step: Callable[[], None]) -> float:
+    synchronize()
+    start = time.perf_counter()
+    step()
+    synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_extra_mb(step: Callable[[], None]) -> float:
+    """Peak bytes allocated above the live set before the call (see the module docstring), in MB."""
+    if DEVICE.type == "cuda":
+        synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # The chrome trace keeps every allocation and free as its own "[memory]" event, in order (the
+    # FunctionEvent list folds them into the ops that made them).
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            trace = json.load(handle)["traceEvents"]
+    events = [e for e in trace if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    events.sort(key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    running = peak = 0
+    for event in events:
+        running += event["args"]["Bytes"]
+        peak = max(peak, running)
+    return peak / 2 ** 20
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), from a 1 GiB copy."""
+    src = torch.empty(2 ** 28, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = [time_ms(lambda: dst.copy_(src)) for _ in range(10)]
+    return 2 * src.numel() * 4 / (statistics.median(times) / 1e3) / 1e9
+
+
+def forward_bytes(case: Case) -> int:
+    """What the forward must move at least: keys and query read, output written (fp32)."""
+    return 4 * (case.batch * case.seq_len * case.dim + 2 * case.batch * case.dim)
+
+
+def available(provider: str) -> bool:
+    if provider != "deepctr":
+        return True
+    try:
+        import deepctr_torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# pytest-benchmark
+# --------------------------------------------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # script mode needs no pytest
+    pytest = None
+
+if pytest is not None:
+    _problems: Dict[Case, Problem] = {}
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("provider", PROVIDERS)
+    @pytest.mark.parametrize("case", cases(), ids=lambda c: c.name)
+    def test_attention(benchmark, case, provider, mode):
+        if not available(provider):
+            pytest.skip("deepctr_torch is not installed")
+        problem = _problems.setdefault(case, Problem(case))
+        start = time.perf_counter()
+        step = make_step(provider, mode, problem)
+        benchmark.extra_info.update(
+            provider=provider, mode=mode, device=str(DEVICE), threads=torch.get_num_threads(),
+            setup_s=round(time.perf_counter() - start, 2), peak_extra_mb=round(peak_extra_mb(step), 2))
+        if DEVICE.type == "cuda" and provider == "din_kernels" and mode == "forward":
+            bandwidth = copy_bandwidth_gbs()
+            bound_ms = forward_bytes(case) / (bandwidth * 1e9) * 1e3
+            benchmark.extra_info.update(copy_bandwidth_gbs=round(bandwidth, 1), bandwidth_bound_ms=bound_ms)
+            print(f"\n{case.name}: forward bandwidth bound {bound_ms:.4f} ms at {bandwidth:.0f} GB/s copy")
+        benchmark.group = f"{case.name} {mode}"
+        benchmark.pedantic(step, setup=synchronize, rounds=5 if DEVICE.type == "cpu" else 50,
+                           warmup_rounds=1, iterations=1)
+        synchronize()
+
+
+# --------------------------------------------------------------------------------------------------------
+# script mode: the ratio table
+# --------------------------------------------------------------------------------------------------------
+
+def table(repeats: int, providers: List[str]) -> str:
+    """Median times (providers interleaved round-robin, so background load hits all alike) and ratios."""
+    lines = [f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'}), torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads, hidden {HIDDEN} sigmoid, fp32, "
+             f"median of {repeats} (min-max in brackets)", ""]
+    header = "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | " + \
+             " | ".join(f"{p} / din_kernels" for p in providers if p != "din_kernels") + " |"
+    lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+    memory_lines = ["", "| case | " + " | ".join(f"{p} peak MB" for p in providers) +
+                    " | din_kernels / reference |", "|" + " --- |" * (len(providers) + 2)]
+    bandwidth = copy_bandwidth_gbs() if DEVICE.type == "cuda" else None
+    for case in cases():
+        problem = Problem(case)
+        for mode in MODES:
+            steps = {p: make_step(p, mode, problem) for p in providers}
+            samples = {p: [] for p in providers}
+            for _ in range(repeats):
+                for p in providers:
+                    samples[p].append(time_ms(steps[p]))
+            med = {p: statistics.median(samples[p]) for p in providers}
+            cells = [f"{med[p]:.1f} [{min(samples[p]):.1f}-{max(samples[p]):.1f}]" for p in providers]
+            ratios = [f"{med[p] / med['din_kernels']:.2f}x" for p in providers if p != "din_kernels"]
+            lines.append(f"| {case.name} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            if mode == "forward+backward":
+                peaks = {p: peak_extra_mb(steps[p]) for p in providers}
+                ratio = peaks["din_kernels"] / peaks["reference"] if "reference" in peaks else float("nan")
+                memory_lines.append(f"| {case.name} | " + " | ".join(f"{peaks[p]:.1f}" for p in providers) +
+                                    f" | {ratio:.2f} |")
+            if mode == "forward" and bandwidth is not None:
+                bound = forward_bytes(case) / (bandwidth * 1e9) * 1e3
+                lines.append(f"|   | bandwidth bound | {bound:.4f} ms at {bandwidth:.0f} GB/s copy: din_kernels at "
+                             f"{bound / med['din_kernels'] * 100:.0f}% |")
+            print(lines[-1], flush=True)
+            del steps
+    return "\n".join(lines + memory_lines)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", action="store_true", help="print the ratio table (markdown)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    args = parser.parse_args(argv)
+    if not args.table:
+        parser.error("use --table, or run through pytest for pytest-benchmark")
+    providers = [p for p in args.providers.split(",") if available(p)]
+    if "din_kernels" not in providers:
+        parser.error("the providers must include din_kernels")
+    print(table(args.repeats, providers))
+
+
+if __name__ == "__main__":
+    main()
