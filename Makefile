@@ -16,7 +16,7 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q -e '.[test,plot]' $(TORCH_PIN) $(TRITON_PIN)
 	# deepctr-torch pins old deps; install it alone and give it its real imports.
 	$(PY) -m pip install -q --no-deps $(DEEPCTR_PIN)
 	$(PY) -m pip install -q tqdm scikit-learn requests

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
-from . import metrics
 from .checkpoint import load_checkpoint, write_json_atomic
+from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_table,
+                      parse_seeds, parse_variants, plot_curves, summarise)
 from .data import load_data
 from .model import ModelConfig, build_model
 from .prepare import add_prepare_parser
@@ -39,62 +41,90 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     _add_data_args(parser)
     parser.add_argument("--epochs", type=_positive_int, default=2)
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    parser.add_argument("--activation", choices=("dice", "prelu"), default="dice",
-                        help="activation of the prediction MLP (default dice)")
     parser.add_argument("--attention-normalize", choices=("none", "softmax"), default="none",
                         help="'none' keeps the weights' sum as interest intensity (paper); 'softmax' as the "
                              "official code (with scale D**-0.5)")
+    parser.add_argument("--l2-lambda", type=float, default=0.01,
+                        help="strength of the dense full-table L2 (--l2 full, or the din-l2 variant)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    _add_optimisation_args(parser)
+    parser.add_argument("--model", choices=("din", "base"), default="din")
+    parser.add_argument("--activation", choices=("dice", "prelu"), default="dice",
+                        help="activation of the prediction MLP (default dice)")
     parser.add_argument("--mba-lambda", type=float, default=0.0,
                         help="mini-batch aware L2 on the goods and category tables (paper: 0.01); "
                              "0 (default) turns it off")
     parser.add_argument("--l2", choices=("none", "full"), default="none",
                         help="'full': dense L2 over every row of the tables each step, the baseline the "
                              "paper argues against (strength --l2-lambda)")
-    parser.add_argument("--l2-lambda", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and model.pt")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _model_config(args, model: str, split) -> ModelConfig:
+def _add_compare_args(parser: argparse.ArgumentParser) -> None:
+    _add_optimisation_args(parser)
+    parser.add_argument("--variants", default="base,din",
+                        help="comma-separated rows: " + ", ".join(VARIANTS) + "; or the presets 'paper' ("
+                             + ",".join(PAPER_VARIANTS) + ") and 'regularizers' (" + ",".join(REGULARIZER_VARIANTS)
+                             + "). Default: base,din")
+    parser.add_argument("--seeds", default=None,
+                        help="training seeds, e.g. '1,2,3' or '1-5' (default: --seed); the train/test split "
+                             "always uses --seed")
+    parser.add_argument("--mba-lambda", type=float, default=0.01,
+                        help="MBA strength for the *-mba variants (default 0.01, the paper's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for compare.json and, per variant and seed, metrics.json and model.pt")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write training curves (train loss, test GAUC per epoch) to this image; "
+                             "needs matplotlib (pip install 'din-kernels[plot]')")
+
+
+def _model_config(args, model: str, activation: str, split) -> ModelConfig:
     summary = split.train
     dim = 36  # goods 18 + category 18, as DeepCTR's DIN example
     scale = dim ** -0.5 if args.attention_normalize == "softmax" else None
     return ModelConfig(model=model, num_goods=summary.num_goods, num_cates=summary.num_cates,
-                       num_users=summary.num_users, activation=args.activation,
+                       num_users=summary.num_users, activation=activation,
                        attention_normalize=args.attention_normalize, attention_scale=scale)
 
 
-def _train_config(args) -> TrainConfig:
+def _regularizer(args) -> Tuple[str, float]:
+    """``din train``'s regulariser flags as (name, strength)."""
+    for name in ("mba_lambda", "l2_lambda"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.mba_lambda > 0 and args.l2 == "full":
         raise ValueError("choose one regulariser: --mba-lambda or --l2 full, not both")
     if args.mba_lambda > 0:
-        regularizer, reg_lambda = "mba", args.mba_lambda
-    elif args.l2 == "full":
-        regularizer, reg_lambda = "full", args.l2_lambda
-    else:
-        regularizer, reg_lambda = "none", 0.0
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       max_len=args.max_len, seed=args.seed, device=args.device, regularizer=regularizer,
-                       reg_lambda=reg_lambda, progress=not args.quiet)
+        return "mba", args.mba_lambda
+    if args.l2 == "full":
+        return "full", args.l2_lambda
+    return "none", 0.0
 
 
-def _train_one(args, model_name: str, split, out: Optional[Path]) -> Dict:
+def _train_one(args, split, out: Optional[Path], *, model_name: str, activation: str, regularizer: str,
+               reg_lambda: float, seed: int, tag: str) -> Dict:
     import torch
 
-    train_config = _train_config(args)
-    torch.manual_seed(args.seed)
-    model_config = _model_config(args, model_name, split)
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               optimizer=args.optimizer, max_len=args.max_len, seed=seed, device=args.device,
+                               regularizer=regularizer, reg_lambda=reg_lambda, progress=not args.quiet)
+    torch.manual_seed(seed)
+    model_config = _model_config(args, model_name, activation, split)
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
                             train_config.optimizer, train_config.lr, model_config.goods_dim, model_config.cate_dim)
     model = build_model(model_config, goods_table=setup.goods_table, cate_table=setup.cate_table)
     history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
-                    regularizer=setup.penalty, log=lambda line: print(f"[{model_name}] {line}", file=sys.stderr))
+                    regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr))
     history["data_spec"] = args.data
     if out is not None:
         write_json_atomic(out / "metrics.json", history)
@@ -102,8 +132,10 @@ def _train_one(args, model_name: str, split, out: Optional[Path]) -> Dict:
 
 
 def cmd_train(args) -> int:
+    regularizer, reg_lambda = _regularizer(args)
     split = load_data(args.data, max_len=args.max_len, seed=args.seed)
-    history = _train_one(args, args.model, split, args.out)
+    history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
+                         regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model)
     last = history["epochs"][-1]
     print(f"{args.model}: AUC {last['auc']:.4f}  GAUC {last['gauc']:.4f}  logloss {last['logloss']:.4f}")
     if args.out is not None:
@@ -131,27 +163,39 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def format_table(rows: List[Dict], base_gauc: float) -> str:
-    """The paper's Table 3 layout: model, AUC, user-weighted AUC, logloss, RelaImpr (on GAUC) vs BaseModel."""
-    lines = [f"{'Model':<10} {'AUC':>7} {'GAUC':>7} {'Logloss':>8} {'RelaImpr':>9}"]
-    for row in rows:
-        impr = metrics.rela_impr(row["gauc"], base_gauc)
-        lines.append(f"{row['name']:<10} {row['auc']:>7.4f} {row['gauc']:>7.4f} {row['logloss']:>8.4f} "
-                     f"{impr * 100:>+8.2f}%")
-    return "\n".join(lines)
-
-
 def cmd_compare(args) -> int:
+    variants = parse_variants(args.variants)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    for name in ("mba_lambda", "l2_lambda"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if args.plot is not None:
+        check_plot_available()  # fail now, not after an hour of training
     split = load_data(args.data, max_len=args.max_len, seed=args.seed)
-    rows = []
-    for model_name, label in (("base", "BaseModel"), ("din", "DIN")):
-        out = args.out / model_name if args.out is not None else None
-        history = _train_one(args, model_name, split, out)
-        rows.append({"name": label, **history["epochs"][-1]})
-    table = format_table(rows, rows[0]["gauc"])
+    strengths = {"none": 0.0, "mba": args.mba_lambda, "full": args.l2_lambda}
+    results = []
+    for variant in variants:
+        runs = []
+        for seed in seeds:
+            out = args.out / variant.key / f"seed{seed}" if args.out is not None else None
+            history = _train_one(args, split, out, model_name=variant.model, activation=variant.activation,
+                                 regularizer=variant.regularizer, reg_lambda=strengths[variant.regularizer],
+                                 seed=seed, tag=f"{variant.key} seed {seed}")
+            runs.append({"seed": seed, "history": history})
+        results.append({"row": summarise(variant, runs), "runs": runs})
+    rows = [result["row"] for result in results]
+    base = next((row for row in rows if row["variant"] == "base"), rows[0])
+    table = format_table(rows, base)
     print(table)
     if args.out is not None:
-        write_json_atomic(args.out / "compare.json", {"data": args.data, "rows": rows, "table": table})
+        write_json_atomic(args.out / "compare.json", {
+            "data": args.data, "split_seed": args.seed, "seeds": seeds, "rows": rows, "table": table,
+            "curves": {result["row"]["variant"]: [[epoch for epoch in run["history"]["epochs"]]
+                                                  for run in result["runs"]] for result in results}})
+    if args.plot is not None:
+        plot_curves(results, args.plot, title=f"{args.data}: {len(seeds)} seed(s), {args.epochs} epochs")
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -161,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train one model and evaluate it after each epoch")
     _add_train_args(train_parser)
-    train_parser.add_argument("--model", choices=("din", "base"), default="din")
     train_parser.set_defaults(handler=cmd_train)
 
     eval_parser = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
@@ -174,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     eval_parser.set_defaults(handler=cmd_evaluate)
 
-    compare_parser = commands.add_parser("compare", help="train BaseModel and DIN on one split, print Table 3")
-    _add_train_args(compare_parser)
+    compare_parser = commands.add_parser(
+        "compare", help="train the paper's variants over seeds on one split, print Table 3",
+        description="Train each variant once per seed on one train/test split and print the paper's Table 3 "
+                    "layout (mean±std over seeds of the last epoch's test metrics).")
+    _add_compare_args(compare_parser)
     compare_parser.set_defaults(handler=cmd_compare)
 
     add_prepare_parser(commands)
