@@ -35,9 +35,13 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: PathLike, payload: Dict[str, Any]) -> None:
+def write_text_atomic(path: PathLike, text: str) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: PathLike, payload: Dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> None:

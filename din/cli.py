@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from .checkpoint import load_checkpoint, write_json_atomic
-from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_table,
+from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
+from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_markdown,
+                      format_table,
                       parse_seeds, parse_variants, plot_curves, summarise)
 from .data import load_data
 from .model import ModelConfig, build_model
@@ -47,11 +48,14 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    parser.add_argument("--attention-normalize", choices=("none", "softmax"), default="none",
-                        help="'none' keeps the weights' sum as interest intensity (paper); 'softmax' as the "
-                             "official code (with scale D**-0.5)")
-    parser.add_argument("--l2-lambda", type=float, default=0.01,
-                        help="strength of the dense full-table L2 (--l2 full, or the din-l2 variant)")
+    parser.add_argument("--attention-normalize", choices=("softmax", "none"), default="softmax",
+                        help="'softmax' (default) over the valid positions with scale D**-0.5, as the official "
+                             "code; 'none' keeps the weights' sum as interest intensity, as the paper's text. "
+                             "softmax scored higher GAUC on all three real data sets here (docs/results.md)")
+    parser.add_argument("--l2-lambda", type=float, default=2e-5,
+                        help="strength of the dense full-table L2 (--l2 full, or the din-l2 variant); the "
+                             "default 2e-5 gives each row about the per-epoch pull of MBA at 0.01 on ~500 "
+                             "batches an epoch (MBA charges a row lam/n_j in each of its ~n_j batches)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -191,10 +195,12 @@ def cmd_compare(args) -> int:
     if args.out is not None:
         write_json_atomic(args.out / "compare.json", {
             "data": args.data, "split_seed": args.seed, "seeds": seeds, "rows": rows, "table": table,
-            "curves": {result["row"]["variant"]: [[epoch for epoch in run["history"]["epochs"]]
-                                                  for run in result["runs"]] for result in results}})
+            "curves": {result["row"]["variant"]: [run["history"]["epochs"] for run in result["runs"]]
+                       for result in results}})
+        write_text_atomic(args.out / "compare.md", format_markdown(rows, base) + "\n")
     if args.plot is not None:
-        plot_curves(results, args.plot, title=f"{args.data}: {len(seeds)} seed(s), {args.epochs} epochs")
+        seeds_text = f"{len(seeds)} seeds (mean, band min-max)" if len(seeds) > 1 else f"seed {seeds[0]}"
+        plot_curves(results, args.plot, title=f"{args.data}: {seeds_text}, {args.epochs} epochs")
         print(f"wrote {args.plot}")
     return 0
 

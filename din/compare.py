@@ -125,6 +125,19 @@ def format_table(rows: Sequence[Dict], base: Optional[Dict] = None) -> str:
     return "\n".join(lines + [footer])
 
 
+def format_markdown(rows: Sequence[Dict], base: Optional[Dict] = None) -> str:
+    """The same table as :func:`format_table`, as a Markdown table (mean ± std, seeds listed per row)."""
+    base = base if base is not None else rows[0]
+    lines = ["| Model | AUC | user-weighted AUC | logloss | RelaImpr (GAUC) | seeds |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        cells = [f"{row[name]:.4f} ± {row.get(name + '_std', 0.0):.4f}" for name in ("auc", "gauc", "logloss")]
+        impr = metrics.rela_impr(row["gauc"], base["gauc"]) * 100
+        seeds = ",".join(str(seed) for seed in row.get("seeds", []))
+        lines.append(f"| {row['name']} | {' | '.join(cells)} | {impr:+.2f}% | {seeds} |")
+    return "\n".join(lines)
+
+
 def check_plot_available() -> None:
     """Raise before any training when ``--plot`` cannot be honoured."""
     try:

@@ -148,7 +148,9 @@ def train(
             seen += len(batch.label)
             loss_sum += loss.item() * len(batch.label)
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}")
+            # refresh=False: the bar redraws at its own pace (mininterval), not once per batch
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}",
+                            refresh=False)
         train_seconds = time.perf_counter() - started
         test_metrics = evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device)
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_seconds": train_seconds,

@@ -65,6 +65,8 @@ def test_compare_seeds_variants_json_and_plot(tmp_path, capsys):
     # different seeds train differently
     runs = saved["rows"][0]["gauc_runs"]
     assert runs[0] != runs[1]
+    markdown = (out / "compare.md").read_text()
+    assert markdown.startswith("| Model |") and "| DIN+MBA+Dice |" in markdown and " ± " in markdown
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(plot.parent.glob(".*tmp*"))
 
