@@ -46,10 +46,13 @@ import din_kernels as dk  # noqa: E402
 from din_kernels import reference  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header,  # noqa: E402
+                     synchronize, time_ms)
+
 HIDDEN = (80, 40)
 PROVIDERS = ("din_kernels", "reference", "compiled", "deepctr")
 MODES = ("forward", "forward+backward")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU_CASES = ["1024x100x36", "1024x100x36:full", "256x500x36", "4096x20x64"]
 GPU_CASES = [f"{b}x{t}x{d}" for b, t, d in itertools.product((256, 1024, 4096), (20, 100, 500), (36, 64))]
 
@@ -156,19 +159,6 @@ def make_step(provider: str, mode: str, problem: Problem) -> Callable[[], None]:
     return step
 
 
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(step: Callable[[], None]) -> float:
-    synchronize()
-    start = time.perf_counter()
-    step()
-    synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def peak_extra_mb(step: Callable[[], None]) -> float:
     """Peak bytes allocated above the live set before the call (see the module docstring), in MB."""
     if DEVICE.type == "cuda":
@@ -267,12 +257,8 @@ if pytest is not None:
 
 def table(repeats: int, providers: List[str]) -> str:
     """Median times (providers interleaved round-robin, so background load hits all alike) and ratios."""
-    lines = [f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'}), torch "
-             f"{torch.__version__}, {torch.get_num_threads()} threads, hidden {HIDDEN} sigmoid, fp32, "
-             f"median of {repeats} (min-max in brackets)", ""]
-    header = "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | " + \
-             " | ".join(f"{p} / din_kernels" for p in providers if p != "din_kernels") + " |"
-    lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+    lines = [f"{describe_machine()}, hidden {HIDDEN} sigmoid, fp32, median of {repeats} (min-max in brackets)",
+             "", *ratio_table_header(providers)]
     memory_lines = ["", "| case | " + " | ".join(f"{p} peak MB" for p in providers) +
                     " | din_kernels / reference |", "|" + " --- |" * (len(providers) + 2)]
     bandwidth = copy_bandwidth_gbs() if DEVICE.type == "cuda" else None
@@ -280,14 +266,8 @@ def table(repeats: int, providers: List[str]) -> str:
         problem = Problem(case)
         for mode in MODES:
             steps = {p: make_step(p, mode, problem) for p in providers}
-            samples = {p: [] for p in providers}
-            for _ in range(repeats):
-                for p in providers:
-                    samples[p].append(time_ms(steps[p]))
-            med = {p: statistics.median(samples[p]) for p in providers}
-            cells = [f"{med[p]:.1f} [{min(samples[p]):.1f}-{max(samples[p]):.1f}]" for p in providers]
-            ratios = [f"{med[p] / med['din_kernels']:.2f}x" for p in providers if p != "din_kernels"]
-            lines.append(f"| {case.name} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            samples = interleaved_samples(steps, repeats)
+            lines.append(ratio_row(case.name, mode, samples))
             if mode == "forward+backward":
                 peaks = {p: peak_extra_mb(steps[p]) for p in providers}
                 ratio = peaks["din_kernels"] / peaks["reference"] if "reference" in peaks else float("nan")
@@ -296,7 +276,7 @@ def table(repeats: int, providers: List[str]) -> str:
             if mode == "forward" and bandwidth is not None:
                 bound = forward_bytes(case) / (bandwidth * 1e9) * 1e3
                 lines.append(f"|   | bandwidth bound | {bound:.4f} ms at {bandwidth:.0f} GB/s copy: din_kernels at "
-                             f"{bound / med['din_kernels'] * 100:.0f}% |")
+                             f"{bound / statistics.median(samples['din_kernels']) * 100:.0f}% |")
             print(lines[-1], flush=True)
             del steps
     return "\n".join(lines + memory_lines)

@@ -24,9 +24,7 @@ input and the parameters left out): the activation memory a Dice layer holds bet
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -38,9 +36,12 @@ import din_kernels as dk  # noqa: E402
 from din_kernels import reference  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header,  # noqa: E402
+                     synchronize)
+
 PROVIDERS = ("din_kernels", "reference", "deepctr")
 MODES = ("forward", "forward+backward")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {
     "attention": ((102400, 80), False),
     "attention_masked": ((1024, 100, 80), True),
@@ -138,19 +139,6 @@ def _own_layer(problem: Problem) -> dk.Dice:
     return layer
 
 
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(step: Callable[[], None]) -> float:
-    synchronize()
-    start = time.perf_counter()
-    step()
-    synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def saved_mb(problem: Problem, provider: str) -> float:
     """MB of tensors autograd keeps from the forward for the backward (activation memory), counting each
     storage once and leaving out the input x and the parameters, which are alive anyway."""
@@ -205,26 +193,15 @@ if pytest is not None:
 # --------------------------------------------------------------------------------------------------------
 
 def table(repeats: int, providers: List[str]) -> str:
-    lines = [f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'}), torch "
-             f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, affine, training mode, "
-             f"median of {repeats} interleaved rounds (min-max in brackets)", ""]
-    header = "| case | mode | " + " | ".join(f"{p} ms" for p in providers) + " | " + \
-             " | ".join(f"{p} / din_kernels" for p in providers if p != "din_kernels") + " |"
-    lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+    lines = [f"{describe_machine()}, fp32, affine, training mode, median of {repeats} interleaved rounds "
+             "(min-max in brackets)", "", *ratio_table_header(providers)]
     memory = ["", "| case | " + " | ".join(f"{p} saved for backward MB" for p in providers) + " |",
               "|" + " --- |" * (len(providers) + 1)]
     for case in CASES:
         problem = Problem(case)
         for mode in MODES:
             steps = {p: make_step(p, mode, problem) for p in providers}
-            samples = {p: [] for p in providers}
-            for _ in range(repeats):
-                for p in providers:
-                    samples[p].append(time_ms(steps[p]))
-            med = {p: statistics.median(samples[p]) for p in providers}
-            cells = [f"{med[p]:.2f} [{min(samples[p]):.2f}-{max(samples[p]):.2f}]" for p in providers]
-            ratios = [f"{med[p] / med['din_kernels']:.2f}x" for p in providers if p != "din_kernels"]
-            lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            lines.append(ratio_row(case, mode, interleaved_samples(steps, repeats), digits=2))
             print(lines[-1], flush=True)
             if mode == "forward+backward":
                 memory.append(f"| {case} | " + " | ".join(f"{saved_mb(problem, p):.1f}" for p in providers) + " |")

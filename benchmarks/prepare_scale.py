@@ -259,7 +259,7 @@ def main() -> int:
         summary = json.loads((work / "prepared" / "summary.json").read_text())
         print("summary: " + ", ".join(f"{k} {summary[k]}" for k in ("users", "items", "categories", "train_samples",
                                                                      "test_samples", "reviews", "meta_lines")))
-        print(f"\n| step | wall time | peak RSS |\n|---|---|---|")
+        print("\n| step | wall time | peak RSS |\n|---|---|---|")
         for name, result in results.items():
             print(f"| {name} | {result['seconds']:.1f} s | {result['peak_rss_gib']:.2f} GiB |")
         for name, result in results.items():

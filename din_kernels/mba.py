@@ -32,7 +32,6 @@ would silently write someone else's memory.
 """
 from __future__ import annotations
 
-import math
 import types
 from typing import Optional, Tuple
 
