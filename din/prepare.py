@@ -29,7 +29,8 @@ __all__ = ["add_prepare_parser", "cmd_prepare", "main"]
 
 #: summary.json entries printed after the sizes (when the source reports them)
 _DETAILS = ("reviews", "reviews_without_meta", "items_without_meta", "items_without_category", "meta_lines",
-            "events", "pv", "items_with_several_categories", "ratings", "behaviours", "users_without_samples")
+            "events", "pv", "items_with_several_categories", "ratings", "behaviours", "users_without_samples",
+            "split", "test_from_timestamp")
 
 
 def _fraction(text: str) -> float:
@@ -72,9 +73,16 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(amazon_csv)
 
     taobao = sources.add_parser("taobao", help="Taobao UserBehavior.csv (next-click samples)",
-                                description="pv clicks, per-user last click as the test pair.")
+                                description="pv clicks as behaviours, next-click prediction with sampled negatives; "
+                                            "test targets: each user's last click (--split last) or every click "
+                                            "after a global time cutoff (--split time).")
     taobao.add_argument("--input", type=Path, required=True,
                         help="UserBehavior.csv: user_id,item_id,category_id,behavior,timestamp")
+    taobao.add_argument("--split", choices=("last", "time"), default="last",
+                        help="'last' (default): each user's last click is the test pair, as the Amazon protocol; "
+                             "'time': clicks at or after a global cutoff are test targets")
+    taobao.add_argument("--test-fraction", type=_fraction, default=0.1,
+                        help="with --split time: share of the clicks, latest first, that are test targets (0.1)")
     _common(taobao)
 
     movielens = sources.add_parser("movielens", help="MovieLens: ratings.csv+movies.csv or ratings.dat+movies.dat",
@@ -99,7 +107,7 @@ def _run(args: argparse.Namespace) -> Prepared:
     if args.source == "amazon-csv":
         return prepare_amazon_csv(args.reviews, args.item_cate, **common)
     if args.source == "taobao":
-        return prepare_taobao(args.input, **common)
+        return prepare_taobao(args.input, split=args.split, test_fraction=args.test_fraction, **common)
     if args.source == "movielens":
         return prepare_movielens(args.input, test_fraction=args.test_fraction,
                                  positive_threshold=args.positive_threshold, **common)

@@ -1,8 +1,9 @@
-"""din.data.taobao: UserBehavior clicks as next-click samples (per-user last click = test pair)."""
+"""din.data.taobao: UserBehavior clicks as next-click samples (per-user last click or a time cutoff)."""
 import numpy as np
 import pytest
 
-from din.data import load_taobao
+from din.cli import main
+from din.data import load_data, load_taobao, prepare_taobao
 from din.data.taobao import _build_taobao, read_taobao_clicks
 
 # user_id,item_id,category_id,behavior,timestamp -- no header, as published
@@ -55,6 +56,44 @@ def test_taobao_matches_hand_computed(events):
     assert stats["events"] == 11 and stats["pv"] == 9 and stats["buy"] == 1 and stats["cart"] == 1
     assert stats["fav"] == 0 and stats["items_with_several_categories"] == 1
     assert (stats["first_timestamp"], stats["last_timestamp"]) == (5, 1000)
+
+
+def test_taobao_time_split(events):
+    # click timestamps 5, 6, 10, 500, 600, 600, 900, 1000, 1000: the 0.7 quantile ("higher") is 900, so the
+    # targets at or after 900 are test targets: user 2's 7 and 3 @1000 (its 9 @900 is a first click, no target)
+    split, stats = _build_taobao(events, seed=0, split="time", test_fraction=0.3)
+    train, test = _samples(split.train), _samples(split.test)
+    assert [(u, h, c) for u, h, _, c, _, y in test if y == 1] == [(2, [3], 2), (2, [3, 2], 1)]
+    assert [(u, h, c) for u, h, _, c, _, y in train if y == 1] == [(3, [2], 3), (3, [2, 3], 1), (4, [4], 5)]
+    assert [y for *_, y in train] == [1, 0] * 3 and [y for *_, y in test] == [1, 0] * 2
+    assert stats["split"] == "time" and stats["test_from_timestamp"] == 900 and stats["test_fraction"] == 0.3
+    assert stats["users_with_test_pair"] == 1 and stats["users_without_samples"] == 1
+    # the default is the per-user last click, reported as such
+    assert _build_taobao(events, seed=0)[1]["split"] == "last"
+
+
+def test_taobao_time_split_bad_options(events, tmp_path):
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_taobao(events, split="day")
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="test_fraction must be in"):
+            prepare_taobao(events, split="time", test_fraction=fraction, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before anything is written
+    lone = tmp_path / "lone.csv"
+    lone.write_text("1,7,50,pv,10\n2,8,50,pv,20\n")  # two users with one click each: no target at all
+    with pytest.raises(ValueError, match="empty"):
+        load_taobao(lone, split="time", test_fraction=0.5)
+
+
+def test_prepare_taobao_time_split_cli(events, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["prepare", "taobao", "--input", str(events), "--split", "time", "--test-fraction", "0.3",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "split time" in printed and "test_from_timestamp 900" in printed
+    assert load_data(str(out)).test.label.tolist() == [1, 0, 1, 0]
+    # another split is another folder's worth of data: refused without --overwrite
+    assert main(["prepare", "taobao", "--input", str(events), "--out", str(out)]) == 2
 
 
 def test_taobao_tolerates_a_header_and_is_seeded(tmp_path, events):

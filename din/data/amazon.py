@@ -102,7 +102,8 @@ def sample_negatives(user: np.ndarray, item: np.ndarray, query_user: np.ndarray,
 
 
 def next_item_split(user: np.ndarray, item: np.ndarray, item_cate: np.ndarray, *, num_users: int,
-                    num_items: int, num_cates: int, seed: SeedLike, name: str) -> Tuple[Split, Dict[str, Any]]:
+                    num_items: int, num_cates: int, seed: SeedLike, name: str,
+                    test_target: Optional[np.ndarray] = None) -> Tuple[Split, Dict[str, Any]]:
     """The official DIN ``build_dataset`` samples (module doc) of one behaviour sequence per user.
 
     Args:
@@ -112,6 +113,8 @@ def next_item_split(user: np.ndarray, item: np.ndarray, item_cate: np.ndarray, *
         num_users, num_items, num_cates: vocabulary sizes without padding.
         seed: seed of the negative items.
         name: the data set's name (parts are ``name/train``, ``name/test``).
+        test_target: optional ``[L]`` bool: which behaviours, as prediction targets, make test pairs
+            (e.g. those after a time cutoff); the rest make training pairs. Default: each user's last.
 
     Returns:
         ``(split, stats)``: train and test share the flat behaviour arrays (``user``/``item`` in the
@@ -131,15 +134,18 @@ def next_item_split(user: np.ndarray, item: np.ndarray, item_cate: np.ndarray, *
     last = np.repeat(ends - 1, run_length)  # [L] last position of the behaviour's user
     position = np.arange(n, dtype=np.int64)
     target = position > first  # every position i >= 1 of a user is predicted
-    test_at = np.flatnonzero(target & (position == last))
-    train_at = np.flatnonzero(target & (position < last))
+    is_test = position == last if test_target is None else np.asarray(test_target, dtype=bool)
+    if len(is_test) != n:
+        raise ValueError(f"test_target must have one entry per behaviour ({n}), got {len(is_test)}")
+    test_at = np.flatnonzero(target & is_test)
+    train_at = np.flatnonzero(target & ~is_test)
     targets = np.flatnonzero(target)
     negative = np.zeros(n, dtype=np.int64)
     negative[targets] = sample_negatives(user, item, user[targets], num_items, seed)
 
     # the stored dtypes from the start (ids int32, positions int64): no int64 copy of every sample column
     ids = np.int32
-    del position, target
+    del position, target, is_test
     cate_table, user_ids, negative = item_cate.astype(ids), user.astype(ids), negative.astype(ids)
     behaviour_goods = item.astype(ids)
     behaviour_cates = cate_table[item]
@@ -156,8 +162,9 @@ def next_item_split(user: np.ndarray, item: np.ndarray, item_cate: np.ndarray, *
         )
 
     split = Split(pairs(train_at, "train"), pairs(test_at, "test"))
-    stats = {"protocol": PROTOCOL, "behaviours": int(n), "users_with_test_pair": int(len(test_at)),
-             "users_without_samples": int(num_users - len(test_at))}
+    tested_users = len(np.unique(user[test_at]))
+    stats = {"protocol": PROTOCOL, "behaviours": int(n), "users_with_test_pair": int(tested_users),
+             "users_without_samples": int(num_users - len(np.unique(user[targets])))}
     return split, stats
 
 

@@ -18,6 +18,12 @@ user has a test pair and the evaluation is the same as Amazon's):
   ``(clicks[:i], clicks[i], 1)`` and ``(clicks[:i], random never-clicked item, 0)``; the last click
   gives the test pair (labels 1 and 0, same history). Negative items are uniform over the clicked
   vocabulary minus the user's own clicks, and carry their own category.
+
+``split="time"`` instead splits by one global time cutoff: every click at or after the
+``1 - test_fraction`` quantile of the click timestamps is a test target (a pair with the history of all
+the user's earlier clicks), every earlier one a training target. No training sample then looks at the
+test period. A quantile rather than "the last day" because the published file has a few clicks with
+timestamps far outside its nine days.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ __all__ = ["BEHAVIOURS", "load_taobao", "prepare_taobao", "read_taobao_clicks"]
 BEHAVIOURS = {"pv": 0, "buy": 1, "cart": 2, "fav": 3}
 COLUMNS = ("user_id", "item_id", "category_id", "behavior", "timestamp")
 PIPELINE_VERSION = 1
+SPLITS = ("last", "time")
 
 
 def read_taobao_clicks(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
@@ -92,7 +99,16 @@ def read_taobao_clicks(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str,
     return columns, counts
 
 
-def _build_taobao(path: PathLike, seed: SeedLike) -> Tuple[Split, Dict[str, Any]]:
+def _check_split(split: str, test_fraction: float) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def _build_taobao(path: PathLike, seed: SeedLike, split: str = "last",
+                  test_fraction: float = 0.1) -> Tuple[Split, Dict[str, Any]]:
+    _check_split(split, test_fraction)
     clicks, counts = read_taobao_clicks(path)
     if len(clicks["user"]) == 0:
         raise ValueError(f"{path} holds no 'pv' (click) events")
@@ -106,30 +122,54 @@ def _build_taobao(path: PathLike, seed: SeedLike) -> Tuple[Split, Dict[str, Any]
     several = int(len(pairs) - len(item_keys))
 
     by_time = np.lexsort((np.arange(len(user)), clicks["timestamp"], user))  # user, time, file order
-    split, stats = next_item_split(user[by_time], item[by_time], item_cate, num_users=len(user_keys),
-                                   num_items=len(item_keys), num_cates=len(cate_keys), seed=seed, name="taobao")
-    stats.update(counts, items_with_several_categories=several,
+    test_target, cutoff = None, None
+    if split == "time":
+        timestamps = clicks["timestamp"][by_time]
+        cutoff = int(np.quantile(timestamps, 1.0 - test_fraction, method="higher"))
+        test_target = timestamps >= cutoff
+    parts, stats = next_item_split(user[by_time], item[by_time], item_cate, num_users=len(user_keys),
+                                   num_items=len(item_keys), num_cates=len(cate_keys), seed=seed, name="taobao",
+                                   test_target=test_target)
+    if len(parts.test) == 0 or len(parts.train) == 0:
+        raise ValueError(f"split {split!r} of {path} leaves an empty {'test' if len(parts.test) == 0 else 'train'} "
+                         "part: too few clicks (or a test_fraction too small or too large)")
+    stats.update(counts, items_with_several_categories=several, split=split,
                  first_timestamp=int(clicks["timestamp"].min()), last_timestamp=int(clicks["timestamp"].max()))
     stats["protocol"] = "pv clicks; " + stats["protocol"].replace("never-reviewed", "never-clicked")
-    return split, stats
+    if split == "time":
+        stats.update(test_fraction=test_fraction, test_from_timestamp=cutoff)
+        stats["protocol"] = (f"pv clicks; the official build_dataset pairs (history, next click, 1) and (history, "
+                             f"random never-clicked item, 0) for every click after a user's first; clicks at "
+                             f"or after timestamp {cutoff} (the {1 - test_fraction:g} quantile) are test targets")
+    return parts, stats
 
 
-def load_taobao(path: PathLike, *, seed: SeedLike = 0) -> Split:
+def load_taobao(path: PathLike, *, seed: SeedLike = 0, split: str = "last", test_fraction: float = 0.1) -> Split:
     """A UserBehavior file as a :class:`Split` of next-click samples (protocol in the module doc).
 
     Args:
         path: ``UserBehavior.csv`` (or a head of it).
         seed: seed of the negative items.
+        split: ``"last"`` (each user's last click is the test target) or ``"time"`` (clicks after a
+            global time cutoff are).
+        test_fraction: with ``split="time"``, the share of clicks (by time) at or after the cutoff.
 
     Raises:
         FileNotFoundError: if the file is missing.
-        ValueError: ``"file:line: ..."`` for a malformed line, or no click at all.
+        ValueError: ``"file:line: ..."`` for a malformed line, no click at all, a bad ``split`` or
+            ``test_fraction``, or a split that leaves a part empty.
     """
-    return _build_taobao(path, seed)[0]
+    return _build_taobao(path, seed, split, test_fraction)[0]
 
 
-def prepare_taobao(path: PathLike, *, seed: int = 0, out: Optional[PathLike] = None, overwrite: bool = False,
-                   cache_dir: Optional[PathLike] = None, log: Optional[Log] = None) -> Prepared:
-    """:func:`load_taobao`, saved to ``out`` (or the cache) and reused while input and seed are unchanged."""
-    return prepare_cached("taobao", {"input": path}, {"seed": seed}, lambda: _build_taobao(path, seed),
+def prepare_taobao(path: PathLike, *, seed: int = 0, split: str = "last", test_fraction: float = 0.1,
+                   out: Optional[PathLike] = None, overwrite: bool = False, cache_dir: Optional[PathLike] = None,
+                   log: Optional[Log] = None) -> Prepared:
+    """:func:`load_taobao`, saved to ``out`` (or the cache) and reused while input and options are unchanged."""
+    _check_split(split, test_fraction)  # before any work, and before the cache is touched
+    options: Dict[str, Any] = {"seed": seed}
+    if split != "last":  # the default keeps the key of folders prepared before the option existed
+        options.update(split=split, test_fraction=test_fraction)
+    return prepare_cached("taobao", {"input": path}, options,
+                          lambda: _build_taobao(path, seed, split, test_fraction),
                           version=PIPELINE_VERSION, out=out, overwrite=overwrite, cache_dir=cache_dir, log=log)
