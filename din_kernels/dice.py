@@ -741,6 +741,9 @@ class Dice(nn.Module):
         return module.train(layer.training)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != self.num_features:
+            raise ValueError(f"x must have num_features={self.num_features} channels in its last dimension, "
+                             f"got shape {tuple(x.shape)}")
         return dice(x, self.alpha, self.running_mean, self.running_var, training=self.training,
                     momentum=self.momentum, eps=self.eps, mask=mask, weight=self.weight, bias=self.bias)
 

@@ -406,6 +406,7 @@ def _bad_calls():
                                                                       mask=torch.ones(3, 2, dtype=torch.bool))),
         (ValueError, "only accepted with a 3-D x", lambda: dk.dice(x[0], alpha, *stats, training=True,
                                                                    mask=torch.ones(3, dtype=torch.bool))),
+        (ValueError, "num_features=5 channels", lambda: dk.Dice(5)(x)),
     ]
 
 
