@@ -737,6 +737,9 @@ class LocalActivationUnit(nn.Module):
         return tuple(flat)
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor, return_scores: bool = False):
+        if isinstance(keys, Tensor) and keys.dim() == 3 and keys.shape[-1] != self.embedding_dim:
+            raise ValueError(f"keys must be [B, T, D] with D=embedding_dim={self.embedding_dim}, "
+                             f"got shape {tuple(keys.shape)}")
         alphas = dice_stats = None
         if self.prelu_alphas is not None:
             alphas = list(self.prelu_alphas)

@@ -138,6 +138,12 @@ def test_module_rejects_bad_sizes(bad):
         dk.LocalActivationUnit(4, (8, bad))
 
 
+def test_module_names_a_mismatched_embedding_dim():
+    unit = dk.LocalActivationUnit(8, (16,))
+    with pytest.raises(ValueError, match=r"D=embedding_dim=8, got shape \(2, 5, 7\)"):
+        unit(torch.randn(2, 7), torch.randn(2, 5, 7), torch.tensor([1, 2]))
+
+
 # --------------------------------------------------------------------------------------------------------
 # the custom op: torch.compile(fullgraph=True) and opcheck
 # --------------------------------------------------------------------------------------------------------
