@@ -100,12 +100,18 @@ def _model_config(args, model: str, activation: str, split) -> ModelConfig:
                        attention_normalize=args.attention_normalize, attention_scale=scale)
 
 
-def _regularizer(args) -> Tuple[str, float]:
-    """``din train``'s regulariser flags as (name, strength)."""
+def _check_strengths(args, *, allow_zero: bool) -> None:
+    """--mba-lambda and --l2-lambda finite and >= 0 (> 0 unless ``allow_zero``)."""
     for name in ("mba_lambda", "l2_lambda"):
         value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}")
+
+
+def _regularizer(args) -> Tuple[str, float]:
+    """``din train``'s regulariser flags as (name, strength)."""
+    _check_strengths(args, allow_zero=True)
     if args.mba_lambda > 0 and args.l2 == "full":
         raise ValueError("choose one regulariser: --mba-lambda or --l2 full, not both")
     if args.mba_lambda > 0:
@@ -170,10 +176,7 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     variants = parse_variants(args.variants)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    for name in ("mba_lambda", "l2_lambda"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    _check_strengths(args, allow_zero=False)  # every variant that uses one needs it on
     if args.plot is not None:
         check_plot_available()  # fail now, not after an hour of training
     split = load_data(args.data, max_len=args.max_len, seed=args.seed)
