@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -43,40 +43,60 @@ Tensor = torch.Tensor
 
 __all__ = ["attention_torch_forward", "attention_torch_backward"]
 
-# Positions (rows x longest history) per chunk. Large enough that every GEMM is efficient, small enough
-# that a chunk's [n, H] intermediates (n * 80 * 4 bytes ~ 2.6 MB) stay in cache and the extra memory small.
-# On the 2-core CPU 8192 was as fast as or faster than 4096, 16384 and 32768 (B=1024, T=100 / B=256, T=500).
-CHUNK_POSITIONS = 8192
+# The first layer of "concat" runs per position (one GEMM over [k, k * q_b]) for chunks whose longest history is
+# at most this, per row (bmm against M_b) above: see ``_FirstLayer``. Measured on the 2-core CPU (forward +
+# backward, ~16k positions, full histories, 20 interleaved runs): the two break even at T = 24-32 for D = 16,
+# 36 and 64 alike (per position 1.1x-1.6x faster at T = 8-16, per row 1.1x-1.3x faster at T >= 48). The break
+# even does not depend on D: per position adds ~T * D * H1 multiply-adds per row, per row adds ~D * H1.
+PER_POSITION_MAX_LEN = 24
+
+# Workspace per chunk, in floats: a chunk takes as many rows as fit (``_MLP.chunk_floats``). Large enough that
+# every GEMM is efficient, small enough that a chunk's intermediates stay in the CPU caches (and the extra
+# memory small). 3 Mi floats (12 MB in fp32) is ~8,400 positions at D=36, T=100, H=(80, 40), and ~5,000 at
+# D=64, T=20: measured on the 2-core CPU (forward + backward, interleaved runs), 8192 positions was as fast as
+# or faster than 4096, 16384 and 32768 at B=1024, T=100, D=36, and 4096 the fastest at B=4096, T=20, D=64
+# (whose per-position chunks need twice the floats per position).
+CHUNK_FLOATS = 3 * 2 ** 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(lengths: Tensor, max_len: int, batch: int, dim: int) -> Iterator[Tuple[Union[slice, Tensor], int]]:
-    """Chunks of batch rows, longest histories first; yields (rows, Tc) with Tc the chunk's longest length.
+def _row_chunks(lengths: Tensor, max_len: int, batch: int,
+                chunk_floats: Callable[[int], Tuple[int, int]]) -> List[Tuple[Union[slice, Tensor], int]]:
+    """Chunks of batch rows, longest histories first: a list of (rows, Tc) with Tc the chunk's longest length.
 
-    A chunk holds about ``CHUNK_POSITIONS`` positions, and at most ``CHUNK_POSITIONS // D`` rows: each row
-    also carries its ``M_b`` [D, H1], which dominates for short histories.
+    A chunk takes as many rows as fit in ``CHUNK_FLOATS`` of workspace, where ``chunk_floats(Tc)`` gives the
+    floats needed per position and per row (at least one row), or fewer, so that the rows left are split
+    evenly (1024 rows at 84 per chunk: 13 chunks of 78-79 rows, not 12 of 84 and one of 16).
 
     ``rows`` is a slice when the lengths are already non-increasing (e.g. all equal: no gather needed),
-    else an index tensor. Rows of length 0 are never yielded: they pool to zeros with zero gradients.
+    else an index tensor. Rows of length 0 are never listed: they pool to zeros with zero gradients.
     """
     if batch == 0 or max_len == 0:
-        return
+        return []
     lengths_host = lengths.detach().to("cpu", torch.int64)
     sorted_len, perm = torch.sort(lengths_host, descending=True, stable=True)
     in_order = bool(torch.equal(perm, torch.arange(batch)))
     perm_device = None if in_order else perm.to(lengths.device)
     sorted_list = sorted_len.tolist()
     nonempty = batch - sorted_list.count(0)  # the empty rows sort last and are never read
+    chunks = []
     start = 0
     while start < nonempty:
         longest = sorted_list[start]
-        stop = min(nonempty, start + max(1, CHUNK_POSITIONS // max(longest, dim)))
-        rows = slice(start, stop) if in_order else perm_device[start:stop]
-        yield rows, longest
+        per_position, per_row = chunk_floats(longest)
+        fit = max(1, CHUNK_FLOATS // (longest * per_position + per_row))
+        # as many chunks as the remaining rows need at this length, evenly filled (no last sliver of a chunk)
+        stop = start + -(-(nonempty - start) // -(-(nonempty - start) // fit))
+        chunks.append((slice(start, stop) if in_order else perm_device[start:stop], longest))
         start = stop
+    return chunks
+
+
+def _row_count(rows: Union[slice, Tensor]) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
 class _FirstLayer:
@@ -85,14 +105,14 @@ class _FirstLayer:
     Two ways to apply ``M_b``, chosen per chunk by its longest history Tc:
     - per row (``bmm``): build ``M_b`` [D, H1] for each row, then ``[Tc, D] x [D, H1]`` products.
           dM_b = k_b^T dz1_b;  dk = dz1 @ M_b^T;  dq_b and dW1 from dM_b and du_b = sum_t dz1[b, t]
-      Always for "outer" (its D^2 features are far larger than M_b); for "concat" when Tc > 3D/4.
-    - per position (one GEMM, "concat" with Tc <= 3D/4): ``k M_b = k (Wb - Wc)^T + (k * q_b) Wd^T
+      Always for "outer" (its D^2 features are far larger than M_b); for "concat" when
+      Tc > ``PER_POSITION_MAX_LEN``.
+    - per position (one GEMM, "concat" with Tc <= ``PER_POSITION_MAX_LEN``): ``k M_b = k (Wb - Wc)^T + (k * q_b) Wd^T
       = [k, k * q_b] @ W_k`` with ``W_k = [(Wb - Wc)^T; Wd^T]`` [2D, H1]. Twice the multiply-adds, but no
       D * H1 of per-row work (build M_b, dM_b and its reductions), which dominates short histories.
           G = dz1 @ W_k^T [n, 2D];  dk = G[:, :D] + G[:, D:] * q_b;  dq_b = sum_t G[:, D:] * k + du_b Wu
           dW_k = [k, k * q]^T dz1
-    Measured here (one thread, forward + backward, full histories): B=1024, D=36, T=24: 43 ms per row, 32 ms
-    per position; T=100: 112 vs 133 ms; B=512, D=64, T=64: 46 vs 53 ms.
+    Where they break even: see ``PER_POSITION_MAX_LEN``.
     """
 
     def __init__(self, w1: Tensor, b1: Tensor, dim: int, form: str, dtype: torch.dtype):
@@ -114,7 +134,7 @@ class _FirstLayer:
             self.wo_p = wo.permute(1, 2, 0).reshape(dim, dim * self.hidden)
 
     def per_position(self, length: int) -> bool:
-        return self.form == "concat" and 4 * length <= 3 * self.dim
+        return self.form == "concat" and length <= PER_POSITION_MAX_LEN
 
     def forward(self, q: Tensor, k: Tensor, work: "_Workspace") -> Tuple[Tensor, Tensor]:
         """q [r, D], k [r, Tc, D] -> (z1 [r, Tc, H1] in the workspace, what ``backward`` needs)."""
@@ -128,10 +148,11 @@ class _FirstLayer:
             torch.mm(kq.view(-1, 2 * dim), self.w_k, out=z.view(-1, self.hidden))
             cache = kq
         else:
+            m = work.take_per_row("m", rows, dim, self.hidden)  # M_b [r, D, H1]
             if self.form == "concat":
-                m = torch.addcmul(self.m_base, q[:, :, None], self.wd_t)  # (Wb-Wc)^T + diag(q_b) Wd^T
+                torch.addcmul(self.m_base, q[:, :, None], self.wd_t, out=m)  # (Wb-Wc)^T + diag(q_b) Wd^T
             else:
-                m = torch.addmm(self.m_base.reshape(1, -1), q, self.wo_p).view(rows, dim, self.hidden)
+                torch.addmm(self.m_base.reshape(1, -1), q, self.wo_p, out=m.view(rows, -1))
             torch.bmm(k, m, out=z)  # [r, Tc, H1]
             cache = m
         return z.add_(u[:, None, :]), cache  # bmm/mm then an in-place add: baddbmm would copy u into z first
@@ -164,7 +185,7 @@ class _FirstLayer:
             dq += g_kq.mul_(k).sum(1)
             return dq
         m = cache
-        dm = torch.bmm(k.transpose(1, 2), dz, out=work.take("dm", rows, dim, self.hidden))  # [r, D, H1]
+        dm = torch.bmm(k.transpose(1, 2), dz, out=work.take_per_row("dm", rows, dim, self.hidden))  # [r, D, H1]
         torch.bmm(dz, m.transpose(1, 2), out=dk_out)
         if self.form == "concat":
             # M[r, d, h] = base[d, h] + q[r, d] * WdT[d, h] (a product and a sum: faster here than the
@@ -277,17 +298,41 @@ class _Activation:
 class _Workspace:
     """Scratch buffers shared by the chunks of one call. Every chunk writes its intermediates (``out=``) into
     the same memory: the pages are faulted in once and stay warm in cache, where a fresh multi-MB tensor per
-    chunk and op costs page faults (measured: ~0.4 ms per MB touched here) and cache misses."""
+    chunk and op costs page faults (measured: ~0.3 ms per MB touched here) and cache misses.
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    Each buffer is sized once, for the largest chunk of the call: an intermediate is proportional to a chunk's
+    positions (``take``: [r, Tc, H], [r * Tc, H]) or to its rows (``take_per_row``: [r, D, H1]), so the first
+    request for a name reserves room for the most positions (or rows) of any chunk. Buffers grown chunk by
+    chunk instead (the row counts grow as the sorted histories get shorter) faulted in fresh pages in most
+    chunks.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, chunks: Sequence[Tuple[Union[slice, Tensor], int]]):
         self.dtype, self.device = dtype, device
         self.buffers = {}
+        sizes = [(_row_count(rows), length) for rows, length in chunks]
+        self.max_rows = max((rows for rows, _ in sizes), default=1)
+        self.max_positions = max((rows * length for rows, length in sizes), default=1)
+        self.rows = self.positions = 1
+
+    def start_chunk(self, rows: int, length: int) -> None:
+        """Declare the next chunk's size, which the requested shapes are proportional to."""
+        self.rows, self.positions = rows, rows * length
 
     def take(self, name: str, *shape: int) -> Tensor:
+        """A buffer of ``shape``, proportional to the chunk's positions."""
+        return self._take(name, shape, self.max_positions / self.positions)
+
+    def take_per_row(self, name: str, *shape: int) -> Tensor:
+        """A buffer of ``shape``, proportional to the chunk's rows."""
+        return self._take(name, shape, self.max_rows / self.rows)
+
+    def _take(self, name: str, shape: Tuple[int, ...], growth: float) -> Tensor:
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+            capacity = max(numel, math.ceil(numel * growth))
+            buffer = self.buffers[name] = torch.empty(capacity, dtype=self.dtype, device=self.device)
         return buffer[:numel].view(shape)
 
 
@@ -303,7 +348,20 @@ class _MLP:
         self.widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
         self.act = _Activation(activation, alphas, dice_eval, eps, self.widths, dtype, device)
         self.dtype, self.device = dtype, device
-        self.work = _Workspace(dtype, device)
+        self.work: Optional[_Workspace] = None  # set by ``plan``
+
+    def chunk_floats(self, length: int) -> Tuple[int, int]:
+        """Workspace floats a chunk whose longest history is ``length`` needs: (per position, per row)."""
+        per_position = 2 * sum(self.widths) + 1 + 2 * self.first.dim  # z_l and dz_l, scores, keys and dkeys
+        if self.first.per_position(length):
+            return per_position + 4 * self.first.dim, 0  # [k, k * q_b] and its gradient
+        return per_position, 2 * self.first.dim * self.widths[0]  # M_b and dM_b
+
+    def plan(self, lengths: Tensor, max_len: int, batch: int) -> List[Tuple[Union[slice, Tensor], int]]:
+        """The chunks of this call (``_row_chunks``), and a workspace sized for the largest."""
+        chunks = _row_chunks(lengths, max_len, batch, self.chunk_floats)
+        self.work = _Workspace(self.dtype, self.device, chunks)
+        return chunks
 
     def scores(self, q: Tensor, k: Tensor, keep: bool):
         """q [r, D], k [r, Tc, D] -> scores [r, Tc] (+ what ``backward`` needs when ``keep``).
@@ -414,11 +472,13 @@ def attention_torch_forward(
     batch, max_len, dim = keys.shape
     dtype, device = _compute_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
+    chunks = mlp.plan(lengths, max_len, batch)
     out = torch.zeros(batch, dim, dtype=query.dtype, device=device)
     attn = torch.zeros(batch, max_len, dtype=dtype, device=device)
     lse = torch.zeros(batch if normalize == "softmax" else 0, dtype=dtype, device=device)
     with torch.no_grad():
-        for rows, length in _row_chunks(lengths, max_len, batch, dim):
+        for rows, length in chunks:
+            mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
             row_lengths = lengths[rows]
@@ -450,17 +510,27 @@ def attention_torch_backward(
     batch, max_len, dim = keys.shape
     dtype, device = _compute_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
+    chunks = mlp.plan(lengths, max_len, batch)
     mlp.start_backward()
     d_query = torch.zeros(batch, dim, dtype=query.dtype, device=device)
-    # Written chunk by chunk below; only the padding tails and the empty rows need explicit zeros.
-    d_keys = torch.empty(batch, max_len, dim, dtype=keys.dtype, device=device)
+
+    def direct(rows, length: int) -> bool:
+        """Full-length rows in order, in the compute dtype: dk is written straight into d_keys."""
+        return isinstance(rows, slice) and length == max_len and keys.dtype == dtype
+
+    # Every row of d_keys written by a chunk, or zeros first (padding tails, empty rows; cheaper than
+    # zeroing the tails chunk by chunk).
+    written = sum(_row_count(rows) for rows, length in chunks if direct(rows, length)) == batch
+    d_keys = (torch.empty if written else torch.zeros)(batch, max_len, dim, dtype=keys.dtype, device=device)
     with torch.no_grad():
-        for rows, length in _row_chunks(lengths, max_len, batch, dim):
+        for rows, length in chunks:
+            mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
             g_out = grad_out[rows].to(dtype)  # [r, D]
             w = attn[rows, :length].to(dtype)  # [r, Tc]
-            d_attn = torch.bmm(k, g_out[:, :, None]).squeeze(2)  # [r, Tc]
+            # g_out^T k^T rather than k g_out: bmm runs a matrix-vector product 5x faster this way round here
+            d_attn = torch.bmm(g_out[:, None, :], k.transpose(1, 2)).squeeze(1)  # [r, Tc]
             if normalize == "softmax":
                 d_scores = d_attn.sub_((w * d_attn).sum(1, keepdim=True)).mul_(w)
             else:
@@ -468,18 +538,12 @@ def attention_torch_backward(
             if scale is not None:
                 d_scores.mul_(scale)
             _, cache = mlp.scores(q, k, keep=True)
-            direct = isinstance(rows, slice) and length == max_len and d_keys.dtype == dtype
-            # full-length rows in order: write dk straight into d_keys, else via the workspace
-            dk = d_keys[rows] if direct else mlp.work.take("dk", k.shape[0], length, dim)  # [r, Tc, D]
+            in_place = direct(rows, length)
+            dk = d_keys[rows] if in_place else mlp.work.take("dk", k.shape[0], length, dim)  # [r, Tc, D]
             dq = mlp.backward(q, k, d_scores, cache, dk)
             dk.addcmul_(w[:, :, None], g_out[:, None, :])  # pooling: d(sum_t w k)/dk = w * grad_out
             d_query[rows] = dq.to(d_query.dtype)
-            if not direct:
+            if not in_place:
                 d_keys[rows, :length] = dk.to(d_keys.dtype)
-                if length < max_len:
-                    d_keys[rows, length:] = 0.0
-        empty_rows = lengths == 0
-        if max_len and bool(empty_rows.any()):
-            d_keys[empty_rows] = 0.0
     d_alphas = mlp.act.alpha_grads_like(alphas) if alphas is not None else None
     return d_query, d_keys, mlp.weight_grads(weights), d_alphas

@@ -122,11 +122,11 @@ def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize):
         assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=None))
 
 
-@pytest.mark.parametrize("chunk_positions", [1, 7, 40])
+@pytest.mark.parametrize("chunk_floats", [1, 300, 2000])
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
-def test_many_chunks_unsorted_lengths(monkeypatch, chunk_positions, normalize):
+def test_many_chunks_unsorted_lengths(monkeypatch, chunk_floats, normalize):
     """Chunks of a row (or a few) at a time, gathered out of order and cut to their longest history."""
-    monkeypatch.setattr(at, "CHUNK_POSITIONS", chunk_positions)
+    monkeypatch.setattr(at, "CHUNK_FLOATS", chunk_floats)
     problem = make_problem(17, 10, 6, (7, 5), activation="prelu", lengths=torch.randint(0, 11, (17,)))
     assert_matches(problem, dict(form="concat", activation="prelu", normalize=normalize, scale=0.5))
     problem = make_problem(9, 10, 6, (7, 5), form="outer", activation="sigmoid", lengths=[10] * 9)
@@ -136,8 +136,9 @@ def test_many_chunks_unsorted_lengths(monkeypatch, chunk_positions, normalize):
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
 def test_both_first_layer_strategies(monkeypatch, normalize):
     """concat applies M_b per row (bmm) for long chunks and per position (one GEMM over [k, k*q]) for chunks
-    with Tc <= 3D/4; one call with chunks of every length takes both."""
-    monkeypatch.setattr(at, "CHUNK_POSITIONS", 10)
+    with Tc <= PER_POSITION_MAX_LEN; one call with chunks of every length takes both."""
+    monkeypatch.setattr(at, "CHUNK_FLOATS", 400)
+    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 6)
     used = []
     per_position = at._FirstLayer.per_position
 
@@ -237,7 +238,7 @@ class _CompositeFunction(torch.autograd.Function):
     ("concat", "identity", "softmax", None),
 ])
 def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale):
-    monkeypatch.setattr(at, "CHUNK_POSITIONS", 2)  # a chunk per row, out of order; Tc=1 runs per position
+    monkeypatch.setattr(at, "CHUNK_FLOATS", 1)  # a chunk per row, out of order; Tc=1 runs per position
     query, keys, lengths, weights, alphas, dice_eval = make_problem(
         4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
     params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
@@ -269,3 +270,36 @@ def test_launcher_rejects_bad_options():
                           (dict(weights=weights[-2:]), "hidden layer")]:
         with pytest.raises(ValueError, match=match):
             forward(**change)
+
+
+@pytest.mark.parametrize("form", ["concat", "outer"])
+def test_workspace_sized_once_for_the_largest_chunk(monkeypatch, form):
+    """Chunks grow in rows as the sorted histories get shorter; each scratch buffer is still allocated once
+    per call (a buffer grown chunk by chunk faults in fresh pages every time)."""
+    monkeypatch.setattr(at, "CHUNK_FLOATS", 3000)
+    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 3)
+    storages = {}
+    take = at._Workspace.take
+
+    def spy(self, name, *shape):
+        buffer = take(self, name, *shape)
+        # keyed by the workspace itself (kept alive, so no later workspace reuses its id or memory)
+        storages.setdefault((self, name), set()).add(buffer.untyped_storage().data_ptr())
+        return buffer
+
+    monkeypatch.setattr(at._Workspace, "take", spy)
+    problem = make_problem(40, 12, 6, (7, 5), form=form, lengths=torch.randint(0, 13, (40,)))
+    assert_matches(problem, dict(form=form, activation="sigmoid", normalize="none", scale=None))
+    assert storages and all(len(pointers) == 1 for pointers in storages.values())
+
+
+def test_chunks_split_rows_evenly():
+    """No last sliver of a chunk: the rows left at a length are spread evenly over the chunks they need."""
+    floats = lambda length: (313, 5760)  # D=36, H=(80, 40), per row
+    chunks = at._row_chunks(torch.full((1024,), 100), 100, 1024, floats)
+    sizes = [at._row_count(rows) for rows, _ in chunks]
+    assert sum(sizes) == 1024 and max(sizes) - min(sizes) <= 1
+    assert max(sizes) * (100 * 313 + 5760) <= at.CHUNK_FLOATS
+    lengths = torch.tensor([0, 7, 3, 0, 7, 1])
+    chunks = at._row_chunks(lengths, 7, 6, floats)
+    assert [(rows.tolist(), length) for rows, length in chunks] == [([1, 4, 2, 5], 7)]  # empty rows left out
