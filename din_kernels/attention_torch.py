@@ -13,7 +13,9 @@ so the ``[B, T, 4D]`` (or ``[B, T, D^2]``) feature tensor never exists: each bat
 
 The backward is written by hand. Nothing of size ``[B, T, H]`` is kept between forward and backward
 (only ``out``, the ``[B, T]`` weights and the ``[B]`` log-sum-exp): the backward recomputes the MLP and
-fuses the activation derivatives into in-place passes. Work is done in chunks of batch rows, sorted by
+fuses the activation derivatives into in-place passes. The one exception is bounded: a caller may let the
+forward keep the first chunks' activations, up to ``KEEP_FLOATS`` per call whatever B and T, so that those
+chunks skip the recompute (``kept=``; ``DinAttentionFunction`` does in eager training). Work is done in chunks of batch rows, sorted by
 history length, each chunk cut to its longest history: padded positions (weight 0, gradient 0) are
 never scored, and a chunk's intermediates stay small enough to live in the CPU caches, which also
 bounds the extra memory by the chunk size instead of ``B * T``. fp16/bf16 inputs are computed in fp32
@@ -57,6 +59,11 @@ PER_POSITION_MAX_LEN = 24
 # or faster than 4096, 16384 and 32768 at B=1024, T=100, D=36, and 4096 the fastest at B=4096, T=20, D=64
 # (whose per-position chunks need twice the floats per position).
 CHUNK_FLOATS = 3 * 2 ** 20
+
+# Activations the forward may keep for the backward, in floats per call (``kept`` below), so that the first
+# chunks skip their recompute: a bounded cache (12 MB in fp32, whatever B and T), not O(B * T) memory. A
+# training call of DIN (B=256, T=50, D=36) fits whole; B=1024, T=100 keeps about a quarter of its chunks.
+KEEP_FLOATS = 3 * 2 ** 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -336,6 +343,19 @@ class _Workspace:
         return buffer[:numel].view(shape)
 
 
+class _FreshBuffers:
+    """The ``_Workspace`` interface with a new tensor per request: for the chunks whose activations are kept
+    for the backward (they must outlive the next chunk)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+
+    def take(self, name: str, *shape: int) -> Tensor:
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    take_per_row = take
+
+
 class _MLP:
     """The scoring MLP on one chunk of rows: recomputable forward, hand-written backward."""
 
@@ -363,11 +383,21 @@ class _MLP:
         self.work = _Workspace(self.dtype, self.device, chunks)
         return chunks
 
-    def scores(self, q: Tensor, k: Tensor, keep: bool):
+    def kept_floats(self, rows: int, length: int) -> int:
+        """Floats that ``scores(..., keep=True, fresh=True)`` allocates for a chunk of ``rows`` x ``length``."""
+        positions = rows * length
+        saved = 2 if self.act.kind in ("prelu", "dice") else 1  # their backward needs z besides h
+        first = positions * 2 * self.first.dim if self.first.per_position(length) else rows * self.first.dim * \
+            self.widths[0]  # [k, k * q_b] or M_b
+        return positions * (saved * sum(self.widths) + 1) + first
+
+    def scores(self, q: Tensor, k: Tensor, keep: bool, fresh: bool = False):
         """q [r, D], k [r, Tc, D] -> scores [r, Tc] (+ what ``backward`` needs when ``keep``).
-        The scores live in the workspace: consume them before the next chunk."""
+        The scores and the kept tensors live in the workspace (consume them before the next chunk), or in
+        new tensors with ``fresh`` (kept for the backward)."""
         rows, length, _ = k.shape
-        n, work = rows * length, self.work
+        n = rows * length
+        work = _FreshBuffers(self.dtype, self.device) if fresh else self.work
         z, first_cache = self.first.forward(q, k, work)  # [r, Tc, H1]
         h, saved = self.act.forward(z.view(n, -1), 0, keep)  # [n, H1]
         hs, saveds = [h], [saved]
@@ -460,13 +490,14 @@ def _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize
 def attention_torch_forward(
     query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
-    *, form: str, activation: str, normalize: str, scale: Optional[float],
+    *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Local activation unit, forward. query [B, D], keys [B, T, D], lengths [B] ->
     (out [B, D] in the query's dtype, attn [B, T] final weights (0 at padding), lse [B] (softmax) or empty).
 
     attn and lse are fp32 (fp64 for fp64 inputs). Arguments are assumed validated by the caller
-    (``_checks.check_attention_args``).
+    (``_checks.check_attention_args``). ``kept``: a list to append the first chunks' activations to, up to
+    ``KEEP_FLOATS`` in all, for ``attention_torch_backward(..., kept=)`` (which then skips their recompute).
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
@@ -476,13 +507,20 @@ def attention_torch_forward(
     out = torch.zeros(batch, dim, dtype=query.dtype, device=device)
     attn = torch.zeros(batch, max_len, dtype=dtype, device=device)
     lse = torch.zeros(batch if normalize == "softmax" else 0, dtype=dtype, device=device)
+    budget = KEEP_FLOATS if kept is not None else 0
     with torch.no_grad():
         for rows, length in chunks:
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
             row_lengths = lengths[rows]
-            scores, _ = mlp.scores(q, k, keep=False)
+            # keep the first chunks while they fit: kept[i] belongs to chunk i
+            need = mlp.kept_floats(_row_count(rows), length)
+            keep = need <= budget
+            budget = budget - need if keep else 0
+            scores, cache = mlp.scores(q, k, keep=keep, fresh=keep)
+            if keep:
+                kept.append(cache)
             w, row_lse = _normalize_(scores, row_lengths, normalize, scale)  # [r, Tc]
             attn[rows, :length] = w
             out[rows] = torch.bmm(w[:, None, :], k).squeeze(1).to(out.dtype)  # sum_t w * k
@@ -495,9 +533,10 @@ def attention_torch_backward(
     grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
     out: Tensor, attn: Tensor, lse: Tensor,
-    *, form: str, activation: str, normalize: str, scale: Optional[float],
+    *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ):
-    """Local activation unit, backward: recomputes the MLP chunk by chunk from the inputs.
+    """Local activation unit, backward: recomputes the MLP chunk by chunk from the inputs (except for the
+    first ``len(kept)`` chunks, whose activations the forward kept: ``attention_torch_forward(kept=)``).
 
     dattn[b, t] = grad_out_b . k[b, t];  softmax: ds = attn * (dattn - sum_t attn * dattn), else ds = dattn at
     valid positions; the scores' gradient is ds * scale. dk = attn * grad_out + dz1 @ M_b^T; dq, dW from
@@ -523,7 +562,7 @@ def attention_torch_backward(
     written = sum(_row_count(rows) for rows, length in chunks if direct(rows, length)) == batch
     d_keys = (torch.empty if written else torch.zeros)(batch, max_len, dim, dtype=keys.dtype, device=device)
     with torch.no_grad():
-        for rows, length in chunks:
+        for index, (rows, length) in enumerate(chunks):
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
@@ -537,7 +576,7 @@ def attention_torch_backward(
                 d_scores = d_attn.masked_fill_(~_valid(lengths[rows], length), 0.0)
             if scale is not None:
                 d_scores.mul_(scale)
-            _, cache = mlp.scores(q, k, keep=True)
+            cache = kept[index] if kept and index < len(kept) else mlp.scores(q, k, keep=True)[1]
             in_place = direct(rows, length)
             dk = d_keys[rows] if in_place else mlp.work.take("dk", k.shape[0], length, dim)  # [r, Tc, D]
             dq = mlp.backward(q, k, d_scores, cache, dk)

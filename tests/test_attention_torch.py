@@ -303,3 +303,47 @@ def test_chunks_split_rows_evenly():
     lengths = torch.tensor([0, 7, 3, 0, 7, 1])
     chunks = at._row_chunks(lengths, 7, 6, floats)
     assert [(rows.tolist(), length) for rows, length in chunks] == [([1, 4, 2, 5], 7)]  # empty rows left out
+
+
+@pytest.mark.parametrize("form,activation,normalize", [
+    ("concat", "sigmoid", "none"), ("concat", "prelu", "softmax"), ("outer", "dice", "softmax"),
+])
+@pytest.mark.parametrize("keep_floats", [0, 3000, 10 ** 9])
+def test_kept_activations_skip_the_recompute_with_the_same_results(monkeypatch, form, activation, normalize,
+                                                                   keep_floats):
+    """The forward keeps its first chunks' activations (none, some, all); the backward uses them instead of
+    recomputing: the same numbers bit for bit, within the budget, and reusable (a second backward)."""
+    monkeypatch.setattr(at, "CHUNK_FLOATS", 2500)  # several chunks, both first-layer strategies for concat
+    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 5)
+    monkeypatch.setattr(at, "KEEP_FLOATS", keep_floats)
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(
+        30, 11, 6, (7, 5), form=form, activation=activation, lengths=torch.randint(0, 12, (30,)))
+    options = dict(form=form, activation=activation, normalize=normalize, scale=0.5)
+    args = (query, keys, lengths, weights, alphas, dice_eval, 1e-8)
+    grad_out = torch.randn_like(query)
+
+    plain = at.attention_torch_forward(*args, **options)
+    kept = []
+    forward = at.attention_torch_forward(*args, **options, kept=kept)
+    for a, b in zip(plain, forward):
+        assert torch.equal(a, b)
+    mlp = at._MLP(weights, 6, form, activation, alphas, dice_eval, 1e-8, torch.float32, torch.device("cpu"))
+    chunks = mlp.plan(lengths, 11, 30)
+    assert len(chunks) > 2
+    sizes = [mlp.kept_floats(at._row_count(rows), length) for rows, length in chunks]
+    expected = 0
+    while expected < len(chunks) and sum(sizes[:expected + 1]) <= keep_floats:
+        expected += 1
+    assert len(kept) == expected
+    if 0 < keep_floats < 10 ** 9:
+        assert 0 < expected < len(chunks)  # some chunks kept, the rest recomputed
+
+    def flat(grads):
+        dquery, dkeys, dweights, dalphas = grads
+        return [dquery, dkeys, *dweights, *(dalphas or ())]
+
+    recomputed = flat(at.attention_torch_backward(grad_out, *args, *plain, **options))
+    for _ in range(2):  # the kept tensors are read, never written
+        reused = flat(at.attention_torch_backward(grad_out, *args, *forward, **options, kept=kept))
+        for a, b in zip(recomputed, reused):
+            assert torch.equal(a, b)
