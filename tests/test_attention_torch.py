@@ -296,13 +296,28 @@ def test_workspace_sized_once_for_the_largest_chunk(monkeypatch, form):
 def test_chunks_split_rows_evenly():
     """No last sliver of a chunk: the rows left at a length are spread evenly over the chunks they need."""
     floats = lambda length: (313, 5760)  # D=36, H=(80, 40), per row
-    chunks = at._row_chunks(torch.full((1024,), 100), 100, 1024, floats)
+    macs = lambda length: 24_480
+    chunks = at._row_chunks(torch.full((1024,), 100), 100, 1024, floats, macs)
     sizes = [at._row_count(rows) for rows, _ in chunks]
     assert sum(sizes) == 1024 and max(sizes) - min(sizes) <= 1
     assert max(sizes) * (100 * 313 + 5760) <= at.CHUNK_FLOATS
     lengths = torch.tensor([0, 7, 3, 0, 7, 1])
-    chunks = at._row_chunks(lengths, 7, 6, floats)
+    chunks = at._row_chunks(lengths, 7, 6, floats, macs)
     assert [(rows.tolist(), length) for rows, length in chunks] == [([1, 4, 2, 5], 7)]  # empty rows left out
+
+
+def test_chunks_end_where_the_histories_get_shorter_if_that_pays():
+    """A few long histories and many short ones (Amazon-like): the long ones get a chunk of their own rather
+    than padding every short one to their length; a small saving does not pay for one more chunk."""
+    floats = lambda length: (313, 5760)
+    macs = lambda length: 24_480
+    lengths = torch.tensor([50] * 20 + [8] * 236)
+    chunks = at._row_chunks(lengths, 50, 256, floats, macs)
+    assert [(at._row_count(rows), length) for rows, length in chunks] == [(20, 50), (236, 8)]
+    # 240 short rows padded by 1: 240 * 1 * 24,480 multiply-adds saved < CHUNK_OVERHEAD_MACS (24 M)
+    lengths = torch.tensor([9] * 16 + [8] * 240)
+    chunks = at._row_chunks(lengths, 9, 256, floats, macs)
+    assert [(at._row_count(rows), length) for rows, length in chunks] == [(256, 9)]
 
 
 @pytest.mark.parametrize("form,activation,normalize", [
