@@ -342,7 +342,7 @@ def test_kept_activations_skip_the_recompute_with_the_same_results(monkeypatch, 
     forward = at.attention_torch_forward(*args, **options, kept=kept)
     for a, b in zip(plain, forward):
         assert torch.equal(a, b)
-    mlp = at._MLP(weights, 6, form, activation, alphas, dice_eval, 1e-8, torch.float32, torch.device("cpu"))
+    mlp = at._MLP(weights, 6, form, activation, alphas, dice_eval, 1e-8, torch.float32, keys.device)
     chunks = mlp.plan(lengths, 11, 30)
     assert len(chunks) > 2
     sizes = [mlp.kept_floats(at._row_count(rows), length) for rows, length in chunks]
