@@ -660,7 +660,7 @@ class DinAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, keys, lengths, counts, eps, form, activation, normalize, scale, *tensors):
+    def forward(ctx, query, keys, lengths, counts, eps, form, activation, normalize, scale, keep, *tensors):
         n_w, n_a, n_d = counts
         weights, alphas = list(tensors[:n_w]), list(tensors[n_w:n_w + n_a])
         means, variances = list(tensors[n_w + n_a:n_w + n_a + n_d]), list(tensors[n_w + n_a + n_d:])
@@ -668,7 +668,7 @@ class DinAttentionFunction(torch.autograd.Function):
                                                                       activation)
         options = dict(form=form, activation=activation_, normalize=normalize, scale=scale)
         ctx.kept = None
-        if forward is attention_torch_forward and any(ctx.needs_input_grad):
+        if keep and forward is attention_torch_forward:  # ``keep``: a backward will follow (grad mode on)
             ctx.kept = options["kept"] = []
         out, attn, lse = forward(query, keys, lengths, weights_, alphas_, dice_eval, eps, **options)
         ctx.counts = counts
@@ -687,8 +687,9 @@ class DinAttentionFunction(torch.autograd.Function):
                                  tensors[n_w:n_w + n_a], tensors[n_w + n_a:n_w + n_a + n_d],
                                  tensors[n_w + n_a + n_d:], out, attn, lse, o["eps"], o["form"], o["activation"],
                                  o["normalize"], o["scale"], kept=ctx.kept)
-        # query, keys, lengths, counts, eps, form, activation, normalize, scale, *weights, *alphas, *stats
-        return (grads[0], grads[1], None, None, None, None, None, None, None, *grads[2:], *([None] * (2 * n_d)))
+        # query, keys, lengths, counts, eps, form, activation, normalize, scale, keep, *weights, *alphas, *stats
+        return (grads[0], grads[1], None, None, None, None, None, None, None, None, *grads[2:],
+                *([None] * (2 * n_d)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -751,8 +752,10 @@ def din_attention(
         out, attn, _ = _din_attention_op(query, keys, lengths, list(weights), alpha_list, means, variances,
                                          float(eps), form, activation, normalize, scale)
     else:
+        differentiable = [query, keys, *weights, *alpha_list]
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
         out, attn = DinAttentionFunction.apply(query, keys, lengths, (len(weights), len(alpha_list), len(means)),
-                                               float(eps), form, activation, normalize, scale, *weights,
+                                               float(eps), form, activation, normalize, scale, keep, *weights,
                                                *alpha_list, *means, *variances)
     return (out, attn) if return_scores else out
 

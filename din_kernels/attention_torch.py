@@ -422,8 +422,10 @@ class _MLP:
         """Floats that ``scores(..., keep=True, fresh=True)`` allocates for a chunk of ``rows`` x ``length``."""
         positions = rows * length
         saved = 2 if self.act.kind in ("prelu", "dice") else 1  # their backward needs z besides h
-        first = positions * 2 * self.first.dim if self.first.per_position(length) else rows * self.first.dim * \
-            self.widths[0]  # [k, k * q_b] or M_b
+        if self.first.per_position(length):
+            first = positions * 2 * self.first.dim  # [k, k * q_b]
+        else:
+            first = rows * self.first.dim * self.widths[0]  # M_b
         return positions * (saved * sum(self.widths) + 1) + first
 
     def scores(self, q: Tensor, k: Tensor, keep: bool, fresh: bool = False):

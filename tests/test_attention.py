@@ -211,3 +211,34 @@ def test_eager_function_matches_the_custom_op(backend, activation, normalize):
     assert not attn.requires_grad
     for grad, op_grad in zip(grads, op_grads):
         assert torch.equal(grad, op_grad)
+
+
+def test_activations_kept_only_when_a_backward_follows(monkeypatch):
+    """Inference (no_grad, or inputs without grad) keeps nothing for a backward that never comes; training
+    keeps the composite forward's activations in the autograd context."""
+    from din_kernels import attention_torch
+    previous = dk.get_backend()
+    dk.set_backend("torch")
+    calls = []
+    forward = attention_torch.attention_torch_forward
+
+    def spy(*args, kept=None, **options):
+        calls.append(kept)
+        return forward(*args, kept=kept, **options)
+
+    monkeypatch.setattr(dk.attention, "attention_torch_forward", spy)
+    try:
+        unit = dk.LocalActivationUnit(6, (8, 4))
+        query, keys, lengths = torch.randn(3, 6), torch.randn(3, 5, 6), torch.tensor([5, 2, 0])
+        with torch.no_grad():
+            unit(query, keys, lengths)
+        unit.requires_grad_(False)
+        unit(query, keys, lengths)
+        unit.requires_grad_(True)
+        out = unit(query, keys, lengths)
+        assert calls[0] is None and calls[1] is None
+        assert calls[2] is not None and len(calls[2]) == 1  # one chunk, kept
+        out.sum().backward()
+        assert all(p.grad is not None for p in unit.parameters())
+    finally:
+        dk.set_backend(previous)
