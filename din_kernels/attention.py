@@ -21,7 +21,8 @@ per-row weight-gradient partials that torch reduces afterwards (deterministic, n
 Paths (``_backend.use_triton``): the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or
 2 hidden layers of width <= 256 and ``D <= 256`` whose resident tiles fit (``fused_supported``), in
 fp32/fp16/bf16; the torch composite path (same algebra, hand-written backward, ``attention_torch.py``)
-otherwise; the reference for Dice in training mode.
+otherwise, or for small problems in eager mode its autograd variant ``attention_torch_small``; the
+reference for Dice in training mode.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from torch import nn
 
 from . import reference
 from ._backend import use_triton
-from .attention_torch import attention_torch_backward, attention_torch_forward
+from . import attention_torch
+from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_attention_args, check_choice
 from .dice import Dice
 
@@ -727,7 +729,8 @@ def din_attention(
     ``activation="dice"`` with ``training=True`` runs the reference (batch statistics over the valid
     positions, running statistics updated in place); every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``
-    under ``torch.compile`` (``fullgraph=True`` keeps it as one node).
+    under ``torch.compile`` (``fullgraph=True`` keeps it as one node), except that small problems on the
+    composite path (B x T <= ``attention_torch.SMALL_POSITIONS``) run ``attention_torch_small`` eagerly.
     The weights returned with ``return_scores=True`` carry no gradient (they are detached).
     """
     lengths, weights = check_attention_args(query, keys, lengths, weights, form, activation, normalize,
@@ -751,6 +754,13 @@ def din_attention(
     if torch.compiler.is_compiling():
         out, attn, _ = _din_attention_op(query, keys, lengths, list(weights), alpha_list, means, variances,
                                          float(eps), form, activation, normalize, scale)
+    elif keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS and \
+            _launchers(keys, weights)[0] is attention_torch_forward:
+        _, _, weights_, alphas_, dice_eval, activation_ = _plan(keys, weights, alpha_list, means, variances,
+                                                                activation)
+        out, attn = attention_torch_small(query, keys, lengths, weights_, alphas_, dice_eval, float(eps), form=form,
+                                          activation=activation_, normalize=normalize, scale=scale)
+        attn = attn.detach()
     else:
         differentiable = [query, keys, *weights, *alpha_list]
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import din_kernels as dk
-from din_kernels import reference
+from din_kernels import attention_torch, reference
 
 
 def linear_weights(dim, hidden, form="concat"):
@@ -186,9 +186,10 @@ def test_opcheck(backend, activation, normalize):
 
 
 @pytest.mark.parametrize("activation,normalize", [("sigmoid", "none"), ("prelu", "softmax"), ("dice", "softmax")])
-def test_eager_function_matches_the_custom_op(backend, activation, normalize):
+def test_eager_function_matches_the_custom_op(monkeypatch, backend, activation, normalize):
     """Eager calls go through DinAttentionFunction, compiled ones through the custom op: same launchers, so
     the same outputs and gradients, bit for bit."""
+    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 0)  # not the small-problem path
     torch.manual_seed(2)
     dim, hidden = 5, (8, 4)
     query = torch.randn(3, dim, requires_grad=True)
@@ -216,7 +217,7 @@ def test_eager_function_matches_the_custom_op(backend, activation, normalize):
 def test_activations_kept_only_when_a_backward_follows(monkeypatch):
     """Inference (no_grad, or inputs without grad) keeps nothing for a backward that never comes; training
     keeps the composite forward's activations in the autograd context."""
-    from din_kernels import attention_torch
+    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 0)  # not the small-problem path
     previous = dk.get_backend()
     dk.set_backend("torch")
     calls = []
@@ -240,5 +241,35 @@ def test_activations_kept_only_when_a_backward_follows(monkeypatch):
         assert calls[2] is not None and len(calls[2]) == 1  # one chunk, kept
         out.sum().backward()
         assert all(p.grad is not None for p in unit.parameters())
+    finally:
+        dk.set_backend(previous)
+
+
+def test_small_problems_take_the_autograd_path(monkeypatch):
+    """On the composite path, eager calls with B x T <= SMALL_POSITIONS run attention_torch_small (autograd,
+    no chunks); larger ones DinAttentionFunction; the Triton path never the small one."""
+    used = []
+    small = attention_torch.attention_torch_small
+
+    def spy(*args, **options):
+        used.append(args[1].shape)
+        return small(*args, **options)
+
+    monkeypatch.setattr(dk.attention, "attention_torch_small", spy)
+    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 12)
+    previous = dk.get_backend()
+    try:
+        unit = dk.LocalActivationUnit(4, (8,), normalize="softmax")
+        for backend in ("torch", "triton"):
+            dk.set_backend(backend)
+            for batch, seq_len in ((3, 4), (3, 5)):  # 12 positions: small; 15: not
+                query, keys = torch.randn(batch, 4, requires_grad=True), torch.randn(batch, seq_len, 4)
+                out, attn = unit(query, keys, torch.tensor([seq_len, 0, 2]), return_scores=True)
+                expected = reference.din_attention(query, keys, torch.tensor([seq_len, 0, 2]), unit.weights(),
+                                                   normalize="softmax")
+                torch.testing.assert_close(out, expected)
+                assert not attn.requires_grad
+                out.sum().backward()
+        assert used == [torch.Size([3, 4, 4])]
     finally:
         dk.set_backend(previous)

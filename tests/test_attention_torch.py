@@ -45,6 +45,17 @@ def reference_grads(query, keys, lengths, weights, alphas, dice_eval, grad_out, 
     return out.detach(), attn.detach(), grads
 
 
+def small(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options):
+    """``attention_torch_small`` (autograd) in the shape of ``composite``'s results; lse is None."""
+    leaves = [t.detach().clone().requires_grad_() for t in [query, keys, *weights, *(alphas or [])]]
+    q, k, ws, als = leaves[0], leaves[1], leaves[2:2 + len(weights)], leaves[2 + len(weights):]
+    out, attn = at.attention_torch_small(q, k, lengths, tuple(ws), tuple(als) if alphas is not None else None,
+                                         dice_eval, 1e-8, **options)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]  # e.g. B=0 or T=0
+    return out.detach(), attn.detach(), None, grads
+
+
 def composite(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options):
     out, attn, lse = at.attention_torch_forward(query, keys, lengths, tuple(weights),
                                                 None if alphas is None else tuple(alphas), dice_eval, 1e-8,
@@ -69,16 +80,21 @@ def expected_lse(query, keys, lengths, weights, alphas, dice_eval, *, scale, **o
     return torch.logsumexp(scores.masked_fill(~valid, -math.inf), dim=1)
 
 
-def assert_matches(problem, options, atol=1e-5, rtol=1e-4):
+PATHS = {"chunked": composite, "small": small}
+
+
+def assert_matches(problem, options, atol=1e-5, rtol=1e-4, path="chunked"):
     query, keys, lengths, weights, alphas, dice_eval = problem
     grad_out = torch.randn_like(query)
     out_ref, attn_ref, grads_ref = reference_grads(*problem, grad_out, **options)
-    out, attn, lse, grads = composite(*problem, grad_out, **options)
+    out, attn, lse, grads = PATHS[path](*problem, grad_out, **options)
     assert out.dtype == query.dtype and out.shape == query.shape
     torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
     torch.testing.assert_close(attn, attn_ref.to(attn.dtype), atol=atol, rtol=rtol)
     assert torch.all(attn[~reference.valid_mask(lengths, keys.shape[1])] == 0)
-    if options["normalize"] == "softmax":
+    if lse is None:  # the small path keeps no log-sum-exp
+        pass
+    elif options["normalize"] == "softmax":
         lse_ref = expected_lse(query, keys, lengths, weights, alphas, dice_eval, **options)
         nonempty = lengths > 0
         torch.testing.assert_close(lse[nonempty].double(), lse_ref[nonempty], atol=atol, rtol=rtol)
@@ -97,12 +113,13 @@ def assert_matches(problem, options, atol=1e-5, rtol=1e-4):
 # fp32 against the reference: every form x activation x normalization, nominal and weird shapes
 # --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize,scale", [("none", None), ("softmax", None), ("softmax", 0.4), ("none", 1.7)])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("form", FORMS)
-def test_matches_reference(form, activation, normalize, scale):
+def test_matches_reference(form, activation, normalize, scale, path):
     problem = make_problem(6, 9, 5, (8, 4), form=form, activation=activation, lengths=[9, 0, 3, 1, 7, 9])
-    assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=scale))
+    assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=scale), path=path)
 
 
 @pytest.mark.parametrize("batch,seq_len,dim,hidden,lengths", [
@@ -115,11 +132,13 @@ def test_matches_reference(form, activation, normalize, scale):
     (0, 5, 4, (3,), []),                     # empty batch
     (3, 0, 4, (3,), [0, 0, 0]),              # empty histories, T = 0
 ])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
-def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize):
+def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize, path):
     for form, activation in (("concat", "sigmoid"), ("outer", "dice")):
         problem = make_problem(batch, seq_len, dim, hidden, form=form, activation=activation, lengths=lengths)
-        assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=None))
+        assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=None),
+                       path=path)
 
 
 @pytest.mark.parametrize("chunk_floats", [1, 300, 2000])
@@ -186,9 +205,10 @@ def test_noncontiguous_inputs():
 # low precision: computed in fp32, so no worse than torch's own low-precision reference (flash-attn rule)
 # --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
-def test_low_precision(dtype, normalize):
+def test_low_precision(dtype, normalize, path):
     options = dict(form="concat", activation="sigmoid", normalize=normalize, scale=None)
     query, keys, lengths, weights, alphas, dice_eval = make_problem(8, 12, 6, (10, 5), lengths=None)
     grad_out = torch.randn_like(query)
@@ -196,8 +216,8 @@ def test_low_precision(dtype, normalize):
     low = [t.to(dtype) for t in (query, keys, *weights)]
     lp_out, _, lp_grads = reference_grads(low[0], low[1], lengths, low[2:], None, None, grad_out.to(dtype),
                                           **options)
-    out, attn, lse, grads = composite(low[0], low[1], lengths, low[2:], None, None, grad_out.to(dtype),
-                                      **options)
+    out, attn, lse, grads = PATHS[path](low[0], low[1], lengths, low[2:], None, None, grad_out.to(dtype),
+                                        **options)
     assert out.dtype == dtype and attn.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
     atol = 1e-2
     for got, lp, ref in zip([out, *grads], [lp_out, *lp_grads], [want_out, *want]):
@@ -250,6 +270,25 @@ def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale):
         return _CompositeFunction.apply(q, k, lengths, options, len(weights), *p)
 
     assert torch.autograd.gradcheck(fn, (query, keys, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form,activation,normalize,scale", [
+    ("concat", "prelu", "softmax", 0.5),
+    ("outer", "dice", "softmax", None),
+    ("concat", "sigmoid", "none", 2.0),
+])
+def test_gradcheck_fp64_small_path(form, activation, normalize, scale):
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(
+        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
+    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
+
+    def fn(q, k, *p):
+        ws, als = p[:len(weights)], p[len(weights):]
+        return at.attention_torch_small(q, k, lengths, ws, als or None, dice_eval, 1e-8, form=form,
+                                        activation=activation, normalize=normalize, scale=scale)[0]
+
+    inputs = (query.requires_grad_(), keys.requires_grad_(), *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------
