@@ -5,8 +5,9 @@
 
 Problem: hidden (80, 40) sigmoid, form "concat", normalize "none" (DeepCTR's default), fp32, lengths uniform
 in [1, T] ("random": din_kernels skips padding), all T ("full", its worst case), or "skewed": 1 + an
-exponential draw of mean T/4, cut at T (at T=50 the distribution has mean 12.8, median 9, like Amazon Beauty's histories cut at
-50: mean 12.2, median 8). B=256, T=50 is a DIN training call (``din train`` defaults).
+exponential draw of mean T/4, cut at T (at T=50 the distribution has mean 12.8, median 9, like Amazon
+Beauty's histories cut at 50: mean 12.2, median 8). B=256, T=50 is a DIN training call (``din train``
+defaults).
 Providers, all computing the same function from the same weights:
   din_kernels  the public ``din_kernels.din_attention`` (validation included): the torch composite path on
                CPU, the Triton kernels on CUDA

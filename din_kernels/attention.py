@@ -754,19 +754,19 @@ def din_attention(
     if torch.compiler.is_compiling():
         out, attn, _ = _din_attention_op(query, keys, lengths, list(weights), alpha_list, means, variances,
                                          float(eps), form, activation, normalize, scale)
-    elif keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS and \
-            _launchers(keys, weights)[0] is attention_torch_forward:
-        _, _, weights_, alphas_, dice_eval, activation_ = _plan(keys, weights, alpha_list, means, variances,
-                                                                activation)
-        out, attn = attention_torch_small(query, keys, lengths, weights_, alphas_, dice_eval, float(eps), form=form,
-                                          activation=activation_, normalize=normalize, scale=scale)
-        attn = attn.detach()
     else:
-        differentiable = [query, keys, *weights, *alpha_list]
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-        out, attn = DinAttentionFunction.apply(query, keys, lengths, (len(weights), len(alpha_list), len(means)),
-                                               float(eps), form, activation, normalize, scale, keep, *weights,
-                                               *alpha_list, *means, *variances)
+        forward, _, weights_, alphas_, dice_eval, activation_ = _plan(keys, weights, alpha_list, means, variances,
+                                                                      activation)
+        if forward is attention_torch_forward and keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS:
+            out, attn = attention_torch_small(query, keys, lengths, weights_, alphas_, dice_eval, float(eps),
+                                              form=form, activation=activation_, normalize=normalize, scale=scale)
+            attn = attn.detach()
+        else:
+            differentiable = [query, keys, *weights, *alpha_list]
+            keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+            out, attn = DinAttentionFunction.apply(
+                query, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, activation,
+                normalize, scale, keep, *weights, *alpha_list, *means, *variances)
     return (out, attn) if return_scores else out
 
 

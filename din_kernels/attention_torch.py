@@ -15,11 +15,12 @@ The backward is written by hand. Nothing of size ``[B, T, H]`` is kept between f
 (only ``out``, the ``[B, T]`` weights and the ``[B]`` log-sum-exp): the backward recomputes the MLP and
 fuses the activation derivatives into in-place passes. The one exception is bounded: a caller may let the
 forward keep the first chunks' activations, up to ``KEEP_FLOATS`` per call whatever B and T, so that those
-chunks skip the recompute (``kept=``; ``DinAttentionFunction`` does in eager training). Work is done in chunks of batch rows, sorted by
-history length, each chunk cut to its longest history: padded positions (weight 0, gradient 0) are
-never scored, and a chunk's intermediates stay small enough to live in the CPU caches, which also
-bounds the extra memory by the chunk size instead of ``B * T``. fp16/bf16 inputs are computed in fp32
-(fp64 in fp64, for gradcheck).
+chunks skip the recompute (``kept=``; ``DinAttentionFunction`` does in eager training). Work is done in
+chunks of batch rows, sorted by history length, each chunk cut to its longest history: padded positions
+(weight 0, gradient 0) are never scored, and a chunk's intermediates stay small enough to live in the CPU
+caches, which also bounds the extra memory by the chunk size instead of ``B * T``. fp16/bf16 inputs are
+computed in fp32 (fp64 in fp64, for gradcheck). Small problems have a plain-autograd variant of the same
+algebra, ``attention_torch_small`` (``SMALL_POSITIONS``).
 
 Launchers (the same contract as the Triton launchers in ``attention.py``):
 
@@ -151,9 +152,10 @@ class _FirstLayer:
           dM_b = k_b^T dz1_b;  dk = dz1 @ M_b^T;  dq_b and dW1 from dM_b and du_b = sum_t dz1[b, t]
       Always for "outer" (its D^2 features are far larger than M_b); for "concat" when
       Tc > ``PER_POSITION_MAX_LEN``.
-    - per position (one GEMM, "concat" with Tc <= ``PER_POSITION_MAX_LEN``): ``k M_b = k (Wb - Wc)^T + (k * q_b) Wd^T
-      = [k, k * q_b] @ W_k`` with ``W_k = [(Wb - Wc)^T; Wd^T]`` [2D, H1]. Twice the multiply-adds, but no
-      D * H1 of per-row work (build M_b, dM_b and its reductions), which dominates short histories.
+    - per position (one GEMM, "concat" with Tc <= ``PER_POSITION_MAX_LEN``):
+      ``k M_b = k (Wb - Wc)^T + (k * q_b) Wd^T = [k, k * q_b] @ W_k`` with ``W_k = [(Wb - Wc)^T; Wd^T]``
+      [2D, H1]. Twice the multiply-adds, but no D * H1 of per-row work (build M_b, dM_b and its
+      reductions), which dominates short histories.
           G = dz1 @ W_k^T [n, 2D];  dk = G[:, :D] + G[:, D:] * q_b;  dq_b = sum_t G[:, D:] * k + du_b Wu
           dW_k = [k, k * q]^T dz1
     Where they break even: see ``PER_POSITION_MAX_LEN``.
@@ -351,7 +353,8 @@ class _Workspace:
     chunks.
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, chunks: Sequence[Tuple[Union[slice, Tensor], int]]):
+    def __init__(self, dtype: torch.dtype, device: torch.device,
+                 chunks: Sequence[Tuple[Union[slice, Tensor], int]]):
         self.dtype, self.device = dtype, device
         self.buffers = {}
         sizes = [(_row_count(rows), length) for rows, length in chunks]
