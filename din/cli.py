@@ -9,10 +9,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
 from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_markdown,
-                      format_table,
-                      parse_seeds, parse_variants, plot_curves, summarise)
-from .data import load_data
-from .model import ModelConfig, build_model
+                      format_table, parse_seeds, parse_variants, plot_curves, selected_epoch, summarise)
+from .data import carve_validation, load_data
+from .features import EMBEDDING_INITS
+from .model import ATTENTION_ACTIVATIONS, ModelConfig, build_model
 from .prepare import add_prepare_parser
 from .regularization import embedding_setup
 from .train import OPTIMIZERS, TrainConfig, evaluate, train
@@ -32,6 +32,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _units(text: str) -> Tuple[int, ...]:
+    """``"200,80"`` -> (200, 80): layer widths, each a positive integer."""
+    try:
+        units = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        units = ()
+    if not units or any(unit <= 0 for unit in units):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like '200,80', got {text!r}")
+    return units
+
+
+def _valid_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="movielens",
                         help="'movielens' (bundled ml-latest-small), 'synthetic', or a PATH: a folder with "
@@ -44,7 +62,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     _add_data_args(parser)
-    parser.add_argument("--epochs", type=_positive_int, default=2)
+    parser.add_argument("--epochs", type=_positive_int, default=2,
+                        help="the most epochs to train (early stopping may end sooner; default 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
@@ -56,7 +75,43 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
                         help="strength of the dense full-table L2 (--l2 full, or the din-l2 variant); the "
                              "default 2e-5 gives each row about the per-epoch pull of MBA at 0.01 on ~500 "
                              "batches an epoch (MBA charges a row lam/n_j in each of its ~n_j batches)")
+    parser.add_argument("--valid-fraction", type=_valid_fraction, default=0.1,
+                        help="carve a validation part from the training samples with the test's protocol (per "
+                             "user, latest first; or by user where the test users are unseen) and keep the "
+                             "epoch with the best validation GAUC; every test figure is that epoch's (default "
+                             "0.1; 0: no validation, the last epoch is kept)")
+    parser.add_argument("--patience", type=_positive_int, default=2,
+                        help="stop after this many epochs without a better validation GAUC (default 2)")
+    _add_model_shape_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_model_shape_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ModelConfig()
+    group = parser.add_argument_group("model shape (recorded in model.pt and metrics.json)")
+    group.add_argument("--goods-dim", type=_positive_int, default=defaults.goods_dim,
+                       help=f"goods embedding width (default {defaults.goods_dim})")
+    group.add_argument("--cate-dim", type=_positive_int, default=defaults.cate_dim,
+                       help=f"category embedding width (default {defaults.cate_dim})")
+    group.add_argument("--use-user", action="store_true",
+                       help="add a user-id embedding to the prediction MLP's input (off by default: "
+                            "MovieLens' test users are unseen in training)")
+    group.add_argument("--user-dim", type=_positive_int, default=defaults.user_dim,
+                       help=f"user embedding width with --use-user (default {defaults.user_dim})")
+    group.add_argument("--hidden-units", type=_units, default=defaults.hidden_units,
+                       help="prediction MLP widths (default " + ",".join(map(str, defaults.hidden_units)) + ")")
+    group.add_argument("--attention-units", type=_units, default=defaults.attention_units,
+                       help="local activation unit widths (default "
+                            + ",".join(map(str, defaults.attention_units)) + ")")
+    group.add_argument("--attention-activation", choices=ATTENTION_ACTIVATIONS,
+                       default=defaults.attention_activation,
+                       help=f"local activation unit activation (default {defaults.attention_activation})")
+    group.add_argument("--embedding-init", choices=EMBEDDING_INITS, default=defaults.embedding_init,
+                       help=f"embedding initialisation (default {defaults.embedding_init}; 'torch' is "
+                            "nn.Embedding's N(0, 1), 'glorot' the official TF code's)")
+    group.add_argument("--embedding-init-std", type=_positive_float, default=defaults.embedding_init_std,
+                       help=f"std of the normal/uniform embedding init (default {defaults.embedding_init_std:g}, "
+                            "as DeepCTR-Torch and FuxiCTR)")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -92,12 +147,24 @@ def _add_compare_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args, model: str, activation: str, split) -> ModelConfig:
-    summary = split.train
-    dim = 36  # goods 18 + category 18, as DeepCTR's DIN example
-    scale = dim ** -0.5 if args.attention_normalize == "softmax" else None
-    return ModelConfig(model=model, num_goods=summary.num_goods, num_cates=summary.num_cates,
-                       num_users=summary.num_users, activation=activation,
-                       attention_normalize=args.attention_normalize, attention_scale=scale)
+    train = split.train
+    dim = args.goods_dim + args.cate_dim
+    scale = dim ** -0.5 if args.attention_normalize == "softmax" else None  # the official code's D**-0.5
+    return ModelConfig(model=model, num_goods=train.num_goods, num_cates=train.num_cates,
+                       num_users=train.num_users, goods_dim=args.goods_dim, cate_dim=args.cate_dim,
+                       user_dim=args.user_dim, use_user=args.use_user, hidden_units=args.hidden_units,
+                       activation=activation, attention_units=args.attention_units,
+                       attention_activation=args.attention_activation,
+                       attention_normalize=args.attention_normalize, attention_scale=scale,
+                       embedding_init=args.embedding_init, embedding_init_std=args.embedding_init_std)
+
+
+def _load_split(args):
+    """The data, with the validation part carved once (seeded by --seed, shared by every run on it)."""
+    split = load_data(args.data, max_len=args.max_len, seed=args.seed)
+    if args.valid_fraction > 0:
+        split = carve_validation(split, args.valid_fraction, seed=args.seed)
+    return split
 
 
 def _check_strengths(args, *, allow_zero: bool) -> None:
@@ -127,7 +194,8 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
 
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                optimizer=args.optimizer, max_len=args.max_len, seed=seed, device=args.device,
-                               regularizer=regularizer, reg_lambda=reg_lambda, progress=not args.quiet)
+                               regularizer=regularizer, reg_lambda=reg_lambda, valid_fraction=args.valid_fraction,
+                               patience=args.patience, progress=not args.quiet)
     torch.manual_seed(seed)
     model_config = _model_config(args, model_name, activation, split)
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
@@ -136,6 +204,9 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
     history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
                     regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr))
     history["data_spec"] = args.data
+    history["command"] = {key: (list(value) if isinstance(value, tuple) else
+                                str(value) if isinstance(value, Path) else value)
+                          for key, value in vars(args).items() if key != "handler"}
     if out is not None:
         write_json_atomic(out / "metrics.json", history)
     return history
@@ -143,11 +214,14 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
 
 def cmd_train(args) -> int:
     regularizer, reg_lambda = _regularizer(args)
-    split = load_data(args.data, max_len=args.max_len, seed=args.seed)
+    split = _load_split(args)
     history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
                          regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model)
-    last = history["epochs"][-1]
-    print(f"{args.model}: AUC {last['auc']:.4f}  GAUC {last['gauc']:.4f}  logloss {last['logloss']:.4f}")
+    best = selected_epoch(history)
+    chosen = f"epoch {best['epoch']}, best validation GAUC {best['valid_gauc']:.4f}" if "valid_gauc" in best \
+        else f"epoch {best['epoch']}, the last"
+    print(f"{args.model} ({chosen}): test AUC {best['auc']:.4f}  GAUC {best['gauc']:.4f}  "
+          f"logloss {best['logloss']:.4f}")
     if args.out is not None:
         print(f"wrote {args.out / 'metrics.json'} and {args.out / 'model.pt'}")
     return 0
@@ -179,7 +253,7 @@ def cmd_compare(args) -> int:
     _check_strengths(args, allow_zero=False)  # every variant that uses one needs it on
     if args.plot is not None:
         check_plot_available()  # fail now, not after an hour of training
-    split = load_data(args.data, max_len=args.max_len, seed=args.seed)
+    split = _load_split(args)
     strengths = {"none": 0.0, "mba": args.mba_lambda, "full": args.l2_lambda}
     results = []
     for variant in variants:
@@ -228,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare_parser = commands.add_parser(
         "compare", help="train the paper's variants over seeds on one split, print Table 3",
-        description="Train each variant once per seed on one train/test split and print the paper's Table 3 "
-                    "layout (mean±std over seeds of the last epoch's test metrics).")
+        description="Train each variant once per seed on one train/validation/test split and print the paper's "
+                    "Table 3 layout (mean±std over seeds of the test metrics at each run's best validation "
+                    "epoch).")
     _add_compare_args(compare_parser)
     compare_parser.set_defaults(handler=cmd_compare)
 

@@ -2,9 +2,10 @@
 
 A *variant* fixes what the paper varies between rows (pooling, activation of the prediction MLP,
 embedding regulariser); everything else (data, epochs, optimiser, batch size) is shared. Every variant is
-trained once per seed on the same train/test split (the split seed is ``--seed``; the seeds vary the
-initialisation and the shuffling), and the table reports the last epoch's test metrics as mean and
-sample standard deviation over seeds. No epoch is picked on the test set.
+trained once per seed on the same train/validation/test split (the split seed is ``--seed``; the seeds
+vary the initialisation and the shuffling), and the table reports, as mean and sample standard deviation
+over seeds, the test metrics at each run's best validation epoch (BARS' protocol; the last epoch when
+there is no validation part). No epoch is picked on the test set.
 """
 from __future__ import annotations
 
@@ -84,15 +85,23 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
+def selected_epoch(history: Dict) -> Dict:
+    """The epoch record a run reports: its best validation epoch (``history["best"]``), else its last."""
+    return history.get("best") or history["epochs"][-1]
+
+
 def summarise(variant: Variant, runs: Sequence[Dict]) -> Dict:
-    """One table row: mean and sample std (0 for one seed) of the last epoch's metrics over ``runs``."""
+    """One table row: mean and sample std (0 for one seed) over ``runs`` of the metrics at each run's
+    selected epoch (:func:`selected_epoch`), test and (where there is one) validation."""
     row: Dict = {"name": variant.label, "variant": variant.key, "seeds": [run["seed"] for run in runs]}
-    for name in METRICS:
-        values = np.array([run["history"]["epochs"][-1][name] for run in runs], dtype=np.float64)
+    chosen = [selected_epoch(run["history"]) for run in runs]
+    names = list(METRICS) + [f"valid_{name}" for name in METRICS if all(f"valid_{name}" in c for c in chosen)]
+    for name in names + ["epoch"]:
+        values = np.array([record[name] for record in chosen], dtype=np.float64)
         row[name] = float(values.mean())
         row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         row[f"{name}_runs"] = values.tolist()
-    row["samples_per_second"] = float(np.mean([run["history"]["epochs"][-1]["samples_per_second"]
+    row["samples_per_second"] = float(np.mean([np.mean([e["samples_per_second"] for e in run["history"]["epochs"]])
                                                for run in runs]))
     return row
 
@@ -119,8 +128,9 @@ def format_table(rows: Sequence[Dict], base: Optional[Dict] = None) -> str:
         lines.append(f"{row['name']:<14} {cell(row, 'auc'):>{width}} {cell(row, 'gauc'):>{width}} "
                      f"{cell(row, 'logloss'):>{width}} {impr:>+8.2f}%")
     seeds = rows[0].get("seeds", [])
+    chosen = "best validation epoch" if all("valid_gauc" in row for row in rows) else "last epoch"
     footer = (f"GAUC: user-weighted AUC (paper Eq. 10); RelaImpr on GAUC against {base['name']}; "
-              f"last epoch, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+              f"test metrics at each run's {chosen}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
               + (" (mean±std)" if several else ""))
     return "\n".join(lines + [footer])
 
@@ -148,7 +158,8 @@ def check_plot_available() -> None:
 
 
 def plot_curves(results: Sequence[Dict], path: Path, title: str) -> None:
-    """Training curves per variant: train loss and test GAUC per epoch (mean over seeds, band = min..max).
+    """Training curves per variant: train loss, validation GAUC (when recorded) and test GAUC per epoch (mean over
+    seeds, band = min..max; runs stopped early end early).
 
     Written to a temporary file, then renamed, so an interrupted run never leaves half an image.
     """
@@ -157,23 +168,32 @@ def plot_curves(results: Sequence[Dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, gauc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    with_valid = all("valid_gauc" in run["history"]["epochs"][0] for result in results for run in result["runs"])
+    panels = [("train_loss", "train logloss", "training loss")]
+    if with_valid:
+        panels.append(("valid_gauc", "validation user-weighted AUC", "validation GAUC (selects the epoch)"))
+    panels.append(("gauc", "test user-weighted AUC", "test GAUC"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for result in results:
-        curves = {name: np.array([[epoch[name] for epoch in run["history"]["epochs"]] for run in result["runs"]])
-                  for name in ("train_loss", "gauc")}
-        epochs = np.arange(1, curves["gauc"].shape[1] + 1)
-        for axis, name in ((loss_axis, "train_loss"), (gauc_axis, "gauc")):
-            values = curves[name]
-            line, = axis.plot(epochs, values.mean(axis=0), marker="o", label=result["row"]["name"])
+        epochs_run = [run["history"]["epochs"] for run in result["runs"]]
+        longest = max(len(epochs) for epochs in epochs_run)
+        epochs = np.arange(1, longest + 1)
+        color = None
+        for axis, (name, _, _) in zip(axes, panels):
+            values = np.full((len(epochs_run), longest), np.nan)  # runs stopped early: NaN after their end
+            for i, run_epochs in enumerate(epochs_run):
+                values[i, :len(run_epochs)] = [epoch[name] for epoch in run_epochs]
+            line, = axis.plot(epochs, np.nanmean(values, axis=0), marker="o", color=color,
+                              label=result["row"]["name"])
+            color = line.get_color()
             if len(values) > 1:
-                axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(),
+                axis.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color,
                                   alpha=0.15)
-    loss_axis.set(xlabel="epoch", ylabel="train logloss", title="training loss")
-    gauc_axis.set(xlabel="epoch", ylabel="test user-weighted AUC", title="test GAUC")
-    for axis in (loss_axis, gauc_axis):
+    for axis, (_, ylabel, title) in zip(axes, panels):
+        axis.set(xlabel="epoch", ylabel=ylabel, title=title)
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
-    gauc_axis.legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)

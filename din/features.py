@@ -1,12 +1,44 @@
-"""Item representation: goods and category embeddings concatenated, padding id 0."""
+"""Item representation: goods and category embeddings concatenated, padding id 0; embedding initialisation."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 Tensor = torch.Tensor
+
+#: embedding initialisation schemes (``ModelConfig.embedding_init``):
+#: ``normal``  N(0, std^2), as DeepCTR-Torch and FuxiCTR (std 1e-4);
+#: ``uniform`` U(-a, a) with a = std * sqrt(3), the same variance;
+#: ``glorot``  TensorFlow's default for a variable [N, D], U(-a, a) with a = sqrt(6 / (N + D)), as the
+#:             official DIN code (std is ignored);
+#: ``torch``   N(0, 1), ``nn.Embedding``'s own default (std is ignored).
+EMBEDDING_INITS = ("normal", "uniform", "glorot", "torch")
+
+
+@torch.no_grad()
+def init_embedding_(weight: Tensor, scheme: str, std: float, padding_idx: Optional[int] = 0) -> Tensor:
+    """Re-initialise an embedding table ``weight`` [N, D] in place by ``scheme`` (see :data:`EMBEDDING_INITS`);
+    the ``padding_idx`` row (if any) is set to zeros. Works for ``nn.Embedding`` and ``MBAEmbedding`` tables."""
+    if scheme not in EMBEDDING_INITS:
+        raise ValueError(f"embedding init must be one of {EMBEDDING_INITS}, got {scheme!r}")
+    if not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
+        raise ValueError(f"embedding init std must be a finite number > 0, got {std!r}")
+    rows, dim = weight.shape
+    if scheme == "normal":
+        weight.normal_(0.0, std)
+    elif scheme == "uniform":
+        weight.uniform_(-std * math.sqrt(3.0), std * math.sqrt(3.0))
+    elif scheme == "glorot":
+        bound = math.sqrt(6.0 / (rows + dim))
+        weight.uniform_(-bound, bound)
+    else:
+        weight.normal_(0.0, 1.0)
+    if padding_idx is not None:
+        weight[padding_idx].zero_()
+    return weight
 
 
 class ItemEmbedding(nn.Module):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .checkpoint import save_checkpoint, write_json_atomic
-from .data import InteractionData, Split
+from .data import InteractionData, Split, carve_validation
 from .regularization import REGULARIZERS, table_parameters
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -34,6 +34,11 @@ class TrainConfig:
     device: str = "cpu"
     regularizer: str = "none"   # "none" | "full" (dense L2 over the tables) | "mba" (paper Eq. 4)
     reg_lambda: float = 0.0
+    # Model selection on a validation part carved from the training samples (din.data.carve_validation):
+    # the kept model and every reported test figure are those of the epoch with the best validation
+    # GAUC; training stops after ``patience`` epochs without a better one. 0: no validation, last epoch.
+    valid_fraction: float = 0.1
+    patience: int = 2
     progress: bool = True
 
     def __post_init__(self):
@@ -52,6 +57,11 @@ class TrainConfig:
         if not (isinstance(self.reg_lambda, (int, float)) and math.isfinite(self.reg_lambda)
                 and self.reg_lambda >= 0):
             raise ValueError(f"reg_lambda must be a finite number >= 0, got {self.reg_lambda!r}")
+        if isinstance(self.valid_fraction, bool) or not (isinstance(self.valid_fraction, (int, float))
+                                                         and 0 <= self.valid_fraction < 1):
+            raise ValueError(f"valid_fraction must be a number in [0, 1), got {self.valid_fraction!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience <= 0:
+            raise ValueError(f"patience must be a positive int, got {self.patience!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
@@ -97,6 +107,10 @@ def evaluate(model: nn.Module, data: InteractionData, max_len: int, batch_size: 
     }
 
 
+def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
+    return {f"{prefix}{name}": value for name, value in values.items()}
+
+
 def train(
     model: nn.Module,
     split: Split,
@@ -106,13 +120,23 @@ def train(
     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
     log: Callable[[str], None] = print,
 ) -> Dict:
-    """Train ``model`` on ``split.train`` and evaluate on ``split.test`` after each epoch.
+    """Train ``model`` on ``split.train``, select the epoch on ``split.valid``, report ``split.test``.
 
-    Writes ``out_dir/metrics.json`` (config, per-epoch metrics, throughput) after every epoch and
-    ``out_dir/model.pt`` at the end, both atomically. ``regularizer(model)`` adds a penalty to each
-    batch's loss (e.g. full-table L2); MBA tables have their own update rule (fused inside backward, or
-    one of ``extra_optimizers``) and stay out of the dense optimiser. Returns the metrics dictionary.
+    Model selection never looks at the test set: after each epoch the model is scored on the validation
+    part (``split.valid``; carved here with ``config.valid_fraction`` and ``config.seed`` when the split has
+    none, see :func:`din.data.carve_validation`) and on the test part; the epoch with the best validation
+    GAUC is kept, training stops after ``config.patience`` epochs without a better one, and the model is
+    left holding (and ``model.pt`` saves) the best epoch's weights. With ``valid_fraction=0`` and no
+    ``split.valid`` the last epoch is the one kept.
+
+    Writes ``out_dir/metrics.json`` after every epoch (config, per-epoch train loss, validation and test
+    metrics, throughput; ``best``: the selected epoch's validation and test metrics; ``last``: the last
+    epoch's) and ``out_dir/model.pt`` at the end, both atomically. ``regularizer(model)`` adds a penalty to
+    each batch's loss (e.g. full-table L2); MBA tables have their own update rule (fused inside backward,
+    or one of ``extra_optimizers``) and stay out of the dense optimiser. Returns the metrics dictionary.
     """
+    if split.valid is None and config.valid_fraction > 0:
+        split = carve_validation(split, config.valid_fraction, seed=config.seed)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
@@ -121,8 +145,11 @@ def train(
     optimizer = make_optimizer(dense, config.optimizer, config.lr)
     optimizers = [optimizer] + list(extra_optimizers or [])
     loss_fn = nn.BCEWithLogitsLoss()
+    selects = split.valid is not None
     history = {"model": model.config.to_dict(), "train": config.to_dict(), "data": split.summary(),
+               "selection": "best validation GAUC" if selects else "last epoch (no validation part)",
                "epochs": []}
+    best_score, best_state, since_best = -math.inf, None, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -152,16 +179,37 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}",
                             refresh=False)
         train_seconds = time.perf_counter() - started
-        test_metrics = evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device)
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_seconds": train_seconds,
-                  "samples_per_second": seen / max(train_seconds, 1e-9), **test_metrics}
+                  "samples_per_second": seen / max(train_seconds, 1e-9)}
+        if selects:
+            record.update(_prefixed("valid_", evaluate(model, split.valid, config.max_len,
+                                                       config.eval_batch_size, config.device)))
+        record.update(evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device))
         history["epochs"].append(record)
-        log(f"epoch {epoch}: loss {record['train_loss']:.4f}  test AUC {record['auc']:.4f}  "
+        score = record["valid_gauc"] if selects else float(epoch)
+        improved = best_state is None or score > best_score  # a NaN score never displaces a best
+        if improved:
+            best_score, since_best = score, 0
+            best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            history["best"] = record
+        else:
+            since_best += 1
+        history["last"] = record
+        valid_text = f"valid GAUC {record['valid_gauc']:.4f}{' *' if improved else '  '}  " if selects else ""
+        log(f"epoch {epoch}: loss {record['train_loss']:.4f}  {valid_text}test AUC {record['auc']:.4f}  "
             f"GAUC {record['gauc']:.4f}  logloss {record['logloss']:.4f}  "
             f"({record['samples_per_second']:,.0f} samples/s)")
+        stop = selects and since_best >= config.patience and epoch < config.epochs
+        history["stopped_early"] = bool(stop)
         if out_dir is not None:
             write_json_atomic(Path(out_dir) / "metrics.json", history)
+        if stop:
+            log(f"stopping: no better validation GAUC for {config.patience} epochs; "
+                f"keeping epoch {history['best']['epoch']}")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     if out_dir is not None:
         save_checkpoint(Path(out_dir) / "model.pt", model, train_config=config.to_dict(),
-                        metrics=history["epochs"][-1])
+                        metrics=history["best"])
     return history

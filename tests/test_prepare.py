@@ -214,7 +214,8 @@ def test_train_streams_from_a_prepared_folder(tmp_path, tiny_csv):
     assert din_main(["train", "--data", str(out), "--epochs", "1", "--batch-size", "4", "--max-len", "4",
                      "--quiet", "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["data"]["train_samples"] == 12 and len(metrics["epochs"]) == 1
+    data = metrics["data"]  # the validation part is carved from the 12 training samples
+    assert data["train_samples"] + data["valid_samples"] == 12 and len(metrics["epochs"]) == 1
 
 
 def test_load_data_prepares_named_specs_once(tmp_path, tiny_csv, monkeypatch, capsys):

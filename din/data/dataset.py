@@ -30,7 +30,7 @@ import torch
 
 from ._io import PathLike, atomic_directory, read_json, write_json
 
-__all__ = ["Batch", "InteractionData", "Split", "split_by_user"]
+__all__ = ["Batch", "InteractionData", "Split", "VALIDATION_PROTOCOLS", "carve_validation", "split_by_user"]
 
 FORMAT = "din-kernels/interactions"
 SPLIT_FORMAT = "din-kernels/split"
@@ -483,21 +483,29 @@ class InteractionData:
 
 @dataclass(eq=False)
 class Split:
-    """A train/test pair over the same vocabularies (embedding tables are sized from ``train``)."""
+    """A train/test pair over the same vocabularies (embedding tables are sized from ``train``), with an
+    optional validation part carved from the training samples (:func:`carve_validation`) for model selection.
+
+    ``valid`` is not saved by :meth:`save`: it is carved again, deterministically, from the saved ``train``.
+    """
 
     train: InteractionData
     test: InteractionData
+    valid: Optional[InteractionData] = None
 
     def __post_init__(self) -> None:
-        for part in ("train", "test"):
-            if not isinstance(getattr(self, part), InteractionData):
-                raise ValueError(f"{part} must be an InteractionData, got {type(getattr(self, part)).__name__}")
-        for vocab in ("num_users", "num_goods", "num_cates"):
-            if getattr(self.train, vocab) != getattr(self.test, vocab):
-                raise ValueError(
-                    f"train and test disagree on {vocab}: {getattr(self.train, vocab)} vs "
-                    f"{getattr(self.test, vocab)}; both must use one vocabulary"
-                )
+        for part in ("train", "test", "valid"):
+            value = getattr(self, part)
+            if not isinstance(value, InteractionData) and not (part == "valid" and value is None):
+                raise ValueError(f"{part} must be an InteractionData, got {type(value).__name__}")
+        for part in ("test", "valid"):
+            other = getattr(self, part)
+            for vocab in ("num_users", "num_goods", "num_cates"):
+                if other is not None and getattr(self.train, vocab) != getattr(other, vocab):
+                    raise ValueError(
+                        f"train and {part} disagree on {vocab}: {getattr(self.train, vocab)} vs "
+                        f"{getattr(other, vocab)}; all parts must use one vocabulary"
+                    )
 
     @property
     def name(self) -> str:
@@ -519,7 +527,7 @@ class Split:
 
     def summary(self) -> Dict[str, Any]:
         """Sizes for reports: vocabularies (without padding), samples, users per part, positive rates."""
-        return {
+        summary = {
             "name": self.name,
             "users": self.num_users - 1,
             "items": self.num_goods - 1,
@@ -531,10 +539,15 @@ class Split:
             "train_positive_rate": self.train.positive_rate,
             "test_positive_rate": self.test.positive_rate,
         }
+        if self.valid is not None:
+            summary.update(valid_samples=len(self.valid), valid_users=int(len(np.unique(self.valid.user))),
+                           valid_positive_rate=self.valid.positive_rate)
+        return summary
 
     def truncated(self, max_len: int) -> "Split":
-        """Both parts with histories cut to their last ``max_len`` behaviours."""
-        return Split(self.train.truncated(max_len), self.test.truncated(max_len))
+        """Every part with histories cut to their last ``max_len`` behaviours."""
+        valid = self.valid.truncated(max_len) if self.valid is not None else None
+        return Split(self.train.truncated(max_len), self.test.truncated(max_len), valid)
 
     def save(self, directory: PathLike, *, overwrite: bool = False,
              extra: Optional[Dict[str, Any]] = None) -> Path:
@@ -545,7 +558,7 @@ class Split:
             extra: more JSON-serialisable entries for ``summary.json`` (provenance, protocol counts);
                 they may not replace the computed sizes (``ValueError``).
         """
-        summary = self.summary()
+        summary = Split(self.train, self.test).summary()  # valid is carved again at load, never stored
         # NaN (an empty part) is not valid JSON; store null
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
         payload = {"format": SPLIT_FORMAT, "version": FORMAT_VERSION, **summary}
@@ -604,3 +617,58 @@ def split_by_user(data: InteractionData, test_fraction: float, seed: SeedLike) -
     test = data.subset(in_test)
     train.name, test.name = f"{base}/train", f"{base}/test"
     return Split(train, test)
+
+
+#: how :func:`carve_validation` mirrors the test protocol
+VALIDATION_PROTOCOLS = ("auto", "by-user", "latest")
+
+
+def carve_validation(split: Split, fraction: float, seed: SeedLike = 0, protocol: str = "auto") -> Split:
+    """Carve a validation part from ``split.train`` with the protocol of the test part, for model selection.
+
+    * ``"by-user"`` (the test users never occur in training, as MovieLens here): a seeded random
+      ``fraction`` of the training users, with all their samples (:func:`split_by_user`).
+    * ``"latest"`` (every user is trained on and tested on their next click, as Amazon and Taobao): each
+      user's latest training targets, newest first -- ``round(fraction * n_u)`` of the user's ``n_u``
+      prediction targets, clipped to ``[1, n_u - 1]`` (a target is a history end: a positive and its sampled negative share
+      one), for users with at least two, so that no user loses all their training. Every validation
+      sample of a user comes after all of that user's remaining training samples, as the test does.
+    * ``"auto"``: ``"by-user"`` when train and test share no user, else ``"latest"``.
+
+    Test samples are never touched: they stay out of both the new train and the validation part.
+    Returns a :class:`Split` with ``train`` (what remains), ``valid`` and the same ``test``.
+    """
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1):
+        raise ValueError(f"fraction (the validation share) must be a number in (0, 1), got {fraction!r}")
+    if protocol not in VALIDATION_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {VALIDATION_PROTOCOLS}, got {protocol!r}")
+    train = split.train
+    if protocol == "auto":
+        shared = np.intersect1d(np.unique(train.user), np.unique(split.test.user))
+        protocol = "latest" if len(shared) else "by-user"
+    base = train.name[: -len("/train")] if train.name.endswith("/train") else (train.name or "data")
+    if protocol == "by-user":
+        inner = split_by_user(train, fraction, seed)
+        kept, valid = inner.train, inner.test
+    else:
+        in_valid = _latest_targets(train, fraction)
+        if not in_valid.any():
+            raise ValueError("no user has two or more training targets: nothing to carve a validation part from")
+        kept, valid = train.subset(~in_valid), train.subset(in_valid)
+    if len(kept) == 0:
+        raise ValueError(f"a validation fraction of {fraction} leaves no training sample")
+    kept.name, valid.name = f"{base}/train", f"{base}/valid"
+    return Split(kept, split.test, valid)
+
+
+def _latest_targets(data: InteractionData, fraction: float) -> np.ndarray:
+    """``bool [N]``: the samples of each user's latest ``round(fraction * n_u)`` (in ``[1, n_u - 1]``) targets (users with
+    ``n_u >= 2`` targets; a target is one ``(user, hist_end)``, hist_end being the time order within a user)."""
+    key = data.user.astype(np.int64) * np.int64(data.num_behaviours + 1) + data.hist_end  # [N]
+    targets, target_of = np.unique(key, return_inverse=True)  # sorted by user, then time
+    target_user = targets // np.int64(data.num_behaviours + 1)  # [K]
+    first = np.searchsorted(target_user, target_user, side="left")
+    count = np.searchsorted(target_user, target_user, side="right") - first  # [K] n_u of the target's user
+    from_end = first + count - 1 - np.arange(len(targets))  # [K] 0 for the user's latest target
+    wanted = np.where(count >= 2, np.clip(np.rint(fraction * count), 1, count - 1), 0)  # keep >= 1 to train on
+    return (from_end < wanted)[target_of.reshape(-1)]
