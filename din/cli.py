@@ -50,6 +50,13 @@ def _valid_fraction(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="movielens",
                         help="'movielens' (bundled ml-latest-small), 'synthetic', or a PATH: a folder with "
@@ -82,6 +89,9 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
                              "0.1; 0: no validation, the last epoch is kept)")
     parser.add_argument("--patience", type=_positive_int, default=2,
                         help="stop after this many epochs without a better validation GAUC (default 2)")
+    parser.add_argument("--lr-decay", type=_decay, default=1.0,
+                        help="multiply the learning rates by this after each epoch without a better validation "
+                             "GAUC (FuxiCTR: 0.1; default 1: fixed)")
     _add_model_shape_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -106,6 +116,10 @@ def _add_model_shape_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-activation", choices=ATTENTION_ACTIVATIONS,
                        default=defaults.attention_activation,
                        help=f"local activation unit activation (default {defaults.attention_activation})")
+    group.add_argument("--no-head-norm", dest="head_input_norm", action="store_false",
+                       help="no BatchNorm on the prediction MLP's input (DeepCTR-Torch and FuxiCTR have none)")
+    group.add_argument("--no-product-term", dest="product_term", action="store_false",
+                       help="leave pooled * candidate out of the prediction MLP's input (DeepCTR-Torch, FuxiCTR)")
     group.add_argument("--embedding-init", choices=EMBEDDING_INITS, default=defaults.embedding_init,
                        help=f"embedding initialisation (default {defaults.embedding_init}; 'torch' is "
                             "nn.Embedding's N(0, 1), 'glorot' the official TF code's)")
@@ -156,7 +170,8 @@ def _model_config(args, model: str, activation: str, split) -> ModelConfig:
                        activation=activation, attention_units=args.attention_units,
                        attention_activation=args.attention_activation,
                        attention_normalize=args.attention_normalize, attention_scale=scale,
-                       embedding_init=args.embedding_init, embedding_init_std=args.embedding_init_std)
+                       embedding_init=args.embedding_init, embedding_init_std=args.embedding_init_std,
+                       head_input_norm=args.head_input_norm, product_term=args.product_term)
 
 
 def _load_split(args):
@@ -195,7 +210,7 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                optimizer=args.optimizer, max_len=args.max_len, seed=seed, device=args.device,
                                regularizer=regularizer, reg_lambda=reg_lambda, valid_fraction=args.valid_fraction,
-                               patience=args.patience, progress=not args.quiet)
+                               patience=args.patience, lr_decay=args.lr_decay, progress=not args.quiet)
     torch.manual_seed(seed)
     model_config = _model_config(args, model_name, activation, split)
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,

@@ -50,6 +50,8 @@ class ModelConfig:
     # decides quality more than any other default: nn.Embedding's N(0, 1) lost ~0.1 GAUC (docs/results.md).
     embedding_init: str = "normal"          # see din.features.EMBEDDING_INITS
     embedding_init_std: float = 1e-4
+    head_input_norm: bool = True            # BatchNorm on the MLP input, as the official code (DeepCTR: none)
+    product_term: bool = True               # pooled * candidate in the MLP input, as the official code
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -74,6 +76,9 @@ class ModelConfig:
             units = getattr(self, name)
             if not units or any(isinstance(u, bool) or not isinstance(u, int) or u <= 0 for u in units):
                 raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {units!r}")
+        for name in ("head_input_norm", "product_term", "use_user"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {EMBEDDING_INITS}, got {self.embedding_init!r}")
         std = self.embedding_init_std
@@ -106,9 +111,9 @@ class _Activation(nn.Module):
 class _Head(nn.Module):
     """``BatchNorm -> [Linear -> act] * len(hidden) -> Linear(.., 1)``; the input norm as in the official code."""
 
-    def __init__(self, in_features: int, hidden_units: Tuple[int, ...], activation: str):
+    def __init__(self, in_features: int, hidden_units: Tuple[int, ...], activation: str, input_norm: bool = True):
         super().__init__()
-        self.norm = nn.BatchNorm1d(in_features)
+        self.norm = nn.BatchNorm1d(in_features) if input_norm else nn.Identity()
         layers = []
         width = in_features
         for units in hidden_units:
@@ -136,8 +141,8 @@ class _InterestModel(nn.Module):
             init_embedding_(table.weight, config.embedding_init, config.embedding_init_std,
                             padding_idx=getattr(table, "padding_idx", 0))
         dim = self.items.dim
-        in_features = 3 * dim + (config.user_dim if config.use_user else 0)
-        self.head = _Head(in_features, config.hidden_units, config.activation)
+        in_features = (3 if config.product_term else 2) * dim + (config.user_dim if config.use_user else 0)
+        self.head = _Head(in_features, config.hidden_units, config.activation, config.head_input_norm)
 
     def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
         raise NotImplementedError  # each model defines its pooling
@@ -147,7 +152,7 @@ class _InterestModel(nn.Module):
         candidate, behaviours = self.items.candidate_and_history(
             batch.goods, batch.cate, batch.hist_goods, batch.hist_cates)  # [B, D], [B, T, D]
         pooled = self.pool(candidate, behaviours, batch.lengths)         # [B, D]
-        parts = [pooled, candidate, pooled * candidate]
+        parts = [pooled, candidate, pooled * candidate] if self.config.product_term else [pooled, candidate]
         if self.users is not None:
             parts.insert(0, self.users(batch.user))
         return self.head(torch.cat(parts, dim=-1))

@@ -630,9 +630,10 @@ def carve_validation(split: Split, fraction: float, seed: SeedLike = 0, protocol
       ``fraction`` of the training users, with all their samples (:func:`split_by_user`).
     * ``"latest"`` (every user is trained on and tested on their next click, as Amazon and Taobao): each
       user's latest training targets, newest first -- ``round(fraction * n_u)`` of the user's ``n_u``
-      prediction targets, clipped to ``[1, n_u - 1]`` (a target is a history end: a positive and its sampled negative share
-      one), for users with at least two, so that no user loses all their training. Every validation
-      sample of a user comes after all of that user's remaining training samples, as the test does.
+      prediction targets, clipped to ``[1, n_u - 1]`` (a target is a history end: a positive and its
+      sampled negative share one), for users with at least two, so that no user loses all their training.
+      Every validation sample of a user comes after all of that user's remaining training samples, as
+      the test does.
     * ``"auto"``: ``"by-user"`` when train and test share no user, else ``"latest"``.
 
     Test samples are never touched: they stay out of both the new train and the validation part.
@@ -662,8 +663,8 @@ def carve_validation(split: Split, fraction: float, seed: SeedLike = 0, protocol
 
 
 def _latest_targets(data: InteractionData, fraction: float) -> np.ndarray:
-    """``bool [N]``: the samples of each user's latest ``round(fraction * n_u)`` (in ``[1, n_u - 1]``) targets (users with
-    ``n_u >= 2`` targets; a target is one ``(user, hist_end)``, hist_end being the time order within a user)."""
+    """``bool [N]``: the samples of each user's latest ``round(fraction * n_u)`` (in ``[1, n_u - 1]``) targets
+    (users with ``n_u >= 2``; a target is one ``(user, hist_end)``, hist_end being the time order in a user)."""
     key = data.user.astype(np.int64) * np.int64(data.num_behaviours + 1) + data.hist_end  # [N]
     targets, target_of = np.unique(key, return_inverse=True)  # sorted by user, then time
     target_user = targets // np.int64(data.num_behaviours + 1)  # [K]
