@@ -69,8 +69,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     _add_data_args(parser)
-    parser.add_argument("--epochs", type=_positive_int, default=2,
-                        help="the most epochs to train (early stopping may end sooner; default 2)")
+    parser.add_argument("--epochs", type=_positive_int, default=10,
+                        help="the most epochs to train; early stopping (--patience) usually ends sooner "
+                             "(default 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")

@@ -26,7 +26,7 @@ DEVICES = ("cpu", "cuda")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 10            # the most; early stopping on the validation part usually ends sooner
     batch_size: int = 256
     eval_batch_size: int = 4096
     lr: float = 1e-3

@@ -1,52 +1,109 @@
 #!/usr/bin/env bash
-# The paper's experiments on the real data in ../shared/data (docs/results.md holds what this printed).
-# Each `din compare` trains BaseModel, DIN (PReLU), DIN+Dice, DIN+MBA, DIN+MBA+Dice and DIN with dense
-# full-table L2 (the paper's Tables 3 to 5 rows, plus its Table 4 question), three seeds each, on one
-# train/test split, and writes runs/paper/<set>/{compare.json,compare.md} and docs/img/<set>.png.
-# Part 2 repeats the paper's Table 4 question (no regulariser, dense full-table L2, MBA) with row-wise
-# Adagrad, the optimiser under which MBA runs fused inside backward (with Adam it uses SparseAdam).
-# Part 3 is the control for both: the MBA tables and their optimiser (SparseAdam, or fused row-wise
-# Adagrad) with a negligible penalty (lam = 1e-9), so that the penalty's effect is told apart from the
-# table optimiser's.
-# Two compares run at a time, one torch thread each (a 2-core machine): about 45 minutes in all.
-#   bash docs/experiments.sh              (from the repository root, after `make setup`; PART=1, 2 or 3 for one part)
+# Every quality figure in docs/results.md and the README, from the real data in ../shared/data.
+# Model selection never uses the test set: each run carves a validation part from its training samples
+# (--valid-fraction 0.1, the test's protocol), stops after 2 epochs without a better validation GAUC and
+# reports the test metrics of its best validation epoch; every choice below (init, recipe switches,
+# regulariser strengths) is made on the validation GAUC.
+#   PART=init    embedding initialisation schemes (DIN, 2 seeds, three sets)
+#   PART=audit   the recipe switches against the peers' choices (DIN+Dice, 2 seeds, three sets)
+#   PART=tune    regulariser strengths (MBA, full-table L2) on the validation part (seed 1, four sets)
+#   PART=paper   the paper's rows with the tuned strengths (3 seeds, four sets), docs/img/<set>.png
+#   PART=peer    DeepCTR-Torch's DIN on exactly our samples beside `din train`'s defaults (3 seeds)
+# One torch thread per run, two runs at a time on a 2-core machine. From the repository root, after
+# `make setup`:   bash docs/experiments.sh          (or PART=tune bash docs/experiments.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
-COMMON=(--seeds 1-3 --quiet)
-mkdir -p runs/paper docs/img
+export OMP_NUM_THREADS=1
 
-run() {  # run NAME EPOCHS SPEC [more compare options]
-    local name=$1 epochs=$2 spec=$3
-    shift 3
-    OMP_NUM_THREADS=1 "$PY" -m din compare --data "$spec" --epochs "$epochs" "${COMMON[@]}" "$@" \
-        --out "runs/paper/$name" --plot "docs/img/$name.png" > "runs/paper/$name.log" 2>&1
-    echo "== $name"; tail -n 9 "runs/paper/$name.log"
+declare -A SPEC=(
+    [movielens]=movielens
+    [amazon-beauty]="amazon-csv:$DATA/amazon-tlsan-remap/Beauty"
+    [taobao]="taobao:$DATA/taobao-userbehavior/UserBehavior_head814users.csv"
+    [amazon-video-games]="amazon-csv:$DATA/amazon-tlsan-remap/Video_Games"
+)
+THREE=(amazon-beauty movielens taobao)
+FOUR=(movielens amazon-beauty taobao amazon-video-games)
+# chosen by PART=tune on the validation GAUC (docs/results.md, "Regulariser strengths")
+declare -A MBA=([movielens]=0.1 [amazon-beauty]=0.1 [taobao]=0.01 [amazon-video-games]=0.1)
+declare -A L2=([movielens]=2e-5 [amazon-beauty]=2e-5 [taobao]=2e-6 [amazon-video-games]=2e-5)
+
+compare() {  # compare OUT SET [options]: one `din compare`, its log beside its results
+    local out=$1 set=$2
+    shift 2
+    mkdir -p "$(dirname "$out")"
+    "$PY" -m din compare --data "${SPEC[$set]}" --epochs 10 --quiet --out "$out" "$@" > "$out.log" 2>&1
+    echo "== $out"; grep -A 9 "^Model" "$out.log" | head -n 10
 }
 
-TAOBAO="taobao:$DATA/taobao-userbehavior/UserBehavior_head814users.csv"
-BEAUTY="amazon-csv:$DATA/amazon-tlsan-remap/Beauty"
-PAPER=(--variants paper,din-l2)
-ADAGRAD=(--variants regularizers --optimizer adagrad --lr 0.05)
+two_at_a_time() {  # run the given shell functions' calls (one per argument), two at a time
+    local running=0
+    for call in "$@"; do
+        eval "$call" &
+        running=$((running + 1))
+        if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
+    done
+    wait
+}
 
-if [ "${PART:-all}" = all ] || [ "${PART}" = 1 ]; then  # part 1: Adam, the paper's rows
-    run taobao 4 "$TAOBAO" "${PAPER[@]}" &
-    { run movielens 3 movielens "${PAPER[@]}"; run amazon-beauty 6 "$BEAUTY" "${PAPER[@]}"; } &
-    wait
+part() { [ "${PART:-all}" = all ] || [ "${PART}" = "$1" ]; }
+
+if part init; then
+    calls=()
+    for set in "${THREE[@]}"; do
+        for init in "normal 1e-4" "normal 1e-3" "normal 1e-2" "normal 1e-1" "glorot 1" "torch 1"; do
+            read -r scheme std <<< "$init"
+            calls+=("compare runs/init/$set-$scheme-$std $set --variants din --seeds 1-2 --embedding-init $scheme --embedding-init-std $std")
+        done
+    done
+    two_at_a_time "${calls[@]}"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = 2 ]; then  # part 2: regularisers under row-wise Adagrad
-    run taobao-adagrad 4 "$TAOBAO" "${ADAGRAD[@]}" &
-    { run movielens-adagrad 3 movielens "${ADAGRAD[@]}"; run amazon-beauty-adagrad 6 "$BEAUTY" "${ADAGRAD[@]}"; } &
-    wait
+
+if part audit; then
+    calls=()
+    for set in "${THREE[@]}"; do
+        while read -r tag options; do
+            calls+=("compare runs/audit/$set-$tag $set --variants din-dice --seeds 1-2 $options")
+        done <<'LIST'
+ref
+lrdecay --lr-decay 0.1
+nonorm --no-head-norm
+noprod --no-product-term
+attnone --attention-normalize none
+att6416 --attention-units 64,16
+bs1024 --batch-size 1024
+LIST
+    done
+    two_at_a_time "${calls[@]}"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = 3 ]; then  # part 3: table optimisers without the penalty
-    CONTROL=(--variants din-mba --mba-lambda 1e-9)
-    { run taobao-control 4 "$TAOBAO" "${CONTROL[@]}"
-      run taobao-adagrad-control 4 "$TAOBAO" "${CONTROL[@]}" "${ADAGRAD[@]:2}"; } &
-    { run amazon-beauty-control 6 "$BEAUTY" "${CONTROL[@]}"
-      run amazon-beauty-adagrad-control 6 "$BEAUTY" "${CONTROL[@]}" "${ADAGRAD[@]:2}"
-      run movielens-control 3 movielens "${CONTROL[@]}"
-      run movielens-adagrad-control 3 movielens "${CONTROL[@]}" "${ADAGRAD[@]:2}"; } &
-    wait
+
+if part tune; then
+    calls=()
+    for set in "${FOUR[@]}"; do
+        for lam in 0.001 0.01 0.1; do
+            calls+=("compare runs/tune/$set-mba-$lam $set --variants din-mba --seeds 1 --mba-lambda $lam")
+        done
+        for lam in 2e-6 2e-5 2e-4; do
+            calls+=("compare runs/tune/$set-l2-$lam $set --variants din-l2 --seeds 1 --l2-lambda $lam")
+        done
+    done
+    two_at_a_time "${calls[@]}"
+fi
+
+if part paper; then
+    calls=()
+    for set in "${FOUR[@]}"; do
+        calls+=("compare runs/paper/$set $set --variants paper,din-l2 --seeds 1-3 --mba-lambda ${MBA[$set]} --l2-lambda ${L2[$set]} --plot docs/img/$set.png")
+    done
+    two_at_a_time "${calls[@]}"
+fi
+
+if part peer; then
+    for set in "${FOUR[@]}"; do
+        mkdir -p runs/peer
+        "$PY" benchmarks/quality_peer.py --data "${SPEC[$set]}" --seeds 1-3 --out "runs/peer/$set" --quiet \
+            > "runs/peer/$set.log" 2>&1
+        echo "== runs/peer/$set"; tail -n 8 "runs/peer/$set.log"
+    done
 fi
