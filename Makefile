@@ -24,7 +24,7 @@ $(STAMP): setup.py Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m din compare --data movielens --variants base,din,din-mba --epochs 3 --seeds 1-3 --out runs/demo
+	$(PY) -m din compare --data movielens --variants base,din,din-mba --epochs 3 --batch-size 1024 --mba-lambda 0.1 --seeds 1-3 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

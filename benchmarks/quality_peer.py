@@ -127,7 +127,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=_positive_int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="split seed (data, validation carve)")
     parser.add_argument("--seeds", default="1-3", help="training seeds, e.g. '1-3' or '1,2,3' (default 1-3)")
-    parser.add_argument("--epochs", type=_positive_int, default=10, help="the most epochs (default 10)")
+    parser.add_argument("--epochs", type=_positive_int, default=20,
+                        help="the most epochs (default 20: the peer learns slower than ours and needs room)")
     parser.add_argument("--patience", type=_positive_int, default=2)
     parser.add_argument("--valid-fraction", type=_valid_fraction, default=0.1)
     parser.add_argument("--batch-size", type=_positive_int, default=256)

@@ -127,7 +127,7 @@ fi
 if part peer; then
     for set in "${FOUR[@]}"; do
         mkdir -p runs/peer
-        "$PY" benchmarks/quality_peer.py --data "${SPEC[$set]}" --seeds 1-3 --out "runs/peer/$set" --quiet \
+        "$PY" benchmarks/quality_peer.py --data "${SPEC[$set]}" --seeds 1-3 --epochs 20 --out "runs/peer/$set" --quiet \
             > "runs/peer/$set.log" 2>&1
         echo "== runs/peer/$set"; tail -n 8 "runs/peer/$set.log"
     done
