@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from din import metrics  # noqa: E402
 from din.checkpoint import load_checkpoint, write_json_atomic, write_text_atomic  # noqa: E402
 from din.cli import _load_split, _positive_int, _regularizer, _train_one, _valid_fraction, build_parser  # noqa: E402
-from din.compare import METRICS, parse_seeds, selected_epoch  # noqa: E402
+from din.compare import METRICS, parse_seeds, selected_epoch, summarise_runs  # noqa: E402
 from din.data import InteractionData  # noqa: E402
 from din.train import TrainConfig  # noqa: E402
 from din.train import predict as din_predict  # noqa: E402
@@ -443,18 +443,9 @@ def train_ours(train_args, split, out: Optional[Path], seed: int, log_tag: str) 
 # --------------------------------------------------------------------------------------------------------
 
 def summarise(setting: str, runs: Sequence[Dict]) -> Dict:
-    """Like din.compare.summarise: mean and sample std over seeds of each run's selected epoch."""
-    row: Dict = {"name": LABELS[setting], "setting": setting, "seeds": [run["seed"] for run in runs]}
-    chosen = [selected_epoch(run["history"]) for run in runs]
-    names = list(METRICS) + [f"valid_{m}" for m in METRICS if all(f"valid_{m}" in c for c in chosen)]
-    for name in names + ["epoch"]:
-        values = np.array([record[name] for record in chosen], dtype=np.float64)
-        row[name] = float(values.mean())
-        row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        row[f"{name}_runs"] = values.tolist()
+    """din.compare's row statistics over seeds of each run's selected epoch, with the epochs each run took."""
+    row = {"name": LABELS[setting], "setting": setting, **summarise_runs(runs)}
     row["epochs_run"] = [len(run["history"]["epochs"]) for run in runs]
-    row["samples_per_second"] = float(np.mean([np.mean([e["samples_per_second"] for e in run["history"]["epochs"]])
-                                               for run in runs]))
     return row
 
 

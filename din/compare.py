@@ -90,10 +90,11 @@ def selected_epoch(history: Dict) -> Dict:
     return history.get("best") or history["epochs"][-1]
 
 
-def summarise(variant: Variant, runs: Sequence[Dict]) -> Dict:
-    """One table row: mean and sample std (0 for one seed) over ``runs`` of the metrics at each run's
-    selected epoch (:func:`selected_epoch`), test and (where there is one) validation."""
-    row: Dict = {"name": variant.label, "variant": variant.key, "seeds": [run["seed"] for run in runs]}
+def summarise_runs(runs: Sequence[Dict]) -> Dict:
+    """Mean, sample std (0 for one seed) and per-run values over ``runs`` (``{"seed", "history"}``) of the
+    metrics at each run's selected epoch (:func:`selected_epoch`), test and (where recorded) validation, and
+    of the selected epoch itself; plus the mean training samples/s."""
+    row: Dict = {"seeds": [run["seed"] for run in runs]}
     chosen = [selected_epoch(run["history"]) for run in runs]
     names = list(METRICS) + [f"valid_{name}" for name in METRICS if all(f"valid_{name}" in c for c in chosen)]
     for name in names + ["epoch"]:
@@ -104,6 +105,11 @@ def summarise(variant: Variant, runs: Sequence[Dict]) -> Dict:
     row["samples_per_second"] = float(np.mean([np.mean([e["samples_per_second"] for e in run["history"]["epochs"]])
                                                for run in runs]))
     return row
+
+
+def summarise(variant: Variant, runs: Sequence[Dict]) -> Dict:
+    """One table row of ``variant``: :func:`summarise_runs` with the row's name."""
+    return {"name": variant.label, "variant": variant.key, **summarise_runs(runs)}
 
 
 def format_table(rows: Sequence[Dict], base: Optional[Dict] = None) -> str:
