@@ -195,8 +195,8 @@ def plot_curves(results: Sequence[Dict], path: Path, title: str) -> None:
             if len(values) > 1:
                 axis.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color,
                                   alpha=0.15)
-    for axis, (_, ylabel, title) in zip(axes, panels):
-        axis.set(xlabel="epoch", ylabel=ylabel, title=title)
+    for axis, (_, ylabel, panel_title) in zip(axes, panels):
+        axis.set(xlabel="epoch", ylabel=ylabel, title=panel_title)
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
     axes[-1].legend(fontsize=8)

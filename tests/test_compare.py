@@ -89,3 +89,24 @@ def test_compare_bad_arguments_fail_before_training(tmp_path, capsys, monkeypatc
     assert main(["compare", *TINY, "--plot", str(tmp_path / "c.png"), "--out", str(tmp_path / "o")]) == 2
     assert "pip install 'din-kernels[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing trained
+
+
+def test_plot_curves_handles_runs_stopped_early_and_keeps_the_title(tmp_path, monkeypatch):
+    """Runs of one variant may stop at different epochs (early stopping); the figure keeps its own title."""
+    import matplotlib.figure
+
+    from din.compare import plot_curves
+
+    titles = []
+    real_suptitle = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, text, **kw: titles.append(text) or real_suptitle(self, text, **kw))
+
+    def run(seed, gaucs):
+        epochs = [{"train_loss": 0.6 - 0.1 * i, "valid_gauc": g, "gauc": g - 0.01} for i, g in enumerate(gaucs)]
+        return {"seed": seed, "history": {"epochs": epochs}}
+
+    results = [{"row": {"name": "DIN"}, "runs": [run(1, [0.6, 0.7, 0.65]), run(2, [0.6, 0.62, 0.7, 0.69, 0.68])]}]
+    plot_curves(results, tmp_path / "curves.png", title="my data: 2 seeds")
+    assert titles == ["my data: 2 seeds"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
