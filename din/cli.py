@@ -293,7 +293,7 @@ def cmd_compare(args) -> int:
         write_text_atomic(args.out / "compare.md", format_markdown(rows, base) + "\n")
     if args.plot is not None:
         seeds_text = f"{len(seeds)} seeds (mean, band min-max)" if len(seeds) > 1 else f"seed {seeds[0]}"
-        plot_curves(results, args.plot, title=f"{args.data}: {seeds_text}, {args.epochs} epochs")
+        plot_curves(results, args.plot, title=f"{args.data}: {seeds_text}, at most {args.epochs} epochs")
         print(f"wrote {args.plot}")
     return 0
 
