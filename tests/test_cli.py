@@ -76,3 +76,22 @@ def test_full_l2_and_conflicting_regularisers(tmp_path, capsys):
                  "--l2", "full", "--quiet"]) == 0
     assert main(["train", "--data", "synthetic", "--mba-lambda", "0.01", "--l2", "full", "--quiet"]) == 2
     assert "choose one regulariser" in capsys.readouterr().err
+
+
+def test_threads_flag_sets_torch_threads(monkeypatch, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--max-len", "10",
+                     "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["train", "--threads", "0"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    from din.cli import build_parser
+    assert build_parser().parse_args(["train"]).threads == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert build_parser().parse_args(["train"]).threads == 1
