@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the device, a synchronised clock, and the interleaved ratio table.
+"""What the benchmark scripts share: the device, a synchronised clock, the interleaved ratio table, and busy
+neighbour processes for timings on a loaded machine.
 
 The table interleaves the providers round-robin, so that background load on a shared machine hits all of
 them alike, and reports each provider's median (min-max in brackets) and every baseline's time over
@@ -6,9 +7,13 @@ din_kernels' time, all from the same run.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 
@@ -56,3 +61,35 @@ def ratio_row(case: str, mode: str, samples: Dict[str, List[float]], digits: int
              for p, times in samples.items()]
     ratios = [f"{median[p] / median['din_kernels']:.2f}x" for p in samples if p != "din_kernels"]
     return f"| {case} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |"
+
+
+# A neighbour: torch matmuls at torch's default threads, as a data-loader worker or another job would run.
+_NEIGHBOUR = """
+import time, torch
+a = torch.randn(768, 768)
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    a = torch.tanh(a @ a)
+"""
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int, seconds: float = 1800.0) -> Iterator[None]:
+    """``count`` neighbour processes doing torch work beside the block; each stops by itself after
+    ``seconds`` (a bound, in case this process dies) and all are stopped when the block ends."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    procs = [subprocess.Popen([sys.executable, "-c", _NEIGHBOUR.format(seconds=float(seconds))], env=env)
+             for _ in range(count)]
+    try:
+        time.sleep(3.0 if count else 0.0)  # let them import torch and start working
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

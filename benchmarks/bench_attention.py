@@ -50,8 +50,8 @@ from din_kernels import reference  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header,  # noqa: E402
-                     synchronize, time_ms)
+from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row,  # noqa: E402
+                     ratio_table_header, synchronize, time_ms)
 
 HIDDEN = (80, 40)
 PROVIDERS = ("din_kernels", "reference", "compiled", "deepctr")
@@ -290,18 +290,57 @@ def table(repeats: int, providers: List[str]) -> str:
     return "\n".join(lines + memory_lines)
 
 
+def busy_table(repeats: int, providers: List[str], busy: int) -> str:
+    """Quiet against loaded (``busy`` neighbour processes doing torch work at its default threads), at 1 and 2
+    threads of ours: each provider's median, its slowdown under load, and each baseline over din_kernels."""
+    threads_before = torch.get_num_threads()
+    quiet: Dict = {}
+    loaded: Dict = {}
+    try:
+        for phase, store in (("quiet", quiet), ("loaded", loaded)):
+            with busy_neighbours(busy if phase == "loaded" else 0):
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    for case in cases():
+                        problem = Problem(case)
+                        for mode in MODES:
+                            steps = {p: make_step(p, mode, problem) for p in providers}
+                            store[threads, case.name, mode] = interleaved_samples(steps, repeats)
+                            print(f"{phase} {threads} thread(s) {case.name} {mode}", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    lines = [f"{describe_machine()}; {busy} neighbour process(es) running torch matmuls at torch's default threads "
+             f"in the loaded columns; hidden {HIDDEN} sigmoid, fp32, median of {repeats}", "",
+             "| threads | case | mode | " + " | ".join(f"{p} ms quiet / loaded (slowdown)" for p in providers) +
+             " | " + " | ".join(f"{p} / din_kernels quiet / loaded" for p in providers if p != "din_kernels") + " |"]
+    lines.append("|" + " --- |" * (lines[-1].count("|") - 1))
+    for (threads, name, mode), samples in quiet.items():
+        q = {p: statistics.median(t) for p, t in samples.items()}
+        l = {p: statistics.median(t) for p, t in loaded[threads, name, mode].items()}
+        cells = [f"{q[p]:.1f} / {l[p]:.1f} ({l[p] / q[p]:.2f}x)" for p in providers]
+        ratios = [f"{q[p] / q['din_kernels']:.2f}x / {l[p] / l['din_kernels']:.2f}x" for p in providers
+                  if p != "din_kernels"]
+        lines.append(f"| {threads} | {name} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the ratio table (markdown)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also time beside N neighbour processes doing torch work (stopped at the end), "
+                             "at 1 and 2 threads, and print quiet and loaded columns in one table")
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("use --table, or run through pytest for pytest-benchmark")
     providers = [p for p in args.providers.split(",") if available(p)]
     if "din_kernels" not in providers:
         parser.error("the providers must include din_kernels")
-    print(table(args.repeats, providers))
+    if args.busy < 0:
+        parser.error("--busy must be >= 0")
+    print(busy_table(args.repeats, providers, args.busy) if args.busy else table(args.repeats, providers))
 
 
 if __name__ == "__main__":
