@@ -123,3 +123,16 @@ def test_missing_peer_is_a_clear_error(quality_peer, monkeypatch, capsys):
     assert quality_peer.main(["--data", "synthetic", "--settings", "peer-defaults"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "pip install --no-deps deepctr-torch==0.3.0" in err
+
+
+def test_bench_train_runs_end_to_end(quality_peer, tiny_split, capsys):
+    """benchmarks/bench_train.py (built on this script's peer helpers): one quiet and one loaded condition."""
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT.parent / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    assert bench_train.main(["--data", str(tiny_split), "--samples", "300", "--max-len", "10", "--batch-size", "64",
+                             "--repeats", "1", "--threads", "1", "--busy", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| quiet") or "busy" in line]
+    assert len(rows) == 2 and all(line.rstrip().endswith("x |") for line in rows)
+    with pytest.raises(SystemExit):
+        bench_train.main(["--threads", "0"])
