@@ -74,7 +74,7 @@ from din.checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
 from din.cli import _load_split, _positive_int, _regularizer, _train_one, _valid_fraction, build_parser  # noqa: E402
 from din.compare import METRICS, parse_seeds, selected_epoch, summarise_runs  # noqa: E402
 from din.data import InteractionData  # noqa: E402
-from din.train import TrainConfig  # noqa: E402
+from din.train import EpochSelection, TrainConfig, prefixed  # noqa: E402
 from din.train import predict as din_predict  # noqa: E402
 
 SETTINGS = ("ours", "peer-defaults", "peer-matched")
@@ -342,9 +342,6 @@ def check_sklearn(labels: np.ndarray, probs: np.ndarray, users: Optional[np.ndar
 # training
 # --------------------------------------------------------------------------------------------------------
 
-def _prefixed(prefix: str, values: Dict) -> Dict:
-    return {f"{prefix}{name}": value for name, value in values.items()}
-
 
 def _epoch_line(record: Dict, improved: bool, selects: bool) -> str:
     valid = f"valid GAUC {record['valid_gauc']:.4f}{' *' if improved else '  '}  " if selects else ""
@@ -372,7 +369,7 @@ def train_peer(setting: str, split, inputs: Dict, peer, config: Dict, args, seed
     selects = split.valid is not None
     history = {"setting": setting, "peer": config, "seed": seed,
                "selection": "best validation GAUC" if selects else "last epoch (no validation part)", "epochs": []}
-    best_score, best_epoch, since_best = -math.inf, None, 0
+    selection = EpochSelection(history, selects, args.patience, args.epochs)  # din train's rule
     for epoch in range(1, args.epochs + 1):
         chatter = io.StringIO()  # fit prints the device and "Train on N samples" every call
         started = time.perf_counter()
@@ -391,27 +388,19 @@ def train_peer(setting: str, split, inputs: Dict, peer, config: Dict, args, seed
         started = time.perf_counter()
         if selects:
             x_valid = inputs["valid"][0]
-            record.update(_prefixed("valid_", score(split.valid, model.predict(dict(x_valid), PREDICT_BATCH))))
+            record.update(prefixed("valid_", score(split.valid, model.predict(dict(x_valid), PREDICT_BATCH))))
         test_probs = model.predict(dict(inputs["test"][0]), PREDICT_BATCH).reshape(-1)
         record.update(score(split.test, test_probs))
         record["predict_seconds"] = time.perf_counter() - started
         if epoch == 1:  # our metric code against scikit-learn on this run's predictions
             history["sklearn_check"] = check_sklearn(split.test.label, test_probs)
         history["epochs"].append(record)
-        value = record["valid_gauc"] if selects else float(epoch)
-        improved = best_epoch is None or value > best_score
+        improved = selection.observe(record)
         if improved:
-            best_score, best_epoch, since_best = value, epoch, 0
-            history["best"] = record
             history["best_test_probs"] = test_probs
-        else:
-            since_best += 1
-        history["last"] = record
         log(_epoch_line(record, improved, selects))
-        stop = selects and since_best >= args.patience and epoch < args.epochs
-        history["stopped_early"] = bool(stop)
-        if stop:
-            log(f"stopping: no better validation GAUC for {args.patience} epochs; keeping epoch {best_epoch}")
+        if selection.stop:
+            log(selection.stop_message())
             break
     return history
 

@@ -125,8 +125,37 @@ def _scale_learning_rates(model: nn.Module, optimizers: List[torch.optim.Optimiz
             module.lr = module.lr * factor
 
 
-def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
+def prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
+    """``values`` with every key prefixed (``valid_auc``, ...)."""
     return {f"{prefix}{name}": value for name, value in values.items()}
+
+
+class EpochSelection:
+    """The model-selection rule, in one place: the epoch with the best validation GAUC is kept (the last
+    epoch when there is no validation part), and training stops after ``patience`` epochs without a better
+    one. Keeps ``history["best"]``, ``history["last"]`` and ``history["stopped_early"]`` up to date."""
+
+    def __init__(self, history: Dict, selects: bool, patience: int, max_epochs: int):
+        self.history, self.selects, self.patience, self.max_epochs = history, selects, patience, max_epochs
+        self.best_score, self.best_epoch, self.since_best, self.stop = -math.inf, None, 0, False
+
+    def observe(self, record: Dict) -> bool:
+        """Take one epoch's record; returns whether it is the new best."""
+        score = record["valid_gauc"] if self.selects else float(record["epoch"])
+        improved = self.best_epoch is None or score > self.best_score  # a NaN score never displaces a best
+        if improved:
+            self.best_score, self.best_epoch, self.since_best = score, record["epoch"], 0
+            self.history["best"] = record
+        else:
+            self.since_best += 1
+        self.history["last"] = record
+        self.stop = self.selects and self.since_best >= self.patience and record["epoch"] < self.max_epochs
+        self.history["stopped_early"] = bool(self.stop)
+        return improved
+
+    def stop_message(self) -> str:
+        return (f"stopping: no better validation GAUC for {self.patience} epochs; "
+                f"keeping epoch {self.best_epoch}")
 
 
 def train(
@@ -167,7 +196,8 @@ def train(
     history = {"model": model.config.to_dict(), "train": config.to_dict(), "data": split.summary(),
                "selection": "best validation GAUC" if selects else "last epoch (no validation part)",
                "epochs": []}
-    best_score, best_state, since_best = -math.inf, None, 0
+    selection = EpochSelection(history, selects, config.patience, config.epochs)
+    best_state = None  # the best validation epoch's weights (without validation the last epoch is kept as is)
     for epoch in range(1, config.epochs + 1):
         model.train()
         epoch_lr = optimizer.param_groups[0]["lr"]
@@ -201,32 +231,23 @@ def train(
         record = {"epoch": epoch, "lr": epoch_lr, "train_loss": loss_sum / max(seen, 1),
                   "train_seconds": train_seconds, "samples_per_second": seen / max(train_seconds, 1e-9)}
         if selects:
-            record.update(_prefixed("valid_", evaluate(model, split.valid, config.max_len,
+            record.update(prefixed("valid_", evaluate(model, split.valid, config.max_len,
                                                        config.eval_batch_size, config.device)))
         record.update(evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device))
         history["epochs"].append(record)
-        score = record["valid_gauc"] if selects else float(epoch)
-        improved = best_state is None or score > best_score  # a NaN score never displaces a best
-        if improved:
-            best_score, since_best = score, 0
+        improved = selection.observe(record)
+        if improved and selects:
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-            history["best"] = record
-        else:
-            since_best += 1
-            if config.lr_decay < 1:
-                _scale_learning_rates(model, optimizers, config.lr_decay)
-        history["last"] = record
+        elif not improved and config.lr_decay < 1:
+            _scale_learning_rates(model, optimizers, config.lr_decay)
         valid_text = f"valid GAUC {record['valid_gauc']:.4f}{' *' if improved else '  '}  " if selects else ""
         log(f"epoch {epoch}: loss {record['train_loss']:.4f}  {valid_text}test AUC {record['auc']:.4f}  "
             f"GAUC {record['gauc']:.4f}  logloss {record['logloss']:.4f}  "
             f"({record['samples_per_second']:,.0f} samples/s)")
-        stop = selects and since_best >= config.patience and epoch < config.epochs
-        history["stopped_early"] = bool(stop)
         if out_dir is not None:
             write_json_atomic(Path(out_dir) / "metrics.json", history)
-        if stop:
-            log(f"stopping: no better validation GAUC for {config.patience} epochs; "
-                f"keeping epoch {history['best']['epoch']}")
+        if selection.stop:
+            log(selection.stop_message())
             break
     if best_state is not None:
         model.load_state_dict(best_state)
