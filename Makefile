@@ -20,6 +20,8 @@ $(STAMP): setup.py Makefile
 	# deepctr-torch pins old deps; install it alone and give it its real imports.
 	$(PY) -m pip install -q --no-deps $(DEEPCTR_PIN)
 	$(PY) -m pip install -q tqdm scikit-learn requests
+	# the C++ CPU op of the local activation unit, compiled once into ~/.cache/din_kernels (or $$DIN_KERNELS_CACHE)
+	$(PY) -m din_kernels.build
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -9,8 +9,9 @@ exponential draw of mean T/4, cut at T (at T=50 the distribution has mean 12.8, 
 Beauty's histories cut at 50: mean 12.2, median 8). B=256, T=50 is a DIN training call (``din train``
 defaults).
 Providers, all computing the same function from the same weights:
-  din_kernels  the public ``din_kernels.din_attention`` (validation included): the torch composite path on
-               CPU, the Triton kernels on CUDA
+  din_kernels  the public ``din_kernels.din_attention`` (validation included): the C++ op on CPU (where
+               it is built), the Triton kernels on CUDA
+  composite    the same under ``set_backend("torch")``: the Python composite path (the CPU fallback)
   reference    ``din_kernels.reference.din_attention`` in eager mode (the [B, T, 4D] formulation)
   compiled     ``torch.compile(reference.din_attention)``; compiled and warmed up outside the timed region
   deepctr      ``deepctr_torch.layers.sequence.AttentionSequencePoolingLayer`` with the same weights
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import din_kernels as dk  # noqa: E402
 from din_kernels import reference  # noqa: E402
+from din_kernels import cpu_extension  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,15 +56,15 @@ from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samp
                      ratio_table_header, synchronize, time_ms)
 
 HIDDEN = (80, 40)
-PROVIDERS = ("din_kernels", "reference", "compiled", "deepctr")
+PROVIDERS = ("din_kernels", "composite", "reference", "compiled", "deepctr")
 MODES = ("forward", "forward+backward")
 CPU_CASES = ["1024x100x36", "1024x100x36:full", "256x500x36", "4096x20x64", "256x50x36:skewed", "256x50x36:full"]
 GPU_CASES = [f"{b}x{t}x{d}" for b, t, d in itertools.product((256, 1024, 4096), (20, 100, 500), (36, 64))]
 
 if DEVICE.type == "cpu" and interpreter_enabled():
     # The Triton interpreter (set by tests/conftest.py when tests are collected too) is a correctness tool,
-    # ~26 ms per program instance: benchmark the composite path, which is what CPU users run.
-    dk.set_backend("torch")
+    # ~26 ms per program instance: benchmark what CPU users run, the C++ op (the composite path without it).
+    dk.set_backend("cpp" if cpu_extension.available() else "torch")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,18 @@ def _deepctr_layer(problem: Problem):
     return layer
 
 
+def _on_backend(name: str, fn: Callable) -> Callable:
+    """``fn`` run with ``dk.set_backend(name)``, the previous backend restored after each call."""
+    def call(*args, **kwargs):
+        previous = dk.get_backend()
+        dk.set_backend(name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dk.set_backend(previous)
+    return call
+
+
 def make_step(provider: str, mode: str, problem: Problem) -> Callable[[], None]:
     """One call of ``provider`` in ``mode``, ready to time (compiled and warmed up already)."""
     p = problem
@@ -145,6 +159,8 @@ def make_step(provider: str, mode: str, problem: Problem) -> Callable[[], None]:
         params = [p.query, p.keys] + p.weights
         if provider == "din_kernels":
             fn = dk.din_attention
+        elif provider == "composite":
+            fn = dk.din_attention  # the whole step runs on backend "torch" (below)
         elif provider == "reference":
             fn = reference.din_attention
         elif provider == "compiled":
@@ -162,6 +178,8 @@ def make_step(provider: str, mode: str, problem: Problem) -> Callable[[], None]:
     else:
         def step():
             torch.autograd.grad(forward(), params, p.grad_out)
+    if provider == "composite":  # forward and backward alike (the backward picks its launchers when it runs)
+        step = _on_backend("torch", step)
     for _ in range(2):  # compile (for "compiled"), warm caches and allocators
         step()
     return step
@@ -215,6 +233,8 @@ def forward_bytes(case: Case) -> int:
 
 
 def available(provider: str) -> bool:
+    if provider == "composite":
+        return DEVICE.type == "cpu"  # the CPU fallback; on CUDA the kernels run
     if provider != "deepctr":
         return True
     try:

@@ -1,10 +1,12 @@
-"""Which path runs: the Triton kernels or the torch composite path.
+"""Which path runs: the Triton kernels, the C++ CPU op, or the torch composite path.
 
 ``auto`` (the default) runs Triton for CUDA tensors, and for CPU tensors only when ``TRITON_INTERPRET=1``
-is set (that is how CI, which has no GPU, runs the kernels themselves); everything else takes the torch
-composite path, which uses the same algebra so that CPU users are fast too. ``set_backend("triton")``
-forces the kernels (an error where Triton cannot run), ``set_backend("torch")`` forces the composite
-path. The environment variable ``DIN_KERNELS_BACKEND`` sets the starting value.
+is set (that is how CI, which has no GPU, runs the kernels themselves); CPU tensors otherwise take the C++
+op where it is built (``cpu_extension``; the local activation unit only), else the torch composite path,
+which uses the same algebra in Python. ``set_backend("triton")`` forces the kernels (an error where Triton
+cannot run), ``set_backend("cpp")`` the C++ op on CPU (an error where it is not built; Dice and MBA, which
+have no C++ op, run their torch path), ``set_backend("torch")`` the composite path. The environment
+variable ``DIN_KERNELS_BACKEND`` sets the starting value.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from . import cpu_extension
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
 _backend = os.environ.get("DIN_KERNELS_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"DIN_KERNELS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
@@ -34,12 +38,15 @@ def interpreter_enabled() -> bool:
 
 
 def set_backend(name: str) -> None:
-    """Choose the path for every op: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    """Choose the path for every op: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and not triton_available():
         raise RuntimeError("backend 'triton' requested but triton cannot be imported")
+    if name == "cpp" and not cpu_extension.available():
+        raise RuntimeError("backend 'cpp' requested but the C++ CPU op could not be built or loaded "
+                           "(see the warning; `python -m din_kernels.cpu_extension` retries the build)")
     _backend = name
 
 
@@ -49,7 +56,7 @@ def get_backend() -> str:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when the op on ``tensor`` should run the Triton kernels."""
-    if _backend == "torch" or not triton_available():
+    if _backend in ("torch", "cpp") or not triton_available():
         if _backend == "triton":
             raise RuntimeError("backend 'triton' requested but triton cannot be imported")
         return False
@@ -60,3 +67,13 @@ def use_triton(tensor: torch.Tensor) -> bool:
             "TRITON_INTERPRET=1 before importing din_kernels to run the kernels under the interpreter"
         )
     return runnable
+
+
+def use_cpu_extension(tensor: torch.Tensor) -> bool:
+    """True when an op with a C++ CPU path (the local activation unit) should run it on ``tensor``: a CPU
+    tensor, the backend "cpp", or "auto" where Triton does not run, and the op built."""
+    if tensor.device.type != "cpu" or _backend == "torch":
+        return False
+    if _backend == "cpp":
+        return True
+    return cpu_extension.available()

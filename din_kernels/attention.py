@@ -18,11 +18,12 @@ batch row loops over its valid positions in tiles, recomputes the MLP, and never
 ``[B, T, H]``. The backward kernel recomputes the activations and returns per-row ``dM_b``/``du_b`` and
 per-row weight-gradient partials that torch reduces afterwards (deterministic, no atomics).
 
-Paths (``_backend.use_triton``): the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or
+Paths (``_launchers``): the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or
 2 hidden layers of width <= 256 and ``D <= 256`` whose resident tiles fit (``fused_supported``), in
-fp32/fp16/bf16; the torch composite path (same algebra, hand-written backward, ``attention_torch.py``)
-otherwise, or for small problems in eager mode its autograd variant ``attention_torch_small``; the
-reference for Dice in training mode.
+fp32/fp16/bf16; on CPU otherwise the C++ op (``attention_cpu.py``: one parallel region per call, robust
+when other processes share the cores) where it is built, else the torch composite path (same algebra,
+hand-written backward, ``attention_torch.py``), or for small problems in eager mode its autograd variant
+``attention_torch_small``; the reference for Dice in training mode.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import use_triton
+from ._backend import use_cpu_extension, use_triton
 from . import attention_torch
+from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_attention_args, check_choice
 from .dice import Dice
@@ -552,9 +554,12 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
 # ----------------------------------------------------------------------------------------------------------
 
 def _launchers(keys: Tensor, weights: Sequence[Tensor]):
-    """(forward, backward) launchers for this problem; both paths honour one contract."""
+    """(forward, backward) launchers for this problem; every path honours one contract. CPU problems the
+    Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op."""
     if use_triton(keys) and fused_supported(keys, weights):
         return attention_forward, attention_backward
+    if use_cpu_extension(keys):
+        return attention_cpu_forward, attention_cpu_backward
     return attention_torch_forward, attention_torch_backward
 
 
@@ -653,9 +658,10 @@ _din_attention_op.register_autograd(_backward, setup_context=_setup_context)
 class DinAttentionFunction(torch.autograd.Function):
     """Eager autograd for the local activation unit: the launchers of the custom op above, without its Python
     dispatch (measured on the 2-core CPU: ~0.2 ms less per forward + backward, 8-12 % of a call at B=16-64,
-    T=10-20), and, on the composite path, with the forward's activations kept for the backward up to
-    ``attention_torch.KEEP_FLOATS`` (a custom op can only pass tensors of fixed schema): the backward skips
-    the recompute of those chunks, 12-25 % faster forward + backward at training sizes (B=64-256, T=20-50).
+    T=10-20), and, on the C++ and composite paths, with the forward's activations kept for the backward up
+    to ``attention_cpu.KEEP_FLOATS`` / ``attention_torch.KEEP_FLOATS`` (a custom op can only pass tensors of
+    fixed schema): the backward skips the recompute of those blocks (composite: 12-25 % faster forward +
+    backward at B=64-256, T=20-50).
     ``din_attention`` uses it outside ``torch.compile``; under compilation it calls the custom op, which
     stays one graph node. The tensor lists travel flattened: ``*weights, *alphas, *dice_means, *dice_vars``.
     Returns ``(out [B, D], attn [B, T])``; ``attn`` carries no gradient.
@@ -670,7 +676,7 @@ class DinAttentionFunction(torch.autograd.Function):
                                                                       activation)
         options = dict(form=form, activation=activation_, normalize=normalize, scale=scale)
         ctx.kept = None
-        if keep and forward is attention_torch_forward:  # ``keep``: a backward will follow (grad mode on)
+        if keep and forward in (attention_torch_forward, attention_cpu_forward):  # a backward will follow
             ctx.kept = options["kept"] = []
         out, attn, lse = forward(query, keys, lengths, weights_, alphas_, dice_eval, eps, **options)
         ctx.counts = counts
@@ -724,8 +730,8 @@ def din_attention(
 
     Paths: the fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) for 1 or 2 hidden layers of
     width <= 256 and D <= 256 (padded D x H1 and H1 x H2 tiles up to 128 x 128; ``fused_supported``) in
-    fp32/fp16/bf16; the torch composite path otherwise (same results; also every CPU run without the
-    interpreter). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
+    fp32/fp16/bf16; on CPU the C++ op (``attention_cpu``) where it is built, else the torch composite path
+    (same results). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
     ``activation="dice"`` with ``training=True`` runs the reference (batch statistics over the valid
     positions, running statistics updated in place); every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``

@@ -2,8 +2,10 @@
 
 CI has no GPU, so the Triton kernels run on CPU tensors under Triton's interpreter. The interpreter must
 be switched on before any ``@triton.jit`` decorator runs, hence before ``din_kernels`` is imported.
-The suite's default backend is the torch composite path (the interpreter is far too slow for model and
-CLI tests); kernel tests ask for both paths explicitly through the ``backend`` fixture.
+The suite's default backend is the C++ CPU op, what CPU users run (the interpreter is far too slow for
+model and CLI tests); kernel tests ask for every path explicitly through the ``backend`` fixture (Triton
+under the interpreter, the C++ op, the torch composite path; ops without a C++ op run their torch path
+under "cpp").
 
 ``DIN_TEST_DEVICE=cuda`` (used by ``benchmarks/gpu_check.sh`` with ``TRITON_INTERPRET=0``) makes CUDA the
 default device of every tensor the tests create, so the same tests run the real Triton kernels on a GPU.
@@ -11,7 +13,7 @@ default device of every tensor the tests create, so the same tests run the real 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DIN_KERNELS_BACKEND", "torch")
+os.environ.setdefault("DIN_KERNELS_BACKEND", "cpp")
 
 from pathlib import Path  # noqa: E402
 
@@ -26,9 +28,9 @@ if os.environ.get("DIN_TEST_DEVICE"):
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "cpp", "torch"])
 def backend(request):
-    """Run the test once on the Triton kernels (interpreter on CPU) and once on the composite path."""
+    """Run the test on the Triton kernels (interpreter on CPU), the C++ op and the composite path."""
     previous = dk.get_backend()
     dk.set_backend(request.param)
     yield request.param

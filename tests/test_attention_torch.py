@@ -1,12 +1,15 @@
-"""The torch composite path of the local activation unit (``din_kernels.attention_torch``), launcher by
-launcher, against ``reference.din_attention``: forward, the [B, T] weights, the softmax log-sum-exp and every
-gradient (query, keys, each weight and bias, the prelu/dice slopes), fp32 and low precision; fp64 gradcheck
-through a test-local autograd.Function; chunking (several chunks, lengths unsorted) and edge shapes."""
+"""The CPU paths of the local activation unit, launcher by launcher, against ``reference.din_attention``: the
+torch composite path (``din_kernels.attention_torch``: chunked, and its small autograd variant) and the C++
+op (``din_kernels.attention_cpu``, with and without kept activations): forward, the [B, T] weights, the
+softmax log-sum-exp and every gradient (query, keys, each weight and bias, the prelu/dice slopes), fp32 and
+low precision; fp64 gradcheck through a test-local autograd.Function; chunking (several chunks, lengths
+unsorted) and edge shapes. C++-only behaviour (blocks, threads, build and fallback): test_attention_cpu.py."""
 import math
 
 import pytest
 import torch
 
+import din_kernels.attention_cpu as ac
 import din_kernels.attention_torch as at
 from din_kernels import reference
 
@@ -80,7 +83,21 @@ def expected_lse(query, keys, lengths, weights, alphas, dice_eval, *, scale, **o
     return torch.logsumexp(scores.masked_fill(~valid, -math.inf), dim=1)
 
 
-PATHS = {"chunked": composite, "small": small}
+def cpp(query, keys, lengths, weights, alphas, dice_eval, grad_out, *, kept=None, **options):
+    """The C++ op's launchers; ``kept=[]`` keeps the forward's activations for the backward."""
+    alphas = None if alphas is None else tuple(alphas)
+    out, attn, lse = ac.attention_cpu_forward(query, keys, lengths, tuple(weights), alphas, dice_eval, 1e-8,
+                                              kept=kept, **options)
+    dq, dk, dws, das = ac.attention_cpu_backward(grad_out, query, keys, lengths, tuple(weights), alphas,
+                                                 dice_eval, 1e-8, out, attn, lse, kept=kept, **options)
+    return out, attn, lse, [dq, dk, *dws, *(das or ())]
+
+
+def cpp_kept(*args, **options):
+    return cpp(*args, kept=[], **options)
+
+
+PATHS = {"chunked": composite, "small": small, "cpp": cpp, "cpp-kept": cpp_kept}
 
 
 def assert_matches(problem, options, atol=1e-5, rtol=1e-4, path="chunked"):

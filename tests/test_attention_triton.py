@@ -16,6 +16,7 @@ import torch
 
 import din_kernels as dk
 from din_kernels import attention, reference
+from din_kernels.attention_cpu import attention_cpu_forward
 from din_kernels.attention_torch import attention_torch_forward
 
 FORMS = ["concat", "outer"]
@@ -159,10 +160,11 @@ def test_no_hidden_layer(backend, form):
         assert_matches_reference(problem, form=form, normalize=normalize, scale=0.5)
 
 
-def test_fp64_runs_the_composite_path(backend):
+def test_fp64_runs_a_cpu_path(backend):
+    """The kernels take no fp64: on CPU it runs the C++ op, or the composite path under backend "torch"."""
     problem = make_problem(2, 5, 4, (16,), lengths=[5, 2], dtype=torch.float64)
     forward, _ = attention._launchers(problem["keys"], problem["weights"])
-    assert forward is attention_torch_forward
+    assert forward is (attention_torch_forward if backend == "torch" else attention_cpu_forward)
     assert_matches_reference(problem, normalize="softmax")
 
 

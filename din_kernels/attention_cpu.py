@@ -1,0 +1,174 @@
+"""C++ path of the local activation unit on the CPU: launchers around ``torch.ops.din_kernels_cpu``.
+
+The op (``csrc/attention_cpu.cpp``, built by ``cpu_extension``) runs a whole forward, or a whole backward, as
+ONE parallel region whose threads pull blocks of batch rows from a shared counter, with direct BLAS calls
+inside: under a neighbour process that takes a core it slows down like the eager reference (or less),
+where the Python composite path (one parallel region per torch op) collapsed. Same algebra and the same
+launcher contract as ``attention_torch`` (and the Triton launchers); the first-layer split and the
+activation parameters come from ``attention_torch._FirstLayer`` and ``_Activation``, so each lives once:
+
+    attention_cpu_forward(query, keys, lengths, weights, alphas, dice_eval, eps, *, form, activation,
+                          normalize, scale) -> (out [B, D], attn [B, T], lse [B] or empty)
+    attention_cpu_backward(grad_out, query, keys, lengths, weights, alphas, dice_eval, eps, out, attn, lse,
+                           *, form, activation, normalize, scale) -> (dquery, dkeys, dweights, dalphas)
+
+fp16/bf16 inputs are computed in fp32, fp64 in fp64, as on the composite path. Results do not depend on the
+thread count (weight gradients are summed per block, then over blocks in a fixed order). With ``kept=`` (a
+list; ``DinAttentionFunction`` passes one in eager training) the forward keeps its leading blocks'
+activations, up to ``KEEP_FLOATS``, for the backward, which then skips their recompute.
+"""
+from __future__ import annotations
+
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import cpu_extension
+from .attention_torch import _Activation, _FirstLayer, _check_launcher_args, _compute_dtype
+
+Tensor = torch.Tensor
+
+__all__ = ["attention_cpu_forward", "attention_cpu_backward", "cpu_supported"]
+
+# Activation codes of the C++ op (``enum Activation`` in csrc/attention_cpu.cpp).
+_ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
+
+# Activations the forward may keep for the backward, in floats per call (``kept=``): 64 MB in fp32, which
+# holds a whole DIN training call (B=256, T=50: 1.5 M floats with hidden (80, 40)) and B=1024, T=100 with
+# every history full (12.3 M); larger calls keep their first blocks and recompute the rest. Skipping the
+# recompute made forward + backward 1.3x faster there (2-core CPU). Bounded whatever B and T.
+KEEP_FLOATS = 16 * 2 ** 20
+
+
+class _SavedBuffers:
+    """Buffers for the activations kept from a forward to its backward, reused across calls: a fresh
+    multi-MB tensor per call costs its page faults again (measured here: a new 48 MB buffer 19 ms to fill, a
+    reused one 1.4 ms). A backward hands its buffer back; at most ``limit`` wait for the next forward."""
+
+    def __init__(self, limit: int = 2):
+        self.limit = limit
+        self.free: List[Tensor] = []
+        self.lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.dtype == dtype and b.numel() >= numel]
+            if fits:  # (by index: == on tensors compares elements)
+                return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        # room for somewhat larger calls (batches differ in their lengths) within the bound
+        return torch.empty(min(max(numel, numel * 5 // 4), max(numel, KEEP_FLOATS)), dtype=dtype)
+
+    def give(self, buffer: Tensor) -> None:
+        if buffer.numel() == 0:
+            return
+        with self.lock:
+            self.free.append(buffer)
+            if len(self.free) > self.limit:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+
+_BUFFERS = _SavedBuffers()
+_NOTHING_KEPT = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+
+
+def cpu_supported(keys: Tensor) -> bool:
+    """True when the C++ op can run this problem: CPU tensors and the op built (``cpu_extension``)."""
+    return keys.device.type == "cpu" and cpu_extension.available()
+
+
+def _ops():
+    if not cpu_extension.available():
+        raise RuntimeError("the C++ CPU op is not available (see the warning above, or DIN_KERNELS_CPU_EXTENSION)")
+    return torch.ops.din_kernels_cpu
+
+
+class _Arguments:
+    """The op's network arguments, in the compute dtype: the first layer split as ``_FirstLayer`` does."""
+
+    def __init__(self, keys: Tensor, weights: Sequence[Tensor], alphas, dice_eval, eps: float, form: str,
+                 activation: str):
+        dim = keys.shape[2]
+        self.dtype = dtype = _compute_dtype(keys.dtype)
+        self.first = _FirstLayer(weights[0], weights[1], dim, form, dtype)
+        widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
+        self.act = _Activation(activation, alphas, dice_eval, eps, widths, dtype, keys.device)
+        mq = self.first.wd_t if form == "concat" else self.first.wo_p
+        self.tensors = [self.first.w_u.contiguous(), self.first.b1.contiguous(), self.first.m_base.contiguous(),
+                        mq.contiguous(), form == "outer",
+                        [weights[i].to(dtype).contiguous() for i in range(2, len(weights) - 2, 2)],
+                        [weights[i + 1].to(dtype).contiguous() for i in range(2, len(weights) - 2, 2)],
+                        weights[-2].to(dtype).reshape(-1).contiguous(), weights[-1].to(dtype).reshape(1),
+                        _ACTIVATION_CODES[activation],
+                        [a.contiguous() for a in self.act.alphas] if activation in ("prelu", "dice") else [],
+                        [m.contiguous() for m, _ in self.act.dice] if activation == "dice" else [],
+                        [r.contiguous() for _, r in self.act.dice] if activation == "dice" else []]
+        self.n_layers = len(widths)
+        self.widths = widths
+        self.activation = activation
+
+
+def attention_cpu_forward(
+    query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+    alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
+    *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Local activation unit, forward (contract: ``attention_torch.attention_torch_forward``). ``kept``: a
+    list to append the buffer of kept activations to, for ``attention_cpu_backward(..., kept=)``."""
+    _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
+    ops = _ops()
+    args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
+    q = query.to(args.dtype).contiguous()
+    k = keys.to(args.dtype).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    saved = _NOTHING_KEPT[args.dtype]
+    if kept is not None:
+        needed = ops.attention_saved_floats(lengths, keys.shape[2], form == "outer", args.widths,
+                                            _ACTIVATION_CODES[activation])
+        wanted = min(needed, KEEP_FLOATS)
+        saved = _BUFFERS.take(wanted, args.dtype) if wanted else saved
+        kept.append(saved)
+    out, attn, lse = ops.attention_fwd(q, k, lengths, *args.tensors, normalize == "softmax", scale, saved)
+    return out.to(query.dtype), attn, lse
+
+
+def attention_cpu_backward(
+    grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+    alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
+    out: Tensor, attn: Tensor, lse: Tensor,
+    *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
+):
+    """Local activation unit, backward (contract: ``attention_torch.attention_torch_backward``); recomputes
+    the MLP block by block inside the op, except for the blocks whose activations the forward kept
+    (``kept``, handed back to the buffer pool here). ``out`` and ``lse`` are part of the shared contract,
+    unused here."""
+    _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
+    ops = _ops()
+    args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
+    dtype = args.dtype
+    saved = kept.pop() if kept else _NOTHING_KEPT[dtype]
+    d_query, d_keys, grads = ops.attention_bwd(
+        grad_out.to(dtype).contiguous(), query.to(dtype).contiguous(), keys.to(dtype).contiguous(),
+        lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.tensors,
+        normalize == "softmax", scale, saved)
+    _BUFFERS.give(saved)
+    first, layers = args.first, args.n_layers
+    first.d_wu = grads[0].view(first.hidden, first.dim)
+    first.d_b1 = grads[1]
+    if form == "concat":
+        first.d_wk = torch.cat([grads[2], grads[3]]).view(2 * first.dim, first.hidden)
+    else:
+        first.d_mbase = grads[2].view(first.dim, first.hidden)
+        first.d_wo_p = grads[3].view(first.dim, first.dim * first.hidden)
+    d_weights = list(first.weight_grads(weights[0], weights[1]))
+    for index in range(1, layers):
+        w, b = weights[2 * index], weights[2 * index + 1]
+        d_weights += [grads[2 + 2 * index].view(w.shape).to(w.dtype), grads[3 + 2 * index].view(b.shape).to(b.dtype)]
+    slot = 2 + 2 * layers
+    d_weights += [grads[slot].view_as(weights[-2]).to(weights[-2].dtype),
+                  grads[slot + 1].view_as(weights[-1]).to(weights[-1].dtype)]
+    d_alphas = None
+    if alphas is not None and activation in ("prelu", "dice"):
+        args.act.alpha_grads = list(grads[slot + 2:slot + 2 + layers])
+        d_alphas = args.act.alpha_grads_like(alphas)
+    return d_query.to(query.dtype), d_keys.to(keys.dtype), tuple(d_weights), d_alphas

@@ -1,0 +1,855 @@
+// The local activation unit on the CPU as one C++ op: one parallel region per forward and one per backward.
+//
+// Why: the torch composite path (attention_torch.py) runs ~15 torch ops per chunk of rows forward and ~30
+// backward; each is its own OpenMP parallel region with a barrier at its end. When another process holds a
+// core, the thread the OS descheduled makes every one of those barriers wait (measured: 3-84x slower under
+// load at torch's default threads, against 1.2-4x for the eager reference). Here the work is cut into
+// blocks of batch rows (fixed by the lengths alone) that the calling thread and up to threads - 1 helpers
+// from torch's inter-op pool pull from an atomic counter (``run_blocks``): a helper that the OS does not
+// schedule takes no block and is never waited for (an OpenMP region would wait for it at its barrier), a
+// thread that loses its core mid-call takes fewer blocks, and the caller waits only for blocks in flight.
+// Every per-block product is a direct BLAS call on one thread.
+//
+// Algebra (DESIGN.md, "Kernel design"; the same split as attention_torch._FirstLayer):
+//     z1[b, t] = u_b + k[b, t] @ M_b,   u_b = W_u q_b + b1,
+//     concat: M_b = base + diag(q_b) mq    (base = (Wb - Wc)^T, mq = Wd^T, both [D, H1])
+//     outer:  M_b = base + q_b @ mq        (base = Wk^T [D, H1], mq [D, D * H1])
+//     z_l = h_{l-1} W_l^T + b_l,  h_l = act(z_l),  s = h_L w_out + b_out,  w = softmax(scale * s) or scale * s
+//     out_b = sum_t w[b, t] k[b, t]                                   (valid positions t < lengths[b] only)
+// Backward: dw = k g_out; ds = w (dw - sum_t w dw) (softmax) or dw, times scale; back through the layers
+// (dz_l = act'(z_l) dh_l, dW_l = dz_l^T h_{l-1}, dh_{l-1} = dz_l W_l); then per row
+//     du = sum_t dz1,  dM = k^T dz1,  dk = dz1 M^T + w g_out,
+//     dq = W_u^T du + (concat: sum_h dM * mq | outer: mq dM_flat),  dW_u += du q^T,  d_base += dM,
+//     d_mq += (concat: q * dM | outer: q dM_flat^T).
+// Only valid positions are scored (padding costs nothing). The forward may keep the activations of its
+// leading blocks in a caller-given buffer (``saved``, bounded by the caller); the backward reads those and
+// recomputes the others. Weight gradients are summed per block, then over blocks in block
+// order, so results do not depend on the number of threads or on which thread took which block.
+//
+// Activations (codes shared with attention_cpu.py): 0 identity, 1 sigmoid, 2 relu, 3 prelu, 4 dice (eval:
+// running statistics, f(z) = z (a + (1 - a) p), p = sigmoid((z - mean) rstd)).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS inside the wheel).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// MKL's per-thread thread count (absent from a wheel whose BLAS is not MKL: then only the OpenMP setting).
+int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));  // the C entry (lower case is Fortran)
+}
+
+namespace {
+
+enum Activation : int64_t { kIdentity = 0, kSigmoid = 1, kRelu = 2, kPrelu = 3, kDice = 4 };
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
+template <typename T>
+void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+        int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(std::max<int64_t>(lda, 1)), LDB = static_cast<int>(std::max<int64_t>(ldb, 1));
+  const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  } else {
+    dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  }
+}
+
+template <typename T>
+void sigmoid_(T* x, int64_t n) {
+  // aten's vectorised kernel (inline, single-threaded inside the region): the same values as torch.sigmoid
+  at::from_blob(x, {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)).sigmoid_();
+}
+
+// The network's parameters as raw pointers (all contiguous, in the compute dtype T).
+template <typename T>
+struct Net {
+  int64_t dim, seq_len;
+  bool outer;
+  std::vector<int64_t> widths;  // H_1 .. H_L
+  const T* w_u;                 // [H1, D]
+  const T* b1;                  // [H1]
+  const T* base;                // [D, H1]
+  const T* mq;                  // [D, H1] (concat) or [D, D * H1] (outer)
+  std::vector<const T*> w, b;   // layers 2..L: w[l - 1] [H_l, H_{l-1}], b[l - 1] [H_l] (index 0 unused)
+  const T* w_out;               // [H_L]
+  T b_out;
+  int64_t act;
+  std::vector<const T*> alpha, mean, rstd;  // per layer [H_l] (prelu, dice)
+  bool softmax;
+  T scale;
+  bool has_scale;
+
+  int64_t layers() const { return static_cast<int64_t>(widths.size()); }
+  int64_t h1() const { return widths[0]; }
+  int64_t mq_cols() const { return outer ? dim * widths[0] : widths[0]; }
+  bool saves_z() const { return act == kPrelu || act == kDice; }
+};
+
+// Gradient partial of one block: offsets into a flat vector, in the order the op returns the gradients.
+struct GradLayout {
+  std::vector<int64_t> offset, size;  // d_wu, d_b1, d_base, d_mq, (dW_l, db_l) for l >= 2, d_wout, d_bout, dalpha_l
+  int64_t total = 0;
+  template <typename T>
+  explicit GradLayout(const Net<T>& net) {
+    const int64_t d = net.dim, h1 = net.h1();
+    add(h1 * d);
+    add(h1);
+    add(d * h1);
+    add(d * net.mq_cols());
+    for (int64_t l = 1; l < net.layers(); ++l) {
+      add(net.widths[l] * net.widths[l - 1]);
+      add(net.widths[l]);
+    }
+    add(net.widths.back());
+    add(1);
+    if (net.act == kPrelu || net.act == kDice)
+      for (int64_t width : net.widths) add(width);
+  }
+  void add(int64_t n) {
+    offset.push_back(total);
+    size.push_back(n);
+    total += n;
+  }
+};
+
+struct Block {
+  int64_t row_begin, row_end, positions;
+};
+
+// Blocks of consecutive rows of about ``target`` valid positions each (a row is never split): they depend on
+// the lengths only, never on the thread count, so the results do not either.
+std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t target) {
+  std::vector<Block> blocks;
+  int64_t start = 0, positions = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    positions += lengths[i];
+    if (positions >= target || i == batch - 1) {
+      blocks.push_back({start, i + 1, positions});
+      start = i + 1;
+      positions = 0;
+    }
+  }
+  return blocks;
+}
+
+// Every scratch buffer and every kept block starts on a 64-byte boundary: BLAS picks its code path by the
+// alignment of its operands, so equal alignment everywhere is what makes the results independent of which
+// thread (workspace) ran a block and of whether its activations were kept or recomputed.
+constexpr int64_t kAlignBytes = 64;
+
+template <typename T>
+int64_t aligned_size(int64_t count) {
+  constexpr int64_t per_line = kAlignBytes / sizeof(T);
+  return (count + per_line - 1) / per_line * per_line;
+}
+
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlignBytes))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kAlignBytes)); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, AlignedAllocator<T>>;
+
+template <typename T>
+void grow(Buffer<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+}
+
+// Per-thread scratch, kept between calls (``thread_workspace``): grown to the largest block seen, never
+// shrunk, so that its pages are faulted in once (a fresh multi-MB buffer per call costs page faults).
+template <typename T>
+struct Workspace {
+  std::vector<Buffer<T>> h, z, p;  // per layer [P, H_l]: activations, pre-activations, Dice gates
+  Buffer<T> s, ds, dh_a, dh_b, u, du, m, dm;
+  void reserve(const Net<T>& net, int64_t positions, int64_t rows, bool backward) {
+    const int64_t layers = net.layers(), h1 = net.h1(), d = net.dim;
+    int64_t widest = 0;
+    if (static_cast<int64_t>(h.size()) < layers) {
+      h.resize(layers);
+      z.resize(layers);
+      p.resize(layers);
+    }
+    for (int64_t l = 0; l < layers; ++l) {
+      widest = std::max(widest, net.widths[l]);
+      grow(h[l], positions * net.widths[l]);
+      if (net.saves_z()) grow(z[l], positions * net.widths[l]);
+      if (net.act == kDice) grow(p[l], positions * net.widths[l]);
+    }
+    grow(s, positions);
+    grow(u, rows * h1);
+    grow(m, d * h1);
+    if (backward) {
+      grow(ds, positions);
+      grow(dh_a, positions * widest);
+      grow(dh_b, positions * widest);
+      grow(du, rows * h1);
+      grow(dm, d * h1);
+    }
+  }
+};
+
+template <typename T>
+Workspace<T>& thread_workspace() {
+  thread_local Workspace<T> workspace;
+  return workspace;
+}
+
+// Where one block's activations live: the thread's workspace, or the caller's ``saved`` buffer.
+template <typename T>
+struct Acts {
+  std::vector<T*> h, z, p;  // per layer [P, H_l]; z for prelu/dice, p for dice (else null)
+};
+
+// Floats one block's kept activations take in ``saved``: every layer's activations, plus z (prelu, dice)
+// and p (dice), each array starting on a 64-byte boundary.
+template <typename T>
+int64_t saved_block_floats(const Net<T>& net, int64_t positions) {
+  const int64_t arrays = 1 + (net.saves_z() ? 1 : 0) + (net.act == kDice ? 1 : 0);
+  int64_t floats = 0;
+  for (int64_t width : net.widths) floats += arrays * aligned_size<T>(positions * width);
+  return floats;
+}
+
+template <typename T>
+Acts<T> workspace_acts(const Net<T>& net, Workspace<T>& ws) {
+  Acts<T> acts;
+  for (int64_t l = 0; l < net.layers(); ++l) {
+    acts.h.push_back(ws.h[l].data());
+    acts.z.push_back(net.saves_z() ? ws.z[l].data() : nullptr);
+    acts.p.push_back(net.act == kDice ? ws.p[l].data() : nullptr);
+  }
+  return acts;
+}
+
+template <typename T>
+Acts<T> saved_acts(const Net<T>& net, T* base, int64_t positions) {
+  Acts<T> acts;
+  for (int64_t l = 0; l < net.layers(); ++l) {
+    const int64_t size = aligned_size<T>(positions * net.widths[l]);
+    acts.h.push_back(base);
+    base += size;
+    acts.z.push_back(net.saves_z() ? base : nullptr);
+    base += net.saves_z() ? size : 0;
+    acts.p.push_back(net.act == kDice ? base : nullptr);
+    base += net.act == kDice ? size : 0;
+  }
+  return acts;
+}
+
+// Offsets into ``saved`` of the leading blocks whose activations fit in ``capacity`` floats (the others are
+// recomputed by the backward); the forward and the backward derive the same list from the same inputs.
+template <typename T>
+std::vector<int64_t> saved_offsets(const Net<T>& net, const std::vector<Block>& blocks, int64_t capacity) {
+  std::vector<int64_t> offsets;
+  int64_t used = 0;
+  for (const auto& blk : blocks) {
+    const int64_t floats = saved_block_floats(net, blk.positions);
+    if (used + floats > capacity) break;
+    offsets.push_back(used);
+    used += floats;
+  }
+  return offsets;
+}
+
+// BLAS and aten calls inside a block run on the calling thread only (the parallelism is over blocks).
+class SingleThreaded {
+ public:
+  SingleThreaded() : omp_before_(omp_get_max_threads()) {
+    omp_set_num_threads(1);
+    if (MKL_Set_Num_Threads_Local) mkl_before_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreaded() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before_);
+    omp_set_num_threads(omp_before_);
+  }
+
+ private:
+  int omp_before_, mkl_before_ = 0;
+};
+
+// Blocks handed out by an atomic counter to the caller and its helpers. Shared-owned: a helper that starts
+// after the call returned finds the counter exhausted and never touches ``work``.
+struct BlockQueue {
+  int64_t count = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  const std::function<void(int64_t)>* work = nullptr;
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::exception_ptr error;
+
+  void drain() {
+    SingleThreaded single;
+    c10::InferenceMode no_autograd;  // the aten calls inside (sigmoid) are plain computations
+    for (int64_t index = next.fetch_add(1); index < count; index = next.fetch_add(1)) {
+      try {
+        (*work)(index);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!error) error = std::current_exception();
+      }
+      if (done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
+// Run ``work(index)`` for every block index: the calling thread drains the queue, up to
+// ``at::get_num_threads() - 1`` helpers from torch's inter-op pool join it, and the caller then waits for
+// the blocks still in flight only (not for helpers that never started).
+void run_blocks(int64_t count, const std::function<void(int64_t)>& work) {
+  if (count == 0) return;
+  auto queue = std::make_shared<BlockQueue>();
+  queue->count = count;
+  queue->work = &work;
+  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads(), count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) at::launch([queue] { queue->drain(); });
+  queue->drain();
+  std::unique_lock<std::mutex> lock(queue->mutex);
+  queue->finished.wait(lock, [&] { return queue->done.load() == count; });
+  if (queue->error) std::rethrow_exception(queue->error);
+}
+
+// h = act(z) in place on [n, width]; keeps z (and the Dice gate p) when the backward needs them.
+template <typename T>
+void activate(const Net<T>& net, int64_t layer, T* x, int64_t n, int64_t width, T* z_saved, T* p_saved) {
+  const int64_t count = n * width;
+  switch (net.act) {
+    case kIdentity:
+      return;
+    case kSigmoid:
+      sigmoid_(x, count);
+      return;
+    case kRelu:
+      for (int64_t i = 0; i < count; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
+      return;
+    case kPrelu: {
+      const T* a = net.alpha[layer];
+      std::copy(x, x + count, z_saved);
+      for (int64_t r = 0; r < n; ++r) {
+        T* row = x + r * width;
+        for (int64_t j = 0; j < width; ++j) row[j] = row[j] >= T(0) ? row[j] : row[j] * a[j];
+      }
+      return;
+    }
+    case kDice: {
+      const T *a = net.alpha[layer], *mean = net.mean[layer], *rstd = net.rstd[layer];
+      T* z = z_saved;  // always given for Dice
+      std::copy(x, x + count, z);
+      for (int64_t r = 0; r < n; ++r) {
+        T* row = x + r * width;
+        for (int64_t j = 0; j < width; ++j) row[j] = (row[j] - mean[j]) * rstd[j];
+      }
+      sigmoid_(x, count);  // x = p
+      if (p_saved) std::copy(x, x + count, p_saved);
+      for (int64_t r = 0; r < n; ++r) {
+        T* row = x + r * width;
+        const T* zr = z + r * width;
+        for (int64_t j = 0; j < width; ++j) row[j] = zr[j] * (a[j] + (T(1) - a[j]) * row[j]);
+      }
+      return;
+    }
+  }
+}
+
+// dh -> dz in place on [n, width]; accumulates dalpha [width] (prelu, dice).
+template <typename T>
+void activate_backward(const Net<T>& net, int64_t layer, T* dh, const T* h, const T* z, const T* p, int64_t n,
+                       int64_t width, T* dalpha) {
+  const int64_t count = n * width;
+  switch (net.act) {
+    case kIdentity:
+      return;
+    case kSigmoid:
+      for (int64_t i = 0; i < count; ++i) dh[i] *= h[i] * (T(1) - h[i]);
+      return;
+    case kRelu:
+      for (int64_t i = 0; i < count; ++i) dh[i] = h[i] > T(0) ? dh[i] : T(0);
+      return;
+    case kPrelu: {
+      const T* a = net.alpha[layer];
+      for (int64_t r = 0; r < n; ++r) {
+        T* g = dh + r * width;
+        const T* zr = z + r * width;
+        for (int64_t j = 0; j < width; ++j) {
+          const bool negative = zr[j] < T(0);
+          dalpha[j] += negative ? g[j] * zr[j] : T(0);
+          g[j] = negative ? g[j] * a[j] : g[j];
+        }
+      }
+      return;
+    }
+    case kDice: {
+      const T *a = net.alpha[layer], *rstd = net.rstd[layer];
+      for (int64_t r = 0; r < n; ++r) {
+        T* g = dh + r * width;
+        const T *zr = z + r * width, *pr = p + r * width;
+        for (int64_t j = 0; j < width; ++j) {
+          const T one_minus_p = T(1) - pr[j];
+          dalpha[j] += g[j] * zr[j] * one_minus_p;
+          g[j] *= a[j] + (T(1) - a[j]) * pr[j] * (T(1) + zr[j] * one_minus_p * rstd[j]);
+        }
+      }
+      return;
+    }
+  }
+}
+
+// M_b [D, H1] of one row.
+template <typename T>
+void build_m(const Net<T>& net, const T* q, T* m) {
+  const int64_t d = net.dim, h1 = net.h1();
+  if (net.outer) {
+    std::copy(net.base, net.base + d * h1, m);
+    mm<T>(false, false, 1, d * h1, d, T(1), q, d, net.mq, d * h1, T(1), m, d * h1);
+    return;
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    const T *base = net.base + i * h1, *mq = net.mq + i * h1;
+    T* row = m + i * h1;
+    for (int64_t j = 0; j < h1; ++j) row[j] = base[j] + q[i] * mq[j];
+  }
+}
+
+// Scores of a block's valid positions into ws.s [P], packed row after row; every layer's activations
+// (and z, p where the activation needs them) into ``acts``.
+template <typename T>
+void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_t* lengths, const Block& blk,
+                  Workspace<T>& ws, const Acts<T>& acts) {
+  const int64_t d = net.dim, h1 = net.h1(), rows = blk.row_end - blk.row_begin, n = blk.positions;
+  // u for every row of the block at once: U = Q W_u^T  [rows, H1]
+  mm<T>(false, true, rows, h1, d, T(1), query + blk.row_begin * d, d, net.w_u, d, T(0), ws.u.data(), h1);
+  int64_t offset = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = blk.row_begin + r, length = lengths[row];
+    if (length == 0) continue;
+    build_m(net, query + row * d, ws.m.data());
+    T* z = acts.h[0] + offset * h1;
+    mm<T>(false, false, length, h1, d, T(1), keys + row * net.seq_len * d, d, ws.m.data(), h1, T(0), z, h1);
+    const T* u = ws.u.data() + r * h1;
+    for (int64_t t = 0; t < length; ++t)
+      for (int64_t j = 0; j < h1; ++j) z[t * h1 + j] += u[j] + net.b1[j];
+    offset += length;
+  }
+  for (int64_t l = 0; l < net.layers(); ++l) {
+    const int64_t width = net.widths[l];
+    T* x = acts.h[l];
+    if (l > 0) {
+      const int64_t prev = net.widths[l - 1];
+      mm<T>(false, true, n, width, prev, T(1), acts.h[l - 1], prev, net.w[l], prev, T(0), x, width);
+      const T* bias = net.b[l];
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < width; ++j) x[i * width + j] += bias[j];
+    }
+    activate(net, l, x, n, width, acts.z[l], acts.p[l]);
+  }
+  const int64_t last = net.widths.back();
+  mm<T>(false, false, n, 1, last, T(1), acts.h.back(), last, net.w_out, 1, T(0), ws.s.data(), 1);
+  for (int64_t i = 0; i < n; ++i) ws.s[i] = (ws.s[i] + net.b_out) * (net.has_scale ? net.scale : T(1));
+}
+
+template <typename T>
+Net<T> make_net(const at::Tensor& keys, const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
+                const at::Tensor& mq, bool outer, at::TensorList layer_w, at::TensorList layer_b,
+                const at::Tensor& w_out, const at::Tensor& b_out, int64_t act, at::TensorList alphas,
+                at::TensorList means, at::TensorList rstds, bool softmax, std::optional<double> scale) {
+  Net<T> net;
+  net.dim = keys.size(2);
+  net.seq_len = keys.size(1);
+  net.outer = outer;
+  net.widths.push_back(w_u.size(0));
+  net.w.push_back(nullptr);
+  net.b.push_back(nullptr);
+  for (size_t l = 0; l < layer_w.size(); ++l) {
+    net.widths.push_back(layer_w[l].size(0));
+    net.w.push_back(layer_w[l].data_ptr<T>());
+    net.b.push_back(layer_b[l].data_ptr<T>());
+  }
+  net.w_u = w_u.data_ptr<T>();
+  net.b1 = b1.data_ptr<T>();
+  net.base = base.data_ptr<T>();
+  net.mq = mq.data_ptr<T>();
+  net.w_out = w_out.data_ptr<T>();
+  net.b_out = b_out.item<T>();
+  net.act = act;
+  for (const auto& a : alphas) net.alpha.push_back(a.data_ptr<T>());
+  for (const auto& m : means) net.mean.push_back(m.data_ptr<T>());
+  for (const auto& r : rstds) net.rstd.push_back(r.data_ptr<T>());
+  net.softmax = softmax;
+  net.has_scale = scale.has_value();
+  net.scale = static_cast<T>(scale.value_or(1.0));
+  return net;
+}
+
+int64_t act_code_check(int64_t act) {
+  TORCH_CHECK(act >= kIdentity && act <= kDice, "din_kernels_cpu: unknown activation code ", act);
+  return act;
+}
+
+void check_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
+                  std::vector<at::Tensor> params, int64_t act, at::TensorList alphas, at::TensorList means,
+                  int64_t layers) {
+  TORCH_CHECK(keys.dim() == 3 && query.dim() == 2 && lengths.dim() == 1, "din_kernels_cpu: bad ranks");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, "din_kernels_cpu: lengths must be int64");
+  TORCH_CHECK(keys.size(1) * keys.size(2) < std::numeric_limits<int>::max() / 4, "din_kernels_cpu: T * D too large");
+  params.push_back(query);
+  params.push_back(keys);
+  params.push_back(lengths);
+  for (const auto& t : params) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "din_kernels_cpu: inputs must be contiguous CPU tensors");
+  }
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lengths.size(0); ++i)
+    TORCH_CHECK(len[i] >= 0 && len[i] <= keys.size(1), "din_kernels_cpu: lengths must lie in [0, T]");
+  TORCH_CHECK(lengths.size(0) == keys.size(0) && query.size(0) == keys.size(0) && query.size(1) == keys.size(2),
+              "din_kernels_cpu: query [B, D], keys [B, T, D] and lengths [B] disagree");
+  act_code_check(act);
+  if (act == kPrelu || act == kDice) TORCH_CHECK(static_cast<int64_t>(alphas.size()) == layers, "din_kernels_cpu: alphas");
+  if (act == kDice) TORCH_CHECK(static_cast<int64_t>(means.size()) == layers, "din_kernels_cpu: dice statistics");
+}
+
+std::vector<at::Tensor> all_params(const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
+                                   const at::Tensor& mq, at::TensorList layer_w, at::TensorList layer_b,
+                                   const at::Tensor& w_out, const at::Tensor& b_out, at::TensorList alphas,
+                                   at::TensorList means, at::TensorList rstds) {
+  std::vector<at::Tensor> params{w_u, b1, base, mq, w_out, b_out};
+  for (auto list : {layer_w, layer_b, alphas, means, rstds})
+    for (const auto& t : list) params.push_back(t);
+  return params;
+}
+
+// Positions per block: large enough that the BLAS calls run efficiently, small enough that a block's
+// activations stay in L2 (2048 x (80 + 40) fp32 = ~1 MB), and at least ~16 blocks per call where the problem
+// allows, so that a thread that loses its core holds back little work. A function of the problem only.
+int64_t block_target(int64_t total_positions, int64_t grad_floats) {
+  int64_t target = std::clamp<int64_t>((total_positions + 15) / 16, 256, 2048);
+  // bound the per-block gradient partials to ~8 M floats in all
+  const int64_t max_blocks = std::max<int64_t>(1, (8 << 20) / std::max<int64_t>(grad_floats, 1));
+  return std::max(target, (total_positions + max_blocks - 1) / max_blocks);
+}
+
+// The call's blocks (the same for the forward and the backward of one problem) and their largest sizes.
+struct Plan {
+  std::vector<Block> blocks;
+  int64_t max_positions = 0, max_rows = 0;
+};
+
+template <typename T>
+Plan make_plan(const Net<T>& net, const int64_t* lengths, int64_t batch) {
+  Plan plan;
+  int64_t total = 0;
+  for (int64_t i = 0; i < batch; ++i) total += lengths[i];
+  if (batch == 0) return plan;
+  plan.blocks = make_blocks(lengths, batch, block_target(total, GradLayout(net).total));
+  for (const auto& blk : plan.blocks) {
+    plan.max_positions = std::max(plan.max_positions, blk.positions);
+    plan.max_rows = std::max(plan.max_rows, blk.row_end - blk.row_begin);
+  }
+  return plan;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, const at::Tensor& query,
+                                                           const at::Tensor& keys, const at::Tensor& lengths,
+                                                           at::Tensor& saved) {
+  const int64_t batch = keys.size(0), seq_len = keys.size(1), d = keys.size(2);
+  // every entry is written by the block that owns its row (no separate zero-filling pass)
+  at::Tensor out = at::empty({batch, d}, keys.options());
+  at::Tensor attn = at::empty({batch, seq_len}, keys.options());
+  const int64_t lse_size = net.softmax ? batch : 0;
+  at::Tensor lse = at::empty({lse_size}, keys.options());
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const Plan plan = make_plan(net, len, batch);
+  const auto kept = saved_offsets(net, plan.blocks, saved.numel());
+  const T* q = query.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* w = attn.data_ptr<T>();
+  T* l = lse.data_ptr<T>();
+  T* saved_base = saved.numel() ? saved.data_ptr<T>() : nullptr;
+  run_blocks(static_cast<int64_t>(plan.blocks.size()), [&](int64_t index) {
+    const Block& blk = plan.blocks[index];
+    Workspace<T>& ws = thread_workspace<T>();
+    ws.reserve(net, plan.max_positions, plan.max_rows, false);
+    const bool keep = index < static_cast<int64_t>(kept.size());
+    const Acts<T> acts = keep ? saved_acts(net, saved_base + kept[index], blk.positions) : workspace_acts(net, ws);
+    if (blk.positions) block_scores(net, q, k, len, blk, ws, acts);
+    int64_t offset = 0;
+    for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
+      const int64_t length = len[row];
+      T* wr = w + row * seq_len;
+      std::fill(wr + length, wr + seq_len, T(0));
+      if (net.softmax) l[row] = 0;
+      if (length == 0) {
+        std::fill(o + row * d, o + (row + 1) * d, T(0));
+        continue;
+      }
+      T* s = ws.s.data() + offset;
+      if (net.softmax) {
+        const T top = *std::max_element(s, s + length);
+        T sum = 0;
+        for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
+        for (int64_t t = 0; t < length; ++t) s[t] /= sum;
+        l[row] = top + std::log(sum);
+      }
+      std::copy(s, s + length, wr);
+      mm<T>(false, false, 1, d, length, T(1), s, length, k + row * seq_len * d, d, T(0), o + row * d, d);
+      offset += length;
+    }
+  });
+  return {out, attn, lse};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
+    const Net<T>& net, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
+    const at::Tensor& lengths, const at::Tensor& attn, const at::Tensor& saved) {
+  const int64_t batch = keys.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
+  at::Tensor d_query = at::empty_like(query);  // written row by row by the owning block
+  at::Tensor d_keys = at::empty_like(keys);
+  const GradLayout layout(net);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const Plan plan = make_plan(net, len, batch);
+  const auto kept = saved_offsets(net, plan.blocks, saved.numel());
+  const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
+  const int64_t stride = aligned_size<T>(layout.total);
+  Buffer<T> partials(nblocks * stride, T(0));  // per-block weight gradients
+  const T* q = query.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
+  const T* g_out = grad_out.data_ptr<T>();
+  const T* w = attn.data_ptr<T>();
+  T* dq_all = d_query.data_ptr<T>();
+  T* dk_all = d_keys.data_ptr<T>();
+  T* saved_base = saved.numel() ? const_cast<T*>(saved.data_ptr<T>()) : nullptr;
+  const int64_t layers = net.layers();
+  const int64_t out_slot = 4 + 2 * (layers - 1);  // d_wout in GradLayout
+  run_blocks(nblocks, [&](int64_t index) {
+    const Block& blk = plan.blocks[index];
+    Workspace<T>& ws = thread_workspace<T>();
+    ws.reserve(net, plan.max_positions, plan.max_rows, true);
+    T* grads = partials.data() + index * stride;
+    T* d_wu = grads + layout.offset[0];
+    T* d_b1 = grads + layout.offset[1];
+    T* d_base = grads + layout.offset[2];
+    T* d_mq = grads + layout.offset[3];
+    const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions;
+    std::fill(dq_all + blk.row_begin * d, dq_all + blk.row_end * d, T(0));
+    for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
+      std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+    if (n == 0) return;
+    const bool was_kept = index < static_cast<int64_t>(kept.size());
+    const Acts<T> acts = was_kept ? saved_acts(net, saved_base + kept[index], n) : workspace_acts(net, ws);
+    if (!was_kept) block_scores(net, q, k, len, blk, ws, acts);
+    // scores' gradient ds [P]
+    int64_t offset = 0;
+    for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
+      const int64_t length = len[row];
+      if (length == 0) continue;
+      T* ds = ws.ds.data() + offset;
+      const T* wr = w + row * seq_len;
+      mm<T>(false, false, length, 1, d, T(1), k + row * seq_len * d, d, g_out + row * d, 1, T(0), ds, 1);
+      if (net.softmax) {
+        T dot = 0;
+        for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
+        for (int64_t t = 0; t < length; ++t) ds[t] = wr[t] * (ds[t] - dot);
+      }
+      if (net.has_scale)
+        for (int64_t t = 0; t < length; ++t) ds[t] *= net.scale;
+      offset += length;
+    }
+    // output layer
+    const int64_t last = net.widths.back();
+    mm<T>(true, false, last, 1, n, T(1), acts.h.back(), last, ws.ds.data(), 1, T(1), grads + layout.offset[out_slot], 1);
+    T db_out = 0;
+    for (int64_t i = 0; i < n; ++i) db_out += ws.ds[i];
+    grads[layout.offset[out_slot + 1]] += db_out;
+    T* dh = ws.dh_a.data();
+    T* dh_prev = ws.dh_b.data();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < last; ++j) dh[i * last + j] = ws.ds[i] * net.w_out[j];
+    // hidden layers, last to first
+    for (int64_t l = layers - 1; l >= 0; --l) {
+      const int64_t width = net.widths[l];
+      T* dalpha = (net.act == kPrelu || net.act == kDice) ? grads + layout.offset[out_slot + 2 + l] : nullptr;
+      activate_backward(net, l, dh, acts.h[l], acts.z[l], acts.p[l], n, width, dalpha);
+      if (l == 0) break;
+      const int64_t prev = net.widths[l - 1];
+      T* d_w = grads + layout.offset[4 + 2 * (l - 1)];
+      T* d_b = grads + layout.offset[5 + 2 * (l - 1)];
+      mm<T>(true, false, width, prev, n, T(1), dh, width, acts.h[l - 1], prev, T(1), d_w, prev);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < width; ++j) d_b[j] += dh[i * width + j];
+      mm<T>(false, false, n, prev, width, T(1), dh, width, net.w[l], prev, T(0), dh_prev, prev);
+      std::swap(dh, dh_prev);
+    }
+    // first layer, row by row: dh now holds dz1 [P, H1]
+    std::fill(ws.du.begin(), ws.du.begin() + rows * h1, T(0));
+    offset = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = blk.row_begin + r, length = len[row];
+      if (length == 0) continue;
+      const T* dz = dh + offset * h1;
+      const T* kr = k + row * seq_len * d;
+      const T* qr = q + row * d;
+      T* du = ws.du.data() + r * h1;
+      for (int64_t t = 0; t < length; ++t)
+        for (int64_t j = 0; j < h1; ++j) du[j] += dz[t * h1 + j];
+      T* dm = ws.dm.data();
+      mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
+      build_m(net, qr, ws.m.data());
+      T* dk = dk_all + row * seq_len * d;
+      mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(0), dk, d);  // dz1 M^T
+      const T* wr = w + row * seq_len;
+      const T* go = g_out + row * d;
+      for (int64_t t = 0; t < length; ++t)
+        for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
+      T* dq = dq_all + row * d;
+      for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
+      if (net.outer) {
+        mm<T>(true, false, d, d * h1, 1, T(1), qr, d, dm, d * h1, T(1), d_mq, d * h1);  // q dM_flat^T
+        mm<T>(false, true, 1, d, d * h1, T(1), dm, d * h1, net.mq, d * h1, T(1), dq, d);
+      } else {
+        for (int64_t i = 0; i < d; ++i) {
+          const T* dmr = dm + i * h1;
+          const T* mqr = net.mq + i * h1;
+          T* dmq = d_mq + i * h1;
+          T acc = 0;
+          for (int64_t j = 0; j < h1; ++j) {
+            dmq[j] += qr[i] * dmr[j];
+            acc += dmr[j] * mqr[j];
+          }
+          dq[i] += acc;
+        }
+      }
+      offset += length;
+    }
+    // the block's rows at once: dQ += DU W_u, dW_u += DU^T Q, db1 += sum DU
+    mm<T>(false, false, rows, d, h1, T(1), ws.du.data(), h1, net.w_u, d, T(1), dq_all + blk.row_begin * d, d);
+    mm<T>(true, false, h1, d, rows, T(1), ws.du.data(), h1, q + blk.row_begin * d, d, T(1), d_wu, d);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < h1; ++j) d_b1[j] += ws.du[r * h1 + j];
+  });
+  // Sum the block partials in block order: deterministic whatever thread ran which block.
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < layout.offset.size(); ++i) {
+    at::Tensor grad = at::zeros({layout.size[i]}, keys.options());
+    T* g = grad.data_ptr<T>();
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const T* src = partials.data() + b * stride + layout.offset[i];
+      for (int64_t j = 0; j < layout.size[i]; ++j) g[j] += src[j];
+    }
+    grads.push_back(grad);
+  }
+  return {d_query, d_keys, grads};
+}
+
+// Floats ``saved`` needs to keep every block of this problem (the caller bounds the buffer it passes).
+int64_t attention_saved_floats(const at::Tensor& lengths, int64_t dim, bool outer, std::vector<int64_t> widths,
+                               int64_t act) {
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.dim() == 1 && lengths.scalar_type() == at::kLong &&
+              lengths.is_contiguous(), "din_kernels_cpu: lengths must be a contiguous int64 CPU vector");
+  Net<float> net;  // the shapes only: what the block partition depends on
+  net.dim = dim;
+  net.outer = outer;
+  net.widths = std::move(widths);
+  net.act = act_code_check(act);
+  const Plan plan = make_plan(net, lengths.data_ptr<int64_t>(), lengths.size(0));
+  int64_t floats = 0;
+  for (const auto& blk : plan.blocks) floats += saved_block_floats(net, blk.positions);
+  return floats;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths, const at::Tensor& w_u,
+    const at::Tensor& b1, const at::Tensor& base, const at::Tensor& mq, bool outer, at::TensorList layer_w,
+    at::TensorList layer_b, const at::Tensor& w_out, const at::Tensor& b_out, int64_t act, at::TensorList alphas,
+    at::TensorList means, at::TensorList rstds, bool softmax, std::optional<double> scale, at::Tensor& saved) {
+  auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
+  params.push_back(saved);
+  check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_fwd", [&] {
+    const auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act,
+                                        alphas, means, rstds, softmax, scale);
+    result = forward_impl<scalar_t>(net, query, keys, lengths, saved);
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
+    const at::Tensor& attn, const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
+    const at::Tensor& mq, bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
+    const at::Tensor& b_out, int64_t act, at::TensorList alphas, at::TensorList means, at::TensorList rstds,
+    bool softmax, std::optional<double> scale, const at::Tensor& saved) {
+  auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
+  for (const auto& t : {grad_out, attn, saved}) params.push_back(t);
+  check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
+  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_bwd", [&] {
+    const auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act,
+                                        alphas, means, rstds, softmax, scale);
+    result = backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, saved);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(din_kernels_cpu, m) {
+  m.def(
+      "attention_fwd(Tensor query, Tensor keys, Tensor lengths, Tensor w_u, Tensor b1, Tensor base, Tensor mq, "
+      "bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, Tensor b_out, int act, Tensor[] alphas, "
+      "Tensor[] means, Tensor[] rstds, bool softmax, float? scale, Tensor(a!) saved) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor keys, Tensor lengths, Tensor attn, Tensor w_u, "
+      "Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, "
+      "Tensor b_out, int act, Tensor[] alphas, Tensor[] means, Tensor[] rstds, bool softmax, float? scale, "
+      "Tensor saved) -> (Tensor, Tensor, Tensor[])");
+  m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act) -> int");
+}
+
+TORCH_LIBRARY_IMPL(din_kernels_cpu, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_saved_floats", &attention_saved_floats);
+}

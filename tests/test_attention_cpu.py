@@ -1,0 +1,211 @@
+"""The C++ CPU op of the local activation unit (``din_kernels.attention_cpu``, ``csrc/attention_cpu.cpp``):
+many blocks, kept activations for some blocks only, results independent of the thread count, fp64
+gradcheck, checked inputs, the buffer pool, and the build: cached, rebuilt for a new source, and the
+fallback to the composite path where it cannot be built or is switched off. The reference comparisons on
+every form, activation, normalization and edge shape are in test_attention_torch.py (paths "cpp" and
+"cpp-kept")."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import din_kernels as dk
+import din_kernels.attention_cpu as ac
+from din_kernels import cpu_extension
+from test_attention_torch import assert_matches, cpp, make_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_op_is_built_in_ci():
+    """make setup builds it; a CI without it would silently test the fallback only."""
+    assert cpu_extension.available()
+    assert dk.get_backend() == "cpp"
+
+
+@pytest.mark.parametrize("kept", [None, "all", "some"])
+@pytest.mark.parametrize("form,activation,normalize", [("concat", "sigmoid", "none"),
+                                                        ("concat", "dice", "softmax"),
+                                                        ("outer", "prelu", "softmax")])
+def test_many_blocks_match_the_reference(monkeypatch, kept, form, activation, normalize):
+    """~18k valid positions make 16 blocks of ~1.1k; with "some", the buffer holds the first few blocks only
+    and the backward recomputes the rest."""
+    if kept == "some":
+        monkeypatch.setattr(ac, "KEEP_FLOATS", 4000 * 2 * 12)
+    problem = make_problem(300, 120, 4, (8, 4), form=form, activation=activation,
+                           lengths=torch.randint(0, 121, (300,)), dtype=torch.float64)
+    options = dict(form=form, activation=activation, normalize=normalize, scale=0.5)
+    path = "cpp" if kept is None else "cpp-kept"
+    assert_matches(problem, options, atol=1e-10, rtol=1e-8, path=path)
+
+
+def test_kept_activations_change_nothing():
+    problem = make_problem(200, 40, 6, (12, 6), activation="dice", lengths=torch.randint(0, 41, (200,)))
+    grad_out = torch.randn(200, 6)
+    options = dict(form="concat", activation="dice", normalize="softmax", scale=None)
+    plain = cpp(*problem, grad_out, **options)
+    kept = cpp(*problem, grad_out, kept=[], **options)
+    for a, b in zip([*plain[:3], *plain[3]], [*kept[:3], *kept[3]]):
+        assert torch.equal(a, b)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Blocks are fixed by the lengths and the weight gradients summed in block order: bit for bit equal."""
+    problem = make_problem(256, 50, 8, (16, 8), lengths=torch.randint(0, 51, (256,)))
+    grad_out = torch.randn(256, 8)
+    options = dict(form="concat", activation="sigmoid", normalize="softmax", scale=None)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, attn, lse, grads = cpp(*problem, grad_out, **options)
+            results.append([out, attn, lse, *grads])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_the_threads_setting_is_restored():
+    """The op runs each block single-threaded (OpenMP and MKL settings of the calling thread) and restores
+    them: torch's own ops keep their threads."""
+    problem = make_problem(64, 20, 4, (8,), lengths=[20] * 64)
+    before = torch.get_num_threads()
+    cpp(*problem, torch.randn(64, 4), form="concat", activation="sigmoid", normalize="none", scale=None)
+    assert torch.get_num_threads() == before
+
+
+class _CppFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, keys, lengths, options, n_weights, *params):
+        weights, alphas = params[:n_weights], params[n_weights:]
+        out, attn, lse = ac.attention_cpu_forward(query, keys, lengths, weights, alphas or None,
+                                                  options["dice_eval"], 1e-8, **options["launch"])
+        ctx.save_for_backward(query, keys, lengths, out, attn, lse, *params)
+        ctx.options, ctx.n_weights = options, n_weights
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, keys, lengths, out, attn, lse, *params = ctx.saved_tensors
+        weights, alphas = tuple(params[:ctx.n_weights]), tuple(params[ctx.n_weights:])
+        dq, dk, dws, das = ac.attention_cpu_backward(grad_out, query, keys, lengths, weights, alphas or None,
+                                                     ctx.options["dice_eval"], 1e-8, out, attn, lse,
+                                                     **ctx.options["launch"])
+        return (dq, dk, None, None, None, *dws, *(das or ()))
+
+
+@pytest.mark.parametrize("form,activation,normalize,scale", [
+    ("concat", "sigmoid", "none", None),
+    ("concat", "prelu", "softmax", 0.5),
+    ("outer", "dice", "softmax", None),
+    ("outer", "relu", "none", 2.0),
+])
+def test_gradcheck_fp64(form, activation, normalize, scale):
+    query, keys, lengths, weights, alphas, dice_eval = make_problem(
+        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
+    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
+    options = dict(dice_eval=dice_eval, launch=dict(form=form, activation=activation, normalize=normalize,
+                                                    scale=scale))
+
+    def fn(q, k, *p):
+        return _CppFunction.apply(q, k, lengths, options, len(weights), *p)
+
+    inputs = (query.requires_grad_(), keys.requires_grad_(), *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_the_op_checks_its_inputs():
+    """Lengths beyond T reach the op only through a caller that skipped validation: an error, not a read out
+    of bounds."""
+    query, keys, lengths, weights, _, _ = make_problem(2, 3, 4, (5,), lengths=[3, 1])
+    args = ac._Arguments(keys, weights, None, None, 1e-8, "concat", "sigmoid")
+    ops = torch.ops.din_kernels_cpu
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
+        ops.attention_fwd(query, keys, torch.tensor([4, 1]), *args.tensors, False, None, torch.empty(0))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.attention_fwd(query, keys.transpose(0, 1).contiguous().transpose(0, 1), lengths, *args.tensors,
+                          False, None, torch.empty(0))
+
+
+def test_the_public_op_runs_it_and_reuses_the_kept_buffer(monkeypatch):
+    """Eager training goes through DinAttentionFunction with kept activations; the backward hands the buffer
+    back and the next call takes the same one (its pages already faulted in)."""
+    monkeypatch.setattr(ac, "_BUFFERS", ac._SavedBuffers())
+    calls = []
+    forward = ac.attention_cpu_forward
+
+    def spy(*args, kept=None, **options):
+        calls.append(kept)
+        return forward(*args, kept=kept, **options)
+
+    monkeypatch.setattr(dk.attention, "attention_cpu_forward", spy)
+    unit = dk.LocalActivationUnit(6, (8, 4))
+    query, keys, lengths = torch.randn(50, 6), torch.randn(50, 100, 6), torch.randint(0, 101, (50,))
+    pointers = []
+    for _ in range(2):
+        out = unit(query, keys, lengths)
+        pointers.append(calls[-1][0].data_ptr())
+        out.sum().backward()
+        assert calls[-1] == []  # the backward took it
+        assert len(ac._BUFFERS.free) == 1
+    assert pointers[0] == pointers[1]
+    with torch.no_grad():
+        unit(query, keys, lengths)
+    assert calls[-1] is None  # nothing kept without a backward to come
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), DIN_KERNELS_BACKEND="auto", **env)
+    environment.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=600)
+
+
+CHECK = """
+import torch, din_kernels as dk
+from din_kernels import attention, reference
+from din_kernels.attention_torch import attention_torch_forward
+q, k, l = torch.randn(8, 4, requires_grad=True), torch.randn(8, 70, 4), torch.randint(0, 71, (8,))
+unit = dk.LocalActivationUnit(4, (6,))
+out = unit(q, k, l)
+torch.testing.assert_close(out, reference.din_attention(q, k, l, unit.weights()))
+out.sum().backward()
+print(attention._launchers(k, unit.weights())[0] is attention_torch_forward)
+"""
+
+
+def test_switched_off_it_falls_back_to_the_composite_path():
+    result = _run(CHECK, DIN_KERNELS_CPU_EXTENSION="0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "True"
+    refused = _run("import din_kernels as dk; dk.set_backend('cpp')", DIN_KERNELS_CPU_EXTENSION="0")
+    assert refused.returncode != 0 and "backend 'cpp' requested" in refused.stderr
+
+
+def test_without_a_compiler_it_warns_once_and_falls_back(tmp_path):
+    result = _run(CHECK, CXX=str(tmp_path / "no-such-compiler"), DIN_KERNELS_CACHE=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "True"
+    assert result.stderr.count("the C++ CPU op is unavailable") == 1
+    assert "no C++ compiler" in result.stderr
+
+
+def test_built_once_into_the_cache_then_loaded(tmp_path):
+    """A fresh cache builds (saying so on stderr), the next process loads the same file silently, and the
+    build leaves no temporary file behind."""
+    env = dict(DIN_KERNELS_CACHE=str(tmp_path))
+    first = _run("from din_kernels import cpu_extension as c; print(c.available(), c.library_path())", **env)
+    assert first.returncode == 0, first.stderr
+    assert "building the C++ CPU op" in first.stderr
+    available, path = first.stdout.split()
+    assert available == "True" and Path(path).is_file()
+    second = _run("from din_kernels import cpu_extension as c; print(c.available(), c.library_path())", **env)
+    assert second.returncode == 0 and "building" not in second.stderr
+    assert second.stdout.split() == first.stdout.split()
+    assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]
