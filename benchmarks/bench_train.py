@@ -10,7 +10,9 @@ assembly from the columnar data included; the peer is ``deepctr_torch.models.DIN
 samples (its own DataLoader and array handling included). The two alternate ``--repeats`` times per
 condition (so background load hits both alike); the table gives the median samples/s of each and their
 ratio, quiet and, with ``--busy N``, beside N neighbour processes doing torch work at torch's default
-threads, at each of ``--threads`` (default 1 and 2).
+threads, at each of ``--threads`` (default 1 and 2): ours set up as ``din train --threads N`` (the C++
+attention op at N threads, torch's own ops at 1), the peer with torch at N threads, its only knob. Both run
+with ``din``'s malloc setting (``keep_freed_memory``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import busy_neighbours  # noqa: E402
 from quality_peer import import_peer, peer_columns, peer_inputs  # noqa: E402
 
-from din.cli import _model_config, build_parser  # noqa: E402
+from din.cli import _model_config, build_parser, configure_threads, keep_freed_memory  # noqa: E402
 from din.data import Split, load_data  # noqa: E402
 from din.model import build_model  # noqa: E402
 from din.train import TrainConfig, train  # noqa: E402
@@ -66,10 +68,13 @@ def peer_samples_per_second(split: Split, peer, batch_size: int, max_len: int, s
 
 
 def measure(split: Split, peer, args, threads: int) -> Dict[str, List[float]]:
-    torch.set_num_threads(threads)
+    """Ours with ``din train --threads N``'s set-up (``configure_threads``), the peer with torch at N threads
+    (its only knob), alternating."""
     runs: Dict[str, List[float]] = {"ours": [], "peer": []}
     for repeat in range(args.repeats):
+        configure_threads(threads)
         runs["ours"].append(ours_samples_per_second(split, args.batch_size, args.max_len, repeat))
+        torch.set_num_threads(threads)
         runs["peer"].append(peer_samples_per_second(split, peer, args.batch_size, args.max_len, repeat))
         print(f"  {threads} thread(s), repeat {repeat + 1}: ours {runs['ours'][-1]:,.0f}, "
               f"peer {runs['peer'][-1]:,.0f} samples/s", file=sys.stderr, flush=True)
@@ -83,9 +88,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated thread counts N (default 1,2): ours as 'din train --threads N' "
+                             "(the attention op at N, torch at 1), the peer with torch at N")
     parser.add_argument("--busy", type=int, default=0, help="also time beside N neighbour processes")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the din CLI does; the peer, in this process too, gains alike
     for name in ("samples", "max_len", "batch_size", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")

@@ -41,6 +41,37 @@ def init_embedding_(weight: Tensor, scheme: str, std: float, padding_idx: Option
     return weight
 
 
+class _DenseLookup(torch.autograd.Function):
+    """``weight[ids]`` whose backward is ``zeros.index_add_(0, ids, grad)``: the same dense gradient as
+    ``nn.Embedding``'s (padding row zero), 3.5x faster on CPU than aten's ``embedding_dense_backward`` (26k ids
+    into [9763, 18], one thread: 0.34 ms against 1.2 ms), which was the larger part of a MovieLens step's
+    embedding cost. CPU only: on CUDA ``index_add_`` accumulates with atomics, in no fixed order."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: Optional[int]) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
+        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids.reshape(-1), grad)
+        if ctx.padding_idx is not None:
+            grad_weight[ctx.padding_idx] = 0
+        return grad_weight, None, None
+
+
+def lookup(table: nn.Module, ids: Tensor) -> Tensor:
+    """``table(ids)``; a plain CPU ``nn.Embedding`` through :class:`_DenseLookup` (same values and gradient)."""
+    plain = (type(table) is nn.Embedding and table.weight.device.type == "cpu" and table.max_norm is None
+             and not table.sparse and not table.scale_grad_by_freq)
+    if not plain or not torch.is_grad_enabled() or not table.weight.requires_grad:
+        return table(ids)
+    return _DenseLookup.apply(table.weight, ids, table.padding_idx)
+
+
 class ItemEmbedding(nn.Module):
     """``item(g, c) = [goods_emb(g), cate_emb(c)]``: the vector DIN uses for a candidate and a behaviour.
 
@@ -57,7 +88,7 @@ class ItemEmbedding(nn.Module):
         self.dim = goods_dim + cate_dim
 
     def forward(self, goods: Tensor, cates: Tensor) -> Tensor:
-        return torch.cat([self.goods(goods), self.cates(cates)], dim=-1)
+        return torch.cat([lookup(self.goods, goods), lookup(self.cates, cates)], dim=-1)
 
     def candidate_and_history(self, goods: Tensor, cates: Tensor, hist_goods: Tensor,
                               hist_cates: Tensor) -> Tuple[Tensor, Tensor]:
@@ -65,8 +96,12 @@ class ItemEmbedding(nn.Module):
 
         One lookup matters for tables that update themselves inside backward (MBA with a fused
         optimizer): each step must see every id of the batch at once, so that a row occurring both as
-        candidate and as behaviour is coalesced and stepped once.  -> ([B, D], [B, T, D])
+        candidate and as behaviour is coalesced and stepped once.  -> ([B, D], [B, T, D]), both contiguous
         """
-        items = self(torch.cat([goods[:, None], hist_goods], dim=1),
-                     torch.cat([cates[:, None], hist_cates], dim=1))  # [B, 1 + T, D]
-        return items[:, 0], items[:, 1:]
+        batch, seq_len = hist_goods.shape
+        # histories first, then candidates, so that both come out as contiguous views of the lookup; split
+        # (unlike indexing) backpropagates as one concatenation, not a zero-filled [B, 1 + T, D] per view
+        items = self(torch.cat([hist_goods.reshape(-1), goods.reshape(-1)]),
+                     torch.cat([hist_cates.reshape(-1), cates.reshape(-1)]))  # [B * T + B, D]
+        history, candidate = torch.split(items, [batch * seq_len, batch])
+        return candidate, history.view(batch, seq_len, -1)

@@ -4,8 +4,8 @@
 // backward; each is its own OpenMP parallel region with a barrier at its end. When another process holds a
 // core, the thread the OS descheduled makes every one of those barriers wait (measured: 3-84x slower under
 // load at torch's default threads, against 1.2-4x for the eager reference). Here the work is cut into
-// blocks of batch rows (fixed by the lengths alone) that the calling thread and up to threads - 1 helpers
-// from torch's inter-op pool pull from an atomic counter (``run_blocks``): a helper that the OS does not
+// blocks of batch rows (fixed by the lengths alone) that the calling thread and up to threads - 1 helper
+// threads pull from an atomic counter (``run_blocks``): a helper that the OS does not
 // schedule takes no block and is never waited for (an OpenMP region would wait for it at its barrier), a
 // thread that loses its core mid-call takes fewer blocks, and the caller waits only for blocks in flight.
 // Every per-block product is a direct BLAS call on one thread.
@@ -34,16 +34,20 @@
 #include <torch/library.h>
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -84,10 +88,31 @@ void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, co
   }
 }
 
+// exp for fp32 without a library call, so that the loops around it vectorise (-O3 -march=native): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r, 2^n from the exponent
+// bits; ~1 ulp on [-87, 88], clamped outside (sigmoid saturates there anyway).
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double exp_fast(double x) { return std::exp(x); }  // fp64 (gradcheck): the library's
+
 template <typename T>
 void sigmoid_(T* x, int64_t n) {
-  // aten's vectorised kernel (inline, single-threaded inside the region): the same values as torch.sigmoid
-  at::from_blob(x, {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)).sigmoid_();
+  for (int64_t i = 0; i < n; ++i) x[i] = T(1) / (T(1) + exp_fast(-x[i]));
 }
 
 // The network's parameters as raw pointers (all contiguous, in the compute dtype T).
@@ -108,6 +133,7 @@ struct Net {
   bool softmax;
   T scale;
   bool has_scale;
+  int64_t threads = 0;  // threads for the blocks; 0: torch's intra-op setting
 
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
   int64_t h1() const { return widths[0]; }
@@ -289,7 +315,7 @@ std::vector<int64_t> saved_offsets(const Net<T>& net, const std::vector<Block>& 
   return offsets;
 }
 
-// BLAS and aten calls inside a block run on the calling thread only (the parallelism is over blocks).
+// BLAS calls inside a block run on the calling thread only (the parallelism is over blocks).
 class SingleThreaded {
  public:
   SingleThreaded() : omp_before_(omp_get_max_threads()) {
@@ -316,8 +342,7 @@ struct BlockQueue {
   std::exception_ptr error;
 
   void drain() {
-    SingleThreaded single;
-    c10::InferenceMode no_autograd;  // the aten calls inside (sigmoid) are plain computations
+    SingleThreaded single;  // (a block calls BLAS and plain loops only: no aten, no autograd state)
     for (int64_t index = next.fetch_add(1); index < count; index = next.fetch_add(1)) {
       try {
         (*work)(index);
@@ -333,16 +358,61 @@ struct BlockQueue {
   }
 };
 
-// Run ``work(index)`` for every block index: the calling thread drains the queue, up to
-// ``at::get_num_threads() - 1`` helpers from torch's inter-op pool join it, and the caller then waits for
-// the blocks still in flight only (not for helpers that never started).
-void run_blocks(int64_t count, const std::function<void(int64_t)>& work) {
+// Helper threads of this library, parked on a condition variable between calls. Not torch's inter-op pool:
+// its tasks carry the caller's thread-local state, Python objects included, whose release needs the GIL
+// (a late task released during interpreter shutdown aborted the process). Deliberately never destroyed
+// (no join at exit), and made anew in a forked child, whose copy has no threads behind it.
+class HelperPool {
+ public:
+  static HelperPool& get() {
+    static std::mutex creation;
+    static HelperPool* pool = nullptr;
+    std::lock_guard<std::mutex> lock(creation);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new HelperPool();  // a fork's copy is abandoned
+    return *pool;
+  }
+
+  void submit(const std::shared_ptr<BlockQueue>& queue, int64_t helpers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int64_t>(threads_) < helpers) {
+      std::thread([this] { loop(); }).detach();
+      ++threads_;
+    }
+    for (int64_t i = 0; i < helpers; ++i) tasks_.push_back(queue);
+    ready_.notify_all();
+  }
+
+ private:
+  HelperPool() : pid_(getpid()) {}
+
+  void loop() {
+    for (;;) {
+      std::shared_ptr<BlockQueue> queue;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [&] { return !tasks_.empty(); });
+        queue = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      queue->drain();  // a queue already drained by the caller returns at once
+    }
+  }
+
+  pid_t pid_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::shared_ptr<BlockQueue>> tasks_;
+  size_t threads_ = 0;
+};
+
+void run_blocks(int64_t count, int64_t threads, const std::function<void(int64_t)>& work) {
   if (count == 0) return;
   auto queue = std::make_shared<BlockQueue>();
   queue->count = count;
   queue->work = &work;
-  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) at::launch([queue] { queue->drain(); });
+  if (threads <= 0) threads = at::get_num_threads();
+  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(threads, count) - 1;
+  if (helpers > 0) HelperPool::get().submit(queue, helpers);
   queue->drain();
   std::unique_lock<std::mutex> lock(queue->mutex);
   queue->finished.wait(lock, [&] { return queue->done.load() == count; });
@@ -464,10 +534,12 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     if (length == 0) continue;
     build_m(net, query + row * d, ws.m.data());
     T* z = acts.h[0] + offset * h1;
-    mm<T>(false, false, length, h1, d, T(1), keys + row * net.seq_len * d, d, ws.m.data(), h1, T(0), z, h1);
-    const T* u = ws.u.data() + r * h1;
-    for (int64_t t = 0; t < length; ++t)
-      for (int64_t j = 0; j < h1; ++j) z[t * h1 + j] += u[j] + net.b1[j];
+    // z = (u + b1) first, then the product accumulated into it (beta = 1): one pass over z fewer than
+    // writing the product (BLAS zeroes C first when beta = 0) and adding the bias after
+    T* u = ws.u.data() + r * h1;
+    for (int64_t j = 0; j < h1; ++j) u[j] += net.b1[j];
+    for (int64_t t = 0; t < length; ++t) std::copy(u, u + h1, z + t * h1);
+    mm<T>(false, false, length, h1, d, T(1), keys + row * net.seq_len * d, d, ws.m.data(), h1, T(1), z, h1);
     offset += length;
   }
   for (int64_t l = 0; l < net.layers(); ++l) {
@@ -475,10 +547,9 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     T* x = acts.h[l];
     if (l > 0) {
       const int64_t prev = net.widths[l - 1];
-      mm<T>(false, true, n, width, prev, T(1), acts.h[l - 1], prev, net.w[l], prev, T(0), x, width);
       const T* bias = net.b[l];
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < width; ++j) x[i * width + j] += bias[j];
+      for (int64_t i = 0; i < n; ++i) std::copy(bias, bias + width, x + i * width);  // then beta = 1, as above
+      mm<T>(false, true, n, width, prev, T(1), acts.h[l - 1], prev, net.w[l], prev, T(1), x, width);
     }
     activate(net, l, x, n, width, acts.z[l], acts.p[l]);
   }
@@ -561,7 +632,7 @@ std::vector<at::Tensor> all_params(const at::Tensor& w_u, const at::Tensor& b1, 
 // activations stay in L2 (2048 x (80 + 40) fp32 = ~1 MB), and at least ~16 blocks per call where the problem
 // allows, so that a thread that loses its core holds back little work. A function of the problem only.
 int64_t block_target(int64_t total_positions, int64_t grad_floats) {
-  int64_t target = std::clamp<int64_t>((total_positions + 15) / 16, 256, 2048);
+  int64_t target = std::clamp<int64_t>((total_positions + 11) / 12, 768, 4096);
   // bound the per-block gradient partials to ~8 M floats in all
   const int64_t max_blocks = std::max<int64_t>(1, (8 << 20) / std::max<int64_t>(grad_floats, 1));
   return std::max(target, (total_positions + max_blocks - 1) / max_blocks);
@@ -606,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
   T* w = attn.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   T* saved_base = saved.numel() ? saved.data_ptr<T>() : nullptr;
-  run_blocks(static_cast<int64_t>(plan.blocks.size()), [&](int64_t index) {
+  run_blocks(static_cast<int64_t>(plan.blocks.size()), net.threads, [&](int64_t index) {
     const Block& blk = plan.blocks[index];
     Workspace<T>& ws = thread_workspace<T>();
     ws.reserve(net, plan.max_positions, plan.max_rows, false);
@@ -662,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
   T* saved_base = saved.numel() ? const_cast<T*>(saved.data_ptr<T>()) : nullptr;
   const int64_t layers = net.layers();
   const int64_t out_slot = 4 + 2 * (layers - 1);  // d_wout in GradLayout
-  run_blocks(nblocks, [&](int64_t index) {
+  run_blocks(nblocks, net.threads, [&](int64_t index) {
     const Block& blk = plan.blocks[index];
     Workspace<T>& ws = thread_workspace<T>();
     ws.reserve(net, plan.max_positions, plan.max_rows, true);
@@ -737,11 +808,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
       build_m(net, qr, ws.m.data());
       T* dk = dk_all + row * seq_len * d;
-      mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(0), dk, d);  // dz1 M^T
       const T* wr = w + row * seq_len;
       const T* go = g_out + row * d;
-      for (int64_t t = 0; t < length; ++t)
-        for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
+      for (int64_t t = 0; t < length; ++t)  // the pooling term w g_out first, then dz1 M^T added (beta = 1)
+        for (int64_t c = 0; c < d; ++c) dk[t * d + c] = wr[t] * go[c];
+      mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
       T* dq = dq_all + row * d;
       for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
       if (net.outer) {
@@ -802,14 +873,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths, const at::Tensor& w_u,
     const at::Tensor& b1, const at::Tensor& base, const at::Tensor& mq, bool outer, at::TensorList layer_w,
     at::TensorList layer_b, const at::Tensor& w_out, const at::Tensor& b_out, int64_t act, at::TensorList alphas,
-    at::TensorList means, at::TensorList rstds, bool softmax, std::optional<double> scale, at::Tensor& saved) {
+    at::TensorList means, at::TensorList rstds, bool softmax, std::optional<double> scale, at::Tensor& saved,
+    int64_t threads) {
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
   params.push_back(saved);
   check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_fwd", [&] {
-    const auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act,
-                                        alphas, means, rstds, softmax, scale);
+    auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act, alphas,
+                                  means, rstds, softmax, scale);
+    net.threads = threads;
     result = forward_impl<scalar_t>(net, query, keys, lengths, saved);
   });
   return result;
@@ -820,14 +893,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
     const at::Tensor& attn, const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
     const at::Tensor& mq, bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
     const at::Tensor& b_out, int64_t act, at::TensorList alphas, at::TensorList means, at::TensorList rstds,
-    bool softmax, std::optional<double> scale, const at::Tensor& saved) {
+    bool softmax, std::optional<double> scale, const at::Tensor& saved, int64_t threads) {
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
   for (const auto& t : {grad_out, attn, saved}) params.push_back(t);
   check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_bwd", [&] {
-    const auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act,
-                                        alphas, means, rstds, softmax, scale);
+    auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act, alphas,
+                                  means, rstds, softmax, scale);
+    net.threads = threads;
     result = backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, saved);
   });
   return result;
@@ -839,12 +913,12 @@ TORCH_LIBRARY(din_kernels_cpu, m) {
   m.def(
       "attention_fwd(Tensor query, Tensor keys, Tensor lengths, Tensor w_u, Tensor b1, Tensor base, Tensor mq, "
       "bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, Tensor b_out, int act, Tensor[] alphas, "
-      "Tensor[] means, Tensor[] rstds, bool softmax, float? scale, Tensor(a!) saved) -> (Tensor, Tensor, Tensor)");
+      "Tensor[] means, Tensor[] rstds, bool softmax, float? scale, Tensor(a!) saved, int threads) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor query, Tensor keys, Tensor lengths, Tensor attn, Tensor w_u, "
       "Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, "
       "Tensor b_out, int act, Tensor[] alphas, Tensor[] means, Tensor[] rstds, bool softmax, float? scale, "
-      "Tensor saved) -> (Tensor, Tensor, Tensor[])");
+      "Tensor saved, int threads) -> (Tensor, Tensor, Tensor[])");
   m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act) -> int");
 }
 
