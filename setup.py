@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["din_kernels", "din_kernels.*", "din", "din.*"]),
-    package_data={"din.data": ["bundled/ml-latest-small/*"], "din_kernels": ["csrc/*.cpp"]},
+    package_data={"din.data": ["bundled/ml-latest-small/*"], "din_kernels": ["csrc/*.cpp", "csrc/*.h"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -8,7 +8,7 @@ the training part, histories cut at ``--max-len``, batch ``--batch-size``, width
 assembly from the columnar data included; the peer is ``deepctr_torch.models.DIN`` with its defaults,
 ``fit(x, y, batch_size, epochs=1)`` on the padded arrays ``InteractionData.batch`` makes of the same
 samples (its own DataLoader and array handling included). The two alternate ``--repeats`` times per
-condition (so background load hits both alike); the table gives the median samples/s of each and their
+condition (so background load hits both alike), each run in a fresh process as users run them; the table gives the median samples/s of each and their
 ratio, quiet and, with ``--busy N``, beside N neighbour processes doing torch work at torch's default
 threads, at each of ``--threads`` (default 1 and 2): ours set up as ``din train --threads N`` (the C++
 attention op at N threads, torch's own ops at 1), the peer with torch at N threads, its only knob. Both run
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,15 +69,42 @@ def peer_samples_per_second(split: Split, peer, batch_size: int, max_len: int, s
     return len(y) / (time.perf_counter() - started)
 
 
-def measure(split: Split, peer, args, threads: int) -> Dict[str, List[float]]:
+def run_one(side: str, args, threads: int, repeat: int) -> float:
+    """One timed epoch of ``side`` ("ours" or "peer") in a fresh process, as users run one training per
+    process: run in one process one after the other, each side inherited the other's allocator state and
+    thread pools (ours ran 23k samples/s on MovieLens after a peer run, 27-29k alone)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--data", args.data,
+               "--samples", str(args.samples), "--max-len", str(args.max_len), "--batch-size",
+               str(args.batch_size), "--threads", str(threads), "--seed", str(repeat)]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {side} run failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.split()[-1])
+
+
+def worker(args) -> int:
+    """``--worker ours|peer``: one epoch in this process, its samples/s on stdout."""
+    keep_freed_memory()  # as the din CLI does, for both sides
+    split = _subset(load_data(args.data, max_len=args.max_len, seed=0), args.samples)
+    threads = int(args.threads)
+    if args.worker == "ours":
+        configure_threads(threads)
+        rate = ours_samples_per_second(split, args.batch_size, args.max_len, args.seed)
+    else:
+        torch.set_num_threads(threads)
+        rate = peer_samples_per_second(split, import_peer(), args.batch_size, args.max_len, args.seed)
+    print(f"{rate:.1f}")
+    return 0
+
+
+def measure(args, threads: int) -> Dict[str, List[float]]:
     """Ours with ``din train --threads N``'s set-up (``configure_threads``), the peer with torch at N threads
-    (its only knob), alternating."""
+    (its only knob), alternating, each run in its own process."""
     runs: Dict[str, List[float]] = {"ours": [], "peer": []}
     for repeat in range(args.repeats):
-        configure_threads(threads)
-        runs["ours"].append(ours_samples_per_second(split, args.batch_size, args.max_len, repeat))
-        torch.set_num_threads(threads)
-        runs["peer"].append(peer_samples_per_second(split, peer, args.batch_size, args.max_len, repeat))
+        for side in ("ours", "peer"):
+            runs[side].append(run_one(side, args, threads, repeat))
         print(f"  {threads} thread(s), repeat {repeat + 1}: ours {runs['ours'][-1]:,.0f}, "
               f"peer {runs['peer'][-1]:,.0f} samples/s", file=sys.stderr, flush=True)
     return runs
@@ -92,8 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="comma-separated thread counts N (default 1,2): ours as 'din train --threads N' "
                              "(the attention op at N, torch at 1), the peer with torch at N")
     parser.add_argument("--busy", type=int, default=0, help="also time beside N neighbour processes")
+    parser.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)  # one run (run_one)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as the din CLI does; the peer, in this process too, gains alike
+    if args.worker:
+        return worker(args)
     for name in ("samples", "max_len", "batch_size", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
@@ -106,25 +138,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not thread_counts or min(thread_counts) <= 0:
         parser.error("--threads needs positive integers")
     try:
-        peer = import_peer()
+        import_peer()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    split = _subset(load_data(args.data, max_len=args.max_len, seed=0), args.samples)
-    threads_before = torch.get_num_threads()
+    samples = len(_subset(load_data(args.data, max_len=args.max_len, seed=0), args.samples).train)
     results = {}
-    try:
-        for condition, neighbours in (("quiet", 0), (f"{args.busy} busy neighbour(s)", args.busy)):
-            if condition != "quiet" and not args.busy:
-                continue
-            with busy_neighbours(neighbours):
-                for threads in thread_counts:
-                    print(f"{condition}:", file=sys.stderr)
-                    results[condition, threads] = measure(split, peer, args, threads)
-    finally:
-        torch.set_num_threads(threads_before)
-    print(f"{args.data}: {len(split.train):,} training samples, batch {args.batch_size}, histories cut at "
-          f"{args.max_len}; one epoch from a fresh model; median of {args.repeats} alternating runs\n")
+    for condition, neighbours in (("quiet", 0), (f"{args.busy} busy neighbour(s)", args.busy)):
+        if condition != "quiet" and not args.busy:
+            continue
+        with busy_neighbours(neighbours):
+            for threads in thread_counts:
+                print(f"{condition}:", file=sys.stderr)
+                results[condition, threads] = measure(args, threads)
+    print(f"{args.data}: {samples:,} training samples, batch {args.batch_size}, histories cut at "
+          f"{args.max_len}; one epoch from a fresh model, each run in its own process; median of "
+          f"{args.repeats} alternating runs\n")
     print("| condition | threads | din train samples/s | DeepCTR-Torch DIN.fit samples/s | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for (condition, threads), runs in results.items():

@@ -1,14 +1,14 @@
 """din-kernels: the Deep Interest Network's hot paths as fused ops for PyTorch.
 
 Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local activation unit),
-``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU op of the local
-activation unit ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``.
+``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU ops (local
+activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``.
 """
 from ._backend import get_backend, set_backend
 from .attention import LocalActivationUnit, din_attention
-from .attention_cpu import get_num_threads as get_cpu_threads
-from .attention_cpu import set_num_threads as set_cpu_threads
 from .cpu_extension import available as cpu_op_available
+from .cpu_extension import get_num_threads as get_cpu_threads
+from .cpu_extension import set_num_threads as set_cpu_threads
 from .dice import Dice, dice
 from .mba import MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
 

@@ -29,8 +29,7 @@ from .attention_torch import _Activation, _FirstLayer, _check_launcher_args, _co
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_cpu_forward", "attention_cpu_backward", "cpu_supported", "get_num_threads",
-           "set_num_threads"]
+__all__ = ["attention_cpu_forward", "attention_cpu_backward", "cpu_supported"]
 
 # Activation codes of the C++ op (``enum Activation`` in csrc/attention_cpu.cpp).
 _ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
@@ -71,22 +70,7 @@ class _SavedBuffers:
 
 _BUFFERS = _SavedBuffers()
 
-_threads = 0  # 0: torch's intra-op threads (torch.get_num_threads()) at each call
 
-
-def set_num_threads(threads: int) -> None:
-    """Threads the C++ op runs on, whatever ``torch.set_num_threads`` says for torch's own ops; 0 (the
-    default) follows torch. Its blocks are robust on a busy machine where OpenMP regions are not, so a
-    training loop may keep torch's ops at 1 thread and give the attention more (``din train --threads``)."""
-    global _threads
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        raise ValueError(f"threads must be an int >= 0 (0: follow torch.get_num_threads()), got {threads!r}")
-    _threads = threads
-
-
-def get_num_threads() -> int:
-    """The C++ op's threads: the value of ``set_num_threads``, or torch's when that is 0."""
-    return _threads or torch.get_num_threads()
 _NOTHING_KEPT = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
 
 
@@ -147,7 +131,7 @@ def attention_cpu_forward(
         saved = _BUFFERS.take(wanted, args.dtype) if wanted else saved
         kept.append(saved)
     out, attn, lse = ops.attention_fwd(q, k, lengths, *args.tensors, normalize == "softmax", scale, saved,
-                                       _threads)
+                                       cpu_extension.threads())
     return out.to(query.dtype), attn, lse
 
 
@@ -169,7 +153,7 @@ def attention_cpu_backward(
     d_query, d_keys, grads = ops.attention_bwd(
         grad_out.to(dtype).contiguous(), query.to(dtype).contiguous(), keys.to(dtype).contiguous(),
         lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.tensors,
-        normalize == "softmax", scale, saved, _threads)
+        normalize == "softmax", scale, saved, cpu_extension.threads())
     _BUFFERS.give(saved)
     first, layers = args.first, args.n_layers
     first.d_wu = grads[0].view(first.hidden, first.dim)

@@ -1,4 +1,5 @@
-"""Build and load the C++ CPU op (``csrc/attention_cpu.cpp``), once per machine, torch version and source.
+"""Build and load the C++ CPU ops (``csrc/``: the local activation unit, Dice), once per machine, torch version
+and source.
 
 The op is compiled with the C++ compiler against the installed torch's headers and libraries (no Python
 headers, no ninja: one ``c++`` command) into a cache folder, then loaded with ``torch.ops.load_library``.
@@ -28,8 +29,32 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "attention_cpu.cpp", CSRC / "dice_cpu.cpp")  # one library; csrc/cpu_runtime.h shared
 LIBRARY_NAME = "din_kernels_cpu"
+
+
+_threads = 0  # 0: torch's intra-op threads (torch.get_num_threads()) at each call
+
+
+def set_num_threads(threads: int) -> None:
+    """Threads the C++ ops run on, whatever ``torch.set_num_threads`` says for torch's own ops; 0 (the
+    default) follows torch. Their blocks are robust on a busy machine where OpenMP regions are not, so a
+    training loop may keep torch's ops at 1 thread and give these more (``din train --threads``)."""
+    global _threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0: follow torch.get_num_threads()), got {threads!r}")
+    _threads = threads
+
+
+def get_num_threads() -> int:
+    """The C++ ops' threads: the value of ``set_num_threads``, or torch's when that is 0."""
+    return _threads or torch.get_num_threads()
+
+
+def threads() -> int:
+    """What the ops are passed: the ``set_num_threads`` value (0: the op asks torch itself)."""
+    return _threads
 
 
 def enabled() -> bool:
@@ -75,7 +100,7 @@ def _command(output: Path) -> list:
         _compiler(), "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-DNDEBUG",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *[f"-I{path}" for path in include_paths()],
-        str(SOURCE), "-o", str(output),
+        *[str(source) for source in SOURCES], "-o", str(output),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}", "-Wl,--no-undefined",
     ]
 
@@ -83,7 +108,8 @@ def _command(output: Path) -> list:
 def library_path() -> Path:
     """Where the library for this source, torch, compiler and CPU lives (built or not)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _compiler().encode(), _cpu_flags().encode(),
+    sources = [path.read_bytes() for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))]
+    for part in (*sources, torch.__version__.encode(), _compiler().encode(), _cpu_flags().encode(),
                  " ".join(_command(Path("out"))).encode()):
         digest.update(part)
     return cache_dir() / f"{LIBRARY_NAME}-{digest.hexdigest()[:16]}.so"
@@ -107,7 +133,7 @@ def build(verbose: bool = True) -> Path:
     try:
         result = subprocess.run(_command(Path(temporary)), capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"building {', '.join(p.name for p in SOURCES)} failed:\n{result.stderr[-4000:]}")
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

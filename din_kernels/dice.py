@@ -28,8 +28,10 @@ in a fixed order (deterministic, no atomics), writes mean/var and updates the ru
 fixed-order sum merges them, ``_dice_bwd_dx_kernel`` is the elementwise dx pass. Statistics and
 accumulation are fp32 for fp16/bf16/fp32 inputs (fp64 for fp64). Memory: nothing [N, C] is saved but x.
 
-The torch composite path (CPU without the interpreter, or ``set_backend("torch")``) runs the same algebra
-chunk by chunk of rows with a hand-written backward; it is what CPU users get.
+On CPU (without the interpreter) the C++ op ``csrc/dice_cpu.cpp`` runs the same algebra, one pass a
+loop over a chunk of rows, for fp32/fp64 (``_dice_cpp_runs``); the torch composite path (the same algebra
+chunk by chunk with torch ops and a hand-written backward) is the fallback: other dtypes, no C++ op built,
+or ``set_backend("torch")``.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._backend import use_triton
+from . import cpu_extension
+from ._backend import use_cpu_extension, use_triton
 from ._checks import check_dice_args
 
 try:
@@ -528,6 +531,49 @@ def _batch_stats_torch(x: Tensor, mask: Optional[Tensor], acc: torch.dtype, chun
     return shifted_mean + pivot, m2 / count, count
 
 
+def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor, var: Tensor,
+                    count: int, momentum: float) -> None:
+    """``nn.BatchNorm1d``'s update from the batch statistics (unbiased variance); nothing without valid rows."""
+    if running_mean is not None and count > 0:
+        with torch.no_grad():
+            unbiased = var * (count / max(count - 1, 1))
+            running_mean.mul_(1.0 - momentum).add_(momentum * mean.to(running_mean.dtype))
+            running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+
+
+def _dice_cpp_runs(x: Tensor, alpha: Tensor, weight: Optional[Tensor], out_dtype: torch.dtype) -> bool:
+    """The C++ op takes fp32/fp64 CPU inputs whose result keeps x's dtype (parameters cast to it)."""
+    return (x.dtype in (torch.float32, torch.float64) and out_dtype == x.dtype and use_cpu_extension(x)
+            and cpu_extension.available())
+
+
+def _dice_forward_cpp(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], mask: Optional[Tensor],
+                      training: bool, momentum: float, eps: float):
+    """The C++ forward; the contract of ``_dice_forward_torch``: (y [N, C], mean [C], rstd [C], count)."""
+    dtype, channels = x.dtype, x.shape[1]
+    cast = (lambda t: None if t is None else _as(t, dtype).contiguous())  # noqa: E731
+    stats = (None, None) if training else (cast(running_mean), cast(running_var))
+    y, mean, var, rstd, count = torch.ops.din_kernels_cpu.dice_fwd(
+        x, cast(alpha.expand(channels)), cast(weight), cast(bias), mask, *stats, training, eps,
+        cpu_extension.threads())
+    if training:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return y, mean, rstd, count
+
+
+def _dice_backward_cpp(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       mask: Optional[Tensor], mean: Tensor, rstd: Tensor, count: int, training: bool,
+                       need_dx: bool):
+    """The C++ backward; the contract of ``_dice_backward_torch``: (dx or None, sums [3, C])."""
+    dtype, channels = x.dtype, x.shape[1]
+    cast = (lambda t: None if t is None else _as(t, dtype).contiguous())  # noqa: E731
+    dx, sums = torch.ops.din_kernels_cpu.dice_bwd(
+        cast(dy), x, cast(alpha.expand(channels)), cast(weight), cast(bias), mask, mean, rstd, count, training,
+        need_dx, cpu_extension.threads())
+    return (dx if need_dx else None), sums
+
+
 def _dice_forward_torch(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor], mask: Optional[Tensor],
                         training: bool, momentum: float, eps: float, out_dtype: torch.dtype):
@@ -538,11 +584,7 @@ def _dice_forward_torch(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias
     chunks = _row_chunks(n_rows, channels)
     if training:
         mean, var, count = _batch_stats_torch(x, mask, acc, chunks)
-        if running_mean is not None and count > 0:
-            with torch.no_grad():
-                unbiased = var * (count / max(count - 1, 1))
-                running_mean.mul_(1.0 - momentum).add_(momentum * mean.to(running_mean.dtype))
-                running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+        _update_running(running_mean, running_var, mean, var, count, momentum)
     else:
         # a copy: the running statistics may be updated in place before this output's backward runs
         mean, var, count = running_mean.to(acc, copy=True), _as(running_var, acc), 0
@@ -621,7 +663,8 @@ def _dice_backward_torch(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[
 
 
 class DiceFunction(torch.autograd.Function):
-    """x [N, C] contiguous, alpha [C] or [1], mask [N] bool or None; Triton or torch path chosen at forward."""
+    """x [N, C] contiguous, alpha [C] or [1], mask [N] bool or None; the Triton, C++ or torch path chosen at
+    forward and kept for the backward."""
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
@@ -632,13 +675,15 @@ class DiceFunction(torch.autograd.Function):
         alpha_flat = alpha.reshape(-1).contiguous()
         if weight is not None:
             weight, bias = weight.contiguous(), bias.contiguous()
+        ctx.cpp = not ctx.triton and _dice_cpp_runs(x, alpha_flat, weight, out_dtype)
         if ctx.triton:
             y, mean, var, count = dice_forward(x, alpha_flat, weight, bias, running_mean, running_var, mask,
                                                training, momentum, eps, out_dtype)
             ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, var, count)
         else:
-            y, mean, rstd, count = _dice_forward_torch(x, alpha_flat, weight, bias, running_mean, running_var,
-                                                       mask, training, momentum, eps, out_dtype)
+            forward = _dice_forward_cpp if ctx.cpp else functools.partial(_dice_forward_torch, out_dtype=out_dtype)
+            y, mean, rstd, count = forward(x, alpha_flat, weight, bias, running_mean, running_var, mask, training,
+                                           momentum, eps)
             ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, rstd)
             ctx.count = count
         ctx.training = training
@@ -656,8 +701,8 @@ class DiceFunction(torch.autograd.Function):
                                      need_dx)
         else:
             x, alpha, weight, bias, mask, mean, rstd = ctx.saved_tensors
-            dx, sums = _dice_backward_torch(dy, x, alpha, weight, bias, mask, mean, rstd, ctx.count, ctx.training,
-                                            need_dx)
+            backward = _dice_backward_cpp if ctx.cpp else _dice_backward_torch
+            dx, sums = backward(dy, x, alpha, weight, bias, mask, mean, rstd, ctx.count, ctx.training, need_dx)
         dalpha = dweight = dbias = None
         if need_alpha:
             dalpha = sums[2] if alpha.numel() > 1 else sums[2].sum()

@@ -1,6 +1,7 @@
 """Dice: the fused op and module against reference.py, and the module against DeepCTR-Torch's Dice.
 
-Every kernel test runs on both paths (``backend`` fixture: Triton under the interpreter, torch composite):
+Every kernel test runs on every path (``backend`` fixture: Triton under the interpreter, the C++ op, torch
+composite):
 forward, the gradients of x, alpha, weight and bias, and the running statistics, in training and eval,
 2-D [N, C] and masked 3-D [B, T, C] inputs, nominal and weird shapes. Running statistics live inside a
 larger buffer between sentinels: the interpreter does not bounds-check, so a stray store would show.
@@ -225,6 +226,7 @@ def test_deterministic(backend):
 
 def test_torch_path_chunks(monkeypatch):
     """The composite path works on chunks of rows; tiny chunks exercise the merge of chunk statistics."""
+    previous = dk.get_backend()
     dk.set_backend("torch")
     try:
         monkeypatch.setattr(DICE, "_chunk_elements", lambda: 40)  # 40 // 7 = 5 rows per chunk
@@ -232,7 +234,34 @@ def test_torch_path_chunks(monkeypatch):
         for training in (True, False):
             _check(x, alpha, weight, bias, mask, grad, training=training, stats=_stats(7))
     finally:
-        dk.set_backend("torch")
+        dk.set_backend(previous)
+
+
+def test_cpp_op_runs_and_merges_its_chunks(monkeypatch):
+    """Under backend "cpp" the C++ op runs (not the composite path); 4 x 5000 x 7 is 3 chunks of 64K
+    elements, whose statistics and gradient sums are merged in order: exact against the reference, and bit
+    for bit the same at 1, 2 and 3 threads."""
+    previous = dk.get_backend()
+    dk.set_backend("cpp")
+    calls = []
+    forward = DICE._dice_forward_cpp
+    monkeypatch.setattr(DICE, "_dice_forward_cpp", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    try:
+        x, alpha, weight, bias, mask, grad = _inputs((4, 5000, 7), "lengths", affine=True)
+        for training in (True, False):
+            _check(x, alpha, weight, bias, mask, grad, training=training, stats=_stats(7))
+        assert calls
+        results, stats = [], _stats(7)
+        for threads in (1, 2, 3):
+            dk.set_cpu_threads(threads)
+            results.append(_run(dk.dice, x, alpha, weight, bias, mask, grad, training=True, stats=stats))
+        assert set(results[0]) == {"y", "dx", "dalpha", "dweight", "dbias", "stats"}
+        for other in results[1:]:
+            for name, value in results[0].items():
+                assert torch.equal(value, other[name]), name
+    finally:
+        dk.set_cpu_threads(0)
+        dk.set_backend(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_runtime.h"
+
 #include <omp.h>
 #include <unistd.h>
 
@@ -59,11 +61,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
-// MKL's per-thread thread count (absent from a wheel whose BLAS is not MKL: then only the OpenMP setting).
-int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));  // the C entry (lower case is Fortran)
 }
 
 namespace {
+
+using namespace din_kernels_cpu;  // cpu_runtime.h: blocks, helper threads, aligned buffers, sigmoid
 
 enum Activation : int64_t { kIdentity = 0, kSigmoid = 1, kRelu = 2, kPrelu = 3, kDice = 4 };
 
@@ -88,32 +90,6 @@ void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, co
   }
 }
 
-// exp for fp32 without a library call, so that the loops around it vectorise (-O3 -march=native): Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r, 2^n from the exponent
-// bits; ~1 ulp on [-87, 88], clamped outside (sigmoid saturates there anyway).
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline double exp_fast(double x) { return std::exp(x); }  // fp64 (gradcheck): the library's
-
-template <typename T>
-void sigmoid_(T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = T(1) / (T(1) + exp_fast(-x[i]));
-}
 
 // The network's parameters as raw pointers (all contiguous, in the compute dtype T).
 template <typename T>
@@ -188,36 +164,6 @@ std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t ta
   return blocks;
 }
 
-// Every scratch buffer and every kept block starts on a 64-byte boundary: BLAS picks its code path by the
-// alignment of its operands, so equal alignment everywhere is what makes the results independent of which
-// thread (workspace) ran a block and of whether its activations were kept or recomputed.
-constexpr int64_t kAlignBytes = 64;
-
-template <typename T>
-int64_t aligned_size(int64_t count) {
-  constexpr int64_t per_line = kAlignBytes / sizeof(T);
-  return (count + per_line - 1) / per_line * per_line;
-}
-
-template <typename T>
-struct AlignedAllocator {
-  using value_type = T;
-  AlignedAllocator() = default;
-  template <typename U>
-  AlignedAllocator(const AlignedAllocator<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlignBytes))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kAlignBytes)); }
-  template <typename U>
-  bool operator==(const AlignedAllocator<U>&) const { return true; }
-};
-
-template <typename T>
-using Buffer = std::vector<T, AlignedAllocator<T>>;
-
-template <typename T>
-void grow(Buffer<T>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-}
 
 // Per-thread scratch, kept between calls (``thread_workspace``): grown to the largest block seen, never
 // shrunk, so that its pages are faulted in once (a fresh multi-MB buffer per call costs page faults).
@@ -315,109 +261,6 @@ std::vector<int64_t> saved_offsets(const Net<T>& net, const std::vector<Block>& 
   return offsets;
 }
 
-// BLAS calls inside a block run on the calling thread only (the parallelism is over blocks).
-class SingleThreaded {
- public:
-  SingleThreaded() : omp_before_(omp_get_max_threads()) {
-    omp_set_num_threads(1);
-    if (MKL_Set_Num_Threads_Local) mkl_before_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreaded() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before_);
-    omp_set_num_threads(omp_before_);
-  }
-
- private:
-  int omp_before_, mkl_before_ = 0;
-};
-
-// Blocks handed out by an atomic counter to the caller and its helpers. Shared-owned: a helper that starts
-// after the call returned finds the counter exhausted and never touches ``work``.
-struct BlockQueue {
-  int64_t count = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  const std::function<void(int64_t)>* work = nullptr;
-  std::mutex mutex;
-  std::condition_variable finished;
-  std::exception_ptr error;
-
-  void drain() {
-    SingleThreaded single;  // (a block calls BLAS and plain loops only: no aten, no autograd state)
-    for (int64_t index = next.fetch_add(1); index < count; index = next.fetch_add(1)) {
-      try {
-        (*work)(index);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex);
-        if (!error) error = std::current_exception();
-      }
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
-// Helper threads of this library, parked on a condition variable between calls. Not torch's inter-op pool:
-// its tasks carry the caller's thread-local state, Python objects included, whose release needs the GIL
-// (a late task released during interpreter shutdown aborted the process). Deliberately never destroyed
-// (no join at exit), and made anew in a forked child, whose copy has no threads behind it.
-class HelperPool {
- public:
-  static HelperPool& get() {
-    static std::mutex creation;
-    static HelperPool* pool = nullptr;
-    std::lock_guard<std::mutex> lock(creation);
-    if (pool == nullptr || pool->pid_ != getpid()) pool = new HelperPool();  // a fork's copy is abandoned
-    return *pool;
-  }
-
-  void submit(const std::shared_ptr<BlockQueue>& queue, int64_t helpers) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    while (static_cast<int64_t>(threads_) < helpers) {
-      std::thread([this] { loop(); }).detach();
-      ++threads_;
-    }
-    for (int64_t i = 0; i < helpers; ++i) tasks_.push_back(queue);
-    ready_.notify_all();
-  }
-
- private:
-  HelperPool() : pid_(getpid()) {}
-
-  void loop() {
-    for (;;) {
-      std::shared_ptr<BlockQueue> queue;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [&] { return !tasks_.empty(); });
-        queue = std::move(tasks_.front());
-        tasks_.pop_front();
-      }
-      queue->drain();  // a queue already drained by the caller returns at once
-    }
-  }
-
-  pid_t pid_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::shared_ptr<BlockQueue>> tasks_;
-  size_t threads_ = 0;
-};
-
-void run_blocks(int64_t count, int64_t threads, const std::function<void(int64_t)>& work) {
-  if (count == 0) return;
-  auto queue = std::make_shared<BlockQueue>();
-  queue->count = count;
-  queue->work = &work;
-  if (threads <= 0) threads = at::get_num_threads();
-  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(threads, count) - 1;
-  if (helpers > 0) HelperPool::get().submit(queue, helpers);
-  queue->drain();
-  std::unique_lock<std::mutex> lock(queue->mutex);
-  queue->finished.wait(lock, [&] { return queue->done.load() == count; });
-  if (queue->error) std::rethrow_exception(queue->error);
-}
 
 // h = act(z) in place on [n, width]; keeps z (and the Dice gate p) when the backward needs them.
 template <typename T>
