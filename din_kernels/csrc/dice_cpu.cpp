@@ -165,25 +165,35 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& dy, const at:
   T* dxs = need_dx ? dx.data_ptr<T>() : nullptr;
   std::vector<T> partial(chunks.count * 3 * c, T(0));  // per chunk: S0, S1, S2
   run_blocks(chunks.count, threads, [&](int64_t k) {
-    T* s0 = partial.data() + k * 3 * c;
-    T* s1 = s0 + c;
-    T* s2 = s1 + c;
-    std::vector<T> p(c), xhat(c);
+    // restrict-qualified, branch-free inner loops: they vectorise
+    T* __restrict__ s0 = partial.data() + k * 3 * c;
+    T* __restrict__ s1 = s0 + c;
+    T* __restrict__ s2 = s1 + c;
+    std::vector<T> p_buf(c), xhat_buf(c), dzp_buf(c);
+    T* __restrict__ p = p_buf.data();
+    T* __restrict__ xhat = xhat_buf.data();
+    T* __restrict__ dzp = dzp_buf.data();
+    const T* __restrict__ scale = dxhat_scale.data();
     for (int64_t r = chunks.begin(k); r < chunks.end(k); ++r) {
-      const T* xr = xs + r * c;
-      const T* gr = g + r * c;
-      for (int64_t j = 0; j < c; ++j) {
-        xhat[j] = (xr[j] - mu[j]) * rs[j];
-        p[j] = w == nullptr ? xhat[j] : w[j] * xhat[j] + b[j];
+      const T* __restrict__ xr = xs + r * c;
+      const T* __restrict__ gr = g + r * c;
+      for (int64_t j = 0; j < c; ++j) xhat[j] = (xr[j] - mu[j]) * rs[j];
+      if (w == nullptr) {
+        std::copy(xhat, xhat + c, p);
+      } else {
+        for (int64_t j = 0; j < c; ++j) p[j] = w[j] * xhat[j] + b[j];
       }
-      sigmoid_(p.data(), c);
+      sigmoid_(p, c);
       for (int64_t j = 0; j < c; ++j) {
         const T t = gr[j] * xr[j];
-        const T dzp = t * p[j] * (T(1) - p[j]);
-        s0[j] += dzp;
-        s1[j] += dzp * xhat[j];
+        dzp[j] = t * p[j] * (T(1) - p[j]);
+        s0[j] += dzp[j];
+        s1[j] += dzp[j] * xhat[j];
         s2[j] += t * (T(1) - p[j]);
-        if (dxs != nullptr) dxs[r * c + j] = gr[j] * (a[j] + (T(1) - a[j]) * p[j]) + dzp * dxhat_scale[j];
+      }
+      if (dxs != nullptr) {
+        T* __restrict__ dr = dxs + r * c;
+        for (int64_t j = 0; j < c; ++j) dr[j] = gr[j] * (a[j] + (T(1) - a[j]) * p[j]) + dzp[j] * scale[j];
       }
     }
   });
