@@ -1,9 +1,9 @@
 """The C++ CPU op of the local activation unit (``din_kernels.attention_cpu``, ``csrc/attention_cpu.cpp``):
-many blocks, kept activations for some blocks only, results independent of the thread count, fp64
-gradcheck, checked inputs, the buffer pool, and the build: cached, rebuilt for a new source, and the
+many blocks, kept activations for some blocks only, results independent of the thread count, checked
+inputs, the buffer pool, and the build: cached, rebuilt for a new source, and the
 fallback to the composite path where it cannot be built or is switched off. The reference comparisons on
 every form, activation, normalization and edge shape are in test_attention_torch.py (paths "cpp" and
-"cpp-kept")."""
+"cpp-kept"), and its fp64 gradcheck there too."""
 import os
 import subprocess
 import sys
@@ -78,46 +78,6 @@ def test_the_threads_setting_is_restored():
     before = torch.get_num_threads()
     cpp(*problem, torch.randn(64, 4), form="concat", activation="sigmoid", normalize="none", scale=None)
     assert torch.get_num_threads() == before
-
-
-class _CppFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, keys, lengths, options, n_weights, *params):
-        weights, alphas = params[:n_weights], params[n_weights:]
-        out, attn, lse = ac.attention_cpu_forward(query, keys, lengths, weights, alphas or None,
-                                                  options["dice_eval"], 1e-8, **options["launch"])
-        ctx.save_for_backward(query, keys, lengths, out, attn, lse, *params)
-        ctx.options, ctx.n_weights = options, n_weights
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, keys, lengths, out, attn, lse, *params = ctx.saved_tensors
-        weights, alphas = tuple(params[:ctx.n_weights]), tuple(params[ctx.n_weights:])
-        dq, dk, dws, das = ac.attention_cpu_backward(grad_out, query, keys, lengths, weights, alphas or None,
-                                                     ctx.options["dice_eval"], 1e-8, out, attn, lse,
-                                                     **ctx.options["launch"])
-        return (dq, dk, None, None, None, *dws, *(das or ()))
-
-
-@pytest.mark.parametrize("form,activation,normalize,scale", [
-    ("concat", "sigmoid", "none", None),
-    ("concat", "prelu", "softmax", 0.5),
-    ("outer", "dice", "softmax", None),
-    ("outer", "relu", "none", 2.0),
-])
-def test_gradcheck_fp64(form, activation, normalize, scale):
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(
-        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
-    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
-    options = dict(dice_eval=dice_eval, launch=dict(form=form, activation=activation, normalize=normalize,
-                                                    scale=scale))
-
-    def fn(q, k, *p):
-        return _CppFunction.apply(q, k, lengths, options, len(weights), *p)
-
-    inputs = (query.requires_grad_(), keys.requires_grad_(), *params)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def test_the_op_checks_its_inputs():

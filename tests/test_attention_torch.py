@@ -247,26 +247,34 @@ def test_low_precision(dtype, normalize, path):
 # fp64 gradcheck through an autograd.Function around the two launchers
 # --------------------------------------------------------------------------------------------------------
 
-class _CompositeFunction(torch.autograd.Function):
+LAUNCHERS = {"chunked": (at.attention_torch_forward, at.attention_torch_backward),
+             "cpp": (ac.attention_cpu_forward, ac.attention_cpu_backward)}
+
+
+class _LauncherFunction(torch.autograd.Function):
+    """A pair of launchers (``LAUNCHERS``) as an autograd.Function, for gradcheck."""
+
     @staticmethod
-    def forward(ctx, query, keys, lengths, options, n_weights, *params):
+    def forward(ctx, query, keys, lengths, path, options, n_weights, *params):
         weights, alphas = params[:n_weights], params[n_weights:]
+        options = dict(options)
         dice_eval = options.pop("dice_eval")
-        out, attn, lse = at.attention_torch_forward(query, keys, lengths, weights, alphas or None, dice_eval,
-                                                    1e-8, **options)
+        out, attn, lse = LAUNCHERS[path][0](query, keys, lengths, weights, alphas or None, dice_eval, 1e-8,
+                                            **options)
         ctx.save_for_backward(query, keys, lengths, out, attn, lse, *params)
-        ctx.options, ctx.dice_eval, ctx.n_weights = options, dice_eval, n_weights
+        ctx.path, ctx.options, ctx.dice_eval, ctx.n_weights = path, options, dice_eval, n_weights
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, keys, lengths, out, attn, lse, *params = ctx.saved_tensors
         weights, alphas = tuple(params[:ctx.n_weights]), tuple(params[ctx.n_weights:])
-        dq, dk, dws, das = at.attention_torch_backward(grad_out, query, keys, lengths, weights, alphas or None,
-                                                       ctx.dice_eval, 1e-8, out, attn, lse, **ctx.options)
-        return (dq, dk, None, None, None, *dws, *(das or ()))
+        dq, dk, dws, das = LAUNCHERS[ctx.path][1](grad_out, query, keys, lengths, weights, alphas or None,
+                                                  ctx.dice_eval, 1e-8, out, attn, lse, **ctx.options)
+        return (dq, dk, None, None, None, None, *dws, *(das or ()))
 
 
+@pytest.mark.parametrize("path", LAUNCHERS)
 @pytest.mark.parametrize("form,activation,normalize,scale", [
     ("concat", "sigmoid", "none", None),
     ("concat", "prelu", "softmax", 0.5),
@@ -274,7 +282,7 @@ class _CompositeFunction(torch.autograd.Function):
     ("outer", "relu", "none", 2.0),
     ("concat", "identity", "softmax", None),
 ])
-def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale):
+def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale, path):
     monkeypatch.setattr(at, "CHUNK_FLOATS", 1)  # a chunk per row, out of order; Tc=1 runs per position
     query, keys, lengths, weights, alphas, dice_eval = make_problem(
         4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
@@ -284,7 +292,7 @@ def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale):
 
     def fn(q, k, *p):
         options = dict(form=form, activation=activation, normalize=normalize, scale=scale, dice_eval=dice_eval)
-        return _CompositeFunction.apply(q, k, lengths, options, len(weights), *p)
+        return _LauncherFunction.apply(q, k, lengths, path, options, len(weights), *p)
 
     assert torch.autograd.gradcheck(fn, (query, keys, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
