@@ -25,6 +25,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def synced(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` followed by a device synchronize: pytest-benchmark stops its clock when the call returns, which
+    on CUDA is before the kernels have run."""
+    def call() -> None:
+        step()
+        synchronize()
+    return call
+
+
 def time_ms(step: Callable[[], object]) -> float:
     synchronize()
     start = time.perf_counter()

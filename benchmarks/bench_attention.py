@@ -52,7 +52,7 @@ from din_kernels import cpu_extension  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row,  # noqa: E402
+from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row, synced,  # noqa: E402
                      ratio_table_header, synchronize, time_ms)
 
 HIDDEN = (80, 40)
@@ -227,9 +227,11 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / (statistics.median(times) / 1e3) / 1e9
 
 
-def forward_bytes(case: Case) -> int:
-    """What the forward must move at least: keys and query read, output written (fp32)."""
-    return 4 * (case.batch * case.seq_len * case.dim + 2 * case.batch * case.dim)
+def forward_bytes(problem: "Problem") -> int:
+    """What the forward must move at least: the valid keys (padding is never read) and the query read, the
+    output written (fp32)."""
+    case = problem.case
+    return 4 * (int(problem.lengths.sum()) * case.dim + 2 * case.batch * case.dim)
 
 
 def available(provider: str) -> bool:
@@ -270,11 +272,11 @@ if pytest is not None:
             setup_s=round(time.perf_counter() - start, 2), peak_extra_mb=round(peak_extra_mb(step), 2))
         if DEVICE.type == "cuda" and provider == "din_kernels" and mode == "forward":
             bandwidth = copy_bandwidth_gbs()
-            bound_ms = forward_bytes(case) / (bandwidth * 1e9) * 1e3
+            bound_ms = forward_bytes(problem) / (bandwidth * 1e9) * 1e3
             benchmark.extra_info.update(copy_bandwidth_gbs=round(bandwidth, 1), bandwidth_bound_ms=bound_ms)
             print(f"\n{case.name}: forward bandwidth bound {bound_ms:.4f} ms at {bandwidth:.0f} GB/s copy")
         benchmark.group = f"{case.name} {mode}"
-        benchmark.pedantic(step, setup=synchronize, rounds=5 if DEVICE.type == "cpu" else 50,
+        benchmark.pedantic(synced(step), setup=synchronize, rounds=5 if DEVICE.type == "cpu" else 50,
                            warmup_rounds=1, iterations=1)
         synchronize()
 
@@ -302,7 +304,7 @@ def table(repeats: int, providers: List[str]) -> str:
                 memory_lines.append(f"| {case.name} | " + " | ".join(f"{peaks[p]:.1f}" for p in providers) +
                                     f" | {ratio:.2f} |")
             if mode == "forward" and bandwidth is not None:
-                bound = forward_bytes(case) / (bandwidth * 1e9) * 1e3
+                bound = forward_bytes(problem) / (bandwidth * 1e9) * 1e3
                 lines.append(f"|   | bandwidth bound | {bound:.4f} ms at {bandwidth:.0f} GB/s copy: din_kernels at "
                              f"{bound / statistics.median(samples['din_kernels']) * 100:.0f}% |")
             print(lines[-1], flush=True)

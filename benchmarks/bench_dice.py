@@ -37,7 +37,7 @@ from din_kernels import reference  # noqa: E402
 from din_kernels._backend import interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header,  # noqa: E402
+from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header, synced,  # noqa: E402
                      synchronize)
 
 PROVIDERS = ("din_kernels", "reference", "deepctr")
@@ -183,7 +183,7 @@ if pytest is not None:
         if mode == "forward+backward":
             benchmark.extra_info["saved_for_backward_mb"] = round(saved_mb(problem, provider), 2)
         benchmark.group = f"{case} {mode}"
-        benchmark.pedantic(step, setup=synchronize, rounds=7 if DEVICE.type == "cpu" else 50,
+        benchmark.pedantic(synced(step), setup=synchronize, rounds=7 if DEVICE.type == "cpu" else 50,
                            warmup_rounds=1, iterations=1)
         synchronize()
 

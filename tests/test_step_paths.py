@@ -65,7 +65,7 @@ def test_fused_optimisers_follow_the_plain_ones(name):
 
 
 def test_configure_threads_gives_the_attention_op_the_threads():
-    threads, op_threads = torch.get_num_threads(), dk.get_cpu_threads()
+    threads = torch.get_num_threads()
     try:
         configure_threads(2)
         assert dk.get_cpu_threads() == 2 and torch.get_num_threads() == 1
