@@ -1,0 +1,186 @@
+"""What the GPU compiler makes of the attention kernels, without a GPU: compile each specialisation the public
+op launches for sm_90 (H100/H200) and sm_80 (A100) with Triton's own compiler and the ptxas, nvdisasm it
+ships, and print registers, spilled bytes, shared memory, resident blocks per SM and the count (and
+operand types) of tensor-core instructions in the SASS.
+
+    python benchmarks/gpu_compile_report.py [--quick] [--check]
+
+Specialisations (what ``attention_forward`` / ``attention_backward`` pass for B=2048): T in {50, 200},
+D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_supported``: listed as running the
+composite path), inputs fp32 with TF32 off (torch's default: ``DOT_PRECISION="ieee"``) and on, bf16, fp16;
+sigmoid, normalize none and softmax. ``--quick``: T=200, D=36, (80, 40), softmax only (CI).
+``--check`` exits 1 on any spill, any block whose shared memory exceeds the SM's, a 16-bit / TF32
+specialisation without tensor-core instructions, or 16-bit inputs whose MMAs run in TF32 (the gate issue 12 asks CI for; the kernels do not pass it
+yet: see benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter (before triton is imported)
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional, Sequence  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from din_kernels import attention as A  # noqa: E402
+
+# per SM: registers, shared memory a block may use, resident threads, resident blocks
+SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
+TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Z0-9]+)*)")
+INTS = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
+PRECISIONS = {"fp32": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
+              "fp16": ("fp16", "tf32")}
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: int
+    precision: str
+    seq_len: int
+    dim: int
+    hidden: Sequence[int]
+    softmax: bool
+    registers: int = 0
+    spill_bytes: int = 0
+    shared: int = 0
+    blocks_per_sm: int = 0
+    tensor_core: int = 0
+    mma_types: str = ""  # the operand types of those instructions, e.g. "TF32" or "BF16"
+    num_warps: int = 0
+    note: str = ""
+
+    def problems(self) -> List[str]:
+        if self.note:
+            return []
+        limits = SM_LIMITS[self.arch]
+        found = []
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} bytes spilled")
+        if self.shared > limits[1]:
+            found.append(f"shared {self.shared} > {limits[1]}")
+        if self.precision != "fp32" and self.tensor_core == 0:
+            found.append("no tensor-core instruction")
+        if self.precision in ("bf16", "fp16") and "TF32" in self.mma_types:
+            found.append("16-bit inputs upcast: TF32 MMAs, not 16-bit ones")
+        return found
+
+
+def _tool(name: str) -> str:
+    path = TOOLS / name
+    if not path.exists():
+        raise RuntimeError(f"{name} not found in Triton's wheel ({path})")
+    return str(path)
+
+
+def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int], softmax: bool,
+                backward: bool) -> Row:
+    row = Row(fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", ""), arch, precision,
+              seq_len, dim, tuple(hidden), softmax)
+    keys = torch.empty(1, 1, dim, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                          "fp16": torch.float16}[PRECISIONS[precision][0]])
+    weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
+    if not A.fused_supported(keys, weights):
+        row.note = "outside fused_supported: the composite path runs"
+        return row
+    dtype, dot_precision = PRECISIONS[precision]
+    block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(seq_len, dim, hidden, backward=backward)
+    consts = dict(ACT=A._ACT_CODES["sigmoid"], TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
+                  DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
+                  BLOCK_H2=block_h2)
+    signature = {name: ("constexpr" if name in consts else "fp32" if name == "scale" else
+                        "i32" if name in INTS else "*i64" if name == "LENGTHS" else
+                        f"*{dtype}" if name in ("K", "DK", "OUT", "DOUT") else "*fp32")
+                 for name in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    row.num_warps, row.shared = num_warps, kernel.metadata.shared
+    with tempfile.TemporaryDirectory() as folder:
+        ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        cubin.write_bytes(kernel.asm["cubin"])
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        info = ""
+        for assembler in ("ptxas", "ptxas-blackwell"):  # the wheel's two: the older may refuse newer PTX
+            if not (TOOLS / assembler).exists():
+                continue
+            run = subprocess.run([str(TOOLS / assembler), "-v", f"-arch={sm}", str(ptx), "-o",
+                                  str(Path(folder) / "o")], capture_output=True, text=True)
+            if run.returncode == 0:
+                info = run.stderr
+                break
+        if not info:
+            raise RuntimeError(f"no ptxas in {TOOLS} assembled {row.kernel} for {sm}")
+        sass = subprocess.run([_tool("nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
+    registers = re.search(r"Used (\d+) registers", info)
+    row.registers = int(registers.group(1)) if registers else 0
+    row.spill_bytes = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    suffixes = TENSOR_CORE.findall(sass)
+    row.tensor_core = len(suffixes)
+    row.mma_types = ",".join(sorted({suffix.split(".")[-1] for suffix in suffixes if suffix}))
+    regs, smem, threads, blocks = SM_LIMITS[arch]
+    per_block_threads = 32 * num_warps
+    by_regs = regs // max(row.registers * per_block_threads, 1)
+    by_smem = smem // row.shared if row.shared else blocks
+    row.blocks_per_sm = min(by_regs, by_smem, threads // per_block_threads, blocks)
+    return row
+
+
+def report(quick: bool) -> List[Row]:
+    shapes = [(200, 36, (80, 40))] if quick else list(itertools.product((50, 200), (36, 64), ((80, 40), (200, 80))))
+    softmaxes = (True,) if quick else (False, True)
+    rows = []
+    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True))
+    for arch in (90, 80):
+        for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
+            for fn, backward in kernels:
+                rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward))
+                print(_line(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = ("| kernel | sm | inputs | T | D | hidden | softmax | warps | registers | spilled bytes | shared bytes "
+          "| blocks / SM | tensor-core instr. (types) |\n|" + " --- |" * 13)
+
+
+def _line(row: Row) -> str:
+    head = (f"| {row.kernel} | {row.arch} | {row.precision} | {row.seq_len} | {row.dim} | "
+            f"{','.join(map(str, row.hidden))} | {'yes' if row.softmax else 'no'} |")
+    if row.note:
+        return head + f" {row.note} |" + " |" * 5
+    return head + (f" {row.num_warps} | {row.registers} | {row.spill_bytes} | {row.shared} | {row.blocks_per_sm} | "
+                   f"{row.tensor_core} {row.mma_types or '-'} |")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape (CI)")
+    parser.add_argument("--check", action="store_true", help="exit 1 on spills, shared overflow, no tensor cores")
+    args = parser.parse_args(argv)
+    print(f"triton {triton.__version__}, torch {torch.__version__}; compiled here, not run")
+    print(HEADER)
+    rows = report(args.quick)
+    failures = [(row, problem) for row in rows for problem in row.problems()]
+    print(f"\n{len(rows)} specialisations, {len(failures)} problems")
+    for row, problem in failures:
+        print(f"  {row.kernel} sm_{row.arch} {row.precision} T={row.seq_len} D={row.dim} {row.hidden}: {problem}")
+    return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
