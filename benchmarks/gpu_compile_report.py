@@ -132,7 +132,8 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
     row.spill_bytes = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     suffixes = TENSOR_CORE.findall(sass)
     row.tensor_core = len(suffixes)
-    row.mma_types = ",".join(sorted({suffix.split(".")[-1] for suffix in suffixes if suffix}))
+    operand = re.compile(r"\.(TF32|BF16|F16|E4M3|E5M2|S8|U8)\b")
+    row.mma_types = ",".join(sorted({m for suffix in suffixes for m in operand.findall(suffix)}))
     regs, smem, threads, blocks = SM_LIMITS[arch]
     per_block_threads = 32 * num_warps
     by_regs = regs // max(row.registers * per_block_threads, 1)
