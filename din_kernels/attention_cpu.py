@@ -1,9 +1,10 @@
 """C++ path of the local activation unit on the CPU: launchers around ``torch.ops.din_kernels_cpu``.
 
 The op (``csrc/attention_cpu.cpp``, built by ``cpu_extension``) runs a whole forward, or a whole backward, as
-ONE parallel region whose threads pull blocks of batch rows from a shared counter, with direct BLAS calls
-inside: under a neighbour process that takes a core it slows down like the eager reference (or less),
-where the Python composite path (one parallel region per torch op) collapsed. Same algebra and the same
+one queue of row blocks that the caller and helper threads drain (``csrc/cpu_runtime.h``), with direct BLAS
+calls inside and no barrier waiting for a descheduled thread: beside a busy neighbour process it slows down
+like the eager reference or less at large calls, where the Python composite path (one OpenMP region per
+torch op) collapsed. Same algebra and the same
 launcher contract as ``attention_torch`` (and the Triton launchers); the first-layer split and the
 activation parameters come from ``attention_torch._FirstLayer`` and ``_Activation``, so each lives once:
 
@@ -29,7 +30,7 @@ from .attention_torch import _Activation, _FirstLayer, _check_launcher_args, _co
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_cpu_forward", "attention_cpu_backward", "cpu_supported"]
+__all__ = ["attention_cpu_forward", "attention_cpu_backward"]
 
 # Activation codes of the C++ op (``enum Activation`` in csrc/attention_cpu.cpp).
 _ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
@@ -74,17 +75,6 @@ _BUFFERS = _SavedBuffers()
 _NOTHING_KEPT = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
 
 
-def cpu_supported(keys: Tensor) -> bool:
-    """True when the C++ op can run this problem: CPU tensors and the op built (``cpu_extension``)."""
-    return keys.device.type == "cpu" and cpu_extension.available()
-
-
-def _ops():
-    if not cpu_extension.available():
-        raise RuntimeError("the C++ CPU op is not available (see the warning above, or DIN_KERNELS_CPU_EXTENSION)")
-    return torch.ops.din_kernels_cpu
-
-
 class _Arguments:
     """The op's network arguments, in the compute dtype: the first layer split as ``_FirstLayer`` does."""
 
@@ -105,9 +95,7 @@ class _Arguments:
                         [a.contiguous() for a in self.act.alphas] if activation in ("prelu", "dice") else [],
                         [m.contiguous() for m, _ in self.act.dice] if activation == "dice" else [],
                         [r.contiguous() for _, r in self.act.dice] if activation == "dice" else []]
-        self.n_layers = len(widths)
         self.widths = widths
-        self.activation = activation
 
 
 def attention_cpu_forward(
@@ -118,7 +106,7 @@ def attention_cpu_forward(
     """Local activation unit, forward (contract: ``attention_torch.attention_torch_forward``). ``kept``: a
     list to append the buffer of kept activations to, for ``attention_cpu_backward(..., kept=)``."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    ops = _ops()
+    ops = cpu_extension.ops()
     args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
     q = query.to(args.dtype).contiguous()
     k = keys.to(args.dtype).contiguous()
@@ -146,7 +134,7 @@ def attention_cpu_backward(
     (``kept``, handed back to the buffer pool here). ``out`` and ``lse`` are part of the shared contract,
     unused here."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    ops = _ops()
+    ops = cpu_extension.ops()
     args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
     dtype = args.dtype
     saved = kept.pop() if kept else _NOTHING_KEPT[dtype]
@@ -155,7 +143,7 @@ def attention_cpu_backward(
         lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.tensors,
         normalize == "softmax", scale, saved, cpu_extension.threads())
     _BUFFERS.give(saved)
-    first, layers = args.first, args.n_layers
+    first, layers = args.first, len(args.widths)
     first.d_wu = grads[0].view(first.hidden, first.dim)
     first.d_b1 = grads[1]
     if form == "concat":

@@ -159,6 +159,14 @@ def available() -> bool:
     return True
 
 
+def ops():
+    """``torch.ops.din_kernels_cpu``, loaded (built first if needed); a RuntimeError where it cannot be."""
+    if not available():
+        raise RuntimeError("the C++ CPU ops are not available (see the warning above, or "
+                           "DIN_KERNELS_CPU_EXTENSION)")
+    return torch.ops.din_kernels_cpu
+
+
 def main() -> int:
     """``python -m din_kernels.build``: build (or find) the library and load it; 0 even where it cannot be
     built (the package runs without it), with the reason on stderr."""

@@ -541,10 +541,9 @@ def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor
             running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
 
 
-def _dice_cpp_runs(x: Tensor, alpha: Tensor, weight: Optional[Tensor], out_dtype: torch.dtype) -> bool:
+def _dice_cpp_runs(x: Tensor, out_dtype: torch.dtype) -> bool:
     """The C++ op takes fp32/fp64 CPU inputs whose result keeps x's dtype (parameters cast to it)."""
-    return (x.dtype in (torch.float32, torch.float64) and out_dtype == x.dtype and use_cpu_extension(x)
-            and cpu_extension.available())
+    return x.dtype in (torch.float32, torch.float64) and out_dtype == x.dtype and use_cpu_extension(x)
 
 
 def _dice_forward_cpp(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -554,7 +553,7 @@ def _dice_forward_cpp(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: 
     dtype, channels = x.dtype, x.shape[1]
     cast = (lambda t: None if t is None else _as(t, dtype).contiguous())  # noqa: E731
     stats = (None, None) if training else (cast(running_mean), cast(running_var))
-    y, mean, var, rstd, count = torch.ops.din_kernels_cpu.dice_fwd(
+    y, mean, var, rstd, count = cpu_extension.ops().dice_fwd(
         x, cast(alpha.expand(channels)), cast(weight), cast(bias), mask, *stats, training, eps,
         cpu_extension.threads())
     if training:
@@ -568,7 +567,7 @@ def _dice_backward_cpp(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Te
     """The C++ backward; the contract of ``_dice_backward_torch``: (dx or None, sums [3, C])."""
     dtype, channels = x.dtype, x.shape[1]
     cast = (lambda t: None if t is None else _as(t, dtype).contiguous())  # noqa: E731
-    dx, sums = torch.ops.din_kernels_cpu.dice_bwd(
+    dx, sums = cpu_extension.ops().dice_bwd(
         cast(dy), x, cast(alpha.expand(channels)), cast(weight), cast(bias), mask, mean, rstd, count, training,
         need_dx, cpu_extension.threads())
     return (dx if need_dx else None), sums
@@ -675,7 +674,7 @@ class DiceFunction(torch.autograd.Function):
         alpha_flat = alpha.reshape(-1).contiguous()
         if weight is not None:
             weight, bias = weight.contiguous(), bias.contiguous()
-        ctx.cpp = not ctx.triton and _dice_cpp_runs(x, alpha_flat, weight, out_dtype)
+        ctx.cpp = not ctx.triton and _dice_cpp_runs(x, out_dtype)
         if ctx.triton:
             y, mean, var, count = dice_forward(x, alpha_flat, weight, bias, running_mean, running_var, mask,
                                                training, momentum, eps, out_dtype)
