@@ -104,7 +104,8 @@ def attention_cpu_forward(
     *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Local activation unit, forward (contract: ``attention_torch.attention_torch_forward``). ``kept``: a
-    list to append the buffer of kept activations to, for ``attention_cpu_backward(..., kept=)``."""
+    list to append the buffer of kept activations and the op's arguments to, for
+    ``attention_cpu_backward(..., kept=)`` (which then builds neither again)."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     ops = cpu_extension.ops()
     args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
@@ -117,7 +118,9 @@ def attention_cpu_forward(
                                             _ACTIVATION_CODES[activation])
         wanted = min(needed, KEEP_FLOATS)
         saved = _BUFFERS.take(wanted, args.dtype) if wanted else saved
-        kept.append(saved)
+        # the arguments too: rebuilding them costs the backward ~45 us (a DIN step's call: ~1%); the weights
+        # they derive from cannot change in between (autograd checks the saved weights' versions)
+        kept.append((saved, args))
     out, attn, lse = ops.attention_fwd(q, k, lengths, *args.tensors, normalize == "softmax", scale, saved,
                                        cpu_extension.threads())
     return out.to(query.dtype), attn, lse
@@ -135,9 +138,12 @@ def attention_cpu_backward(
     unused here."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     ops = cpu_extension.ops()
-    args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
+    if kept:
+        saved, args = kept.pop()
+    else:
+        args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
+        saved = _NOTHING_KEPT[args.dtype]
     dtype = args.dtype
-    saved = kept.pop() if kept else _NOTHING_KEPT[dtype]
     d_query, d_keys, grads = ops.attention_bwd(
         grad_out.to(dtype).contiguous(), query.to(dtype).contiguous(), keys.to(dtype).contiguous(),
         lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.tensors,

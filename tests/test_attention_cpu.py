@@ -58,19 +58,23 @@ def test_kept_activations_change_nothing():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """Blocks are fixed by the lengths and the weight gradients summed in block order: bit for bit equal."""
+    """Blocks are fixed by the lengths and the weight gradients summed in block order: bit for bit equal,
+    whether the helpers are torch's OpenMP team (the op's threads following torch's, 0) or the library's own
+    threads (more threads than torch runs)."""
     problem = make_problem(256, 50, 8, (16, 8), lengths=torch.randint(0, 51, (256,)))
     grad_out = torch.randn(256, 8)
     options = dict(form="concat", activation="sigmoid", normalize="softmax", scale=None)
     before = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+        for torch_threads, op_threads in ((1, 0), (2, 0), (3, 0), (1, 2), (1, 3), (2, 3)):
+            torch.set_num_threads(torch_threads)
+            dk.set_cpu_threads(op_threads)
             out, attn, lse, grads = cpp(*problem, grad_out, **options)
             results.append([out, attn, lse, *grads])
     finally:
         torch.set_num_threads(before)
+        dk.set_cpu_threads(0)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -115,7 +119,7 @@ def test_the_public_op_runs_it_and_reuses_the_kept_buffer(monkeypatch):
     pointers = []
     for _ in range(2):
         out = unit(query, keys, lengths)
-        pointers.append(calls[-1][0].data_ptr())
+        pointers.append(calls[-1][0][0].data_ptr())  # (buffer, arguments)
         out.sum().backward()
         assert calls[-1] == []  # the backward took it
         assert len(ac._BUFFERS.free) == 1
@@ -201,12 +205,15 @@ from din_kernels import reference
 torch.set_num_threads(2)
 unit = dk.LocalActivationUnit(8, (16,))
 q, k, l = torch.randn(300, 8), torch.randn(300, 40, 8), torch.randint(0, 41, (300,))
-unit(q, k, l)  # helpers started in the parent
+unit(q, k, l)  # helpers started in the parent (torch's OpenMP team: torch and the op run at 2 threads)
+want = reference.din_attention(q, k, l, unit.weights())
 
 def child(queue):
+    # (torch's own parallel ops would hang here: GNU OpenMP's team does not survive a fork, which is why
+    # DataLoader workers run torch at 1 thread; the op at 2 threads makes its own helpers instead)
     torch.set_num_threads(2)
     out = unit(q, k, l)
-    queue.put(bool(torch.allclose(out, reference.din_attention(q, k, l, unit.weights()), atol=1e-5)))
+    queue.put(bool(torch.allclose(out, want, atol=1e-5)))
 
 queue = mp.get_context("fork").Queue()
 process = mp.get_context("fork").Process(target=child, args=(queue,))
@@ -218,7 +225,8 @@ print(process.exitcode)
 
 
 def test_a_forked_child_runs_the_op():
-    """A fork (DataLoader workers) has no helper threads behind the parent's pool: it makes its own."""
+    """A fork (DataLoader workers) has no helper threads behind the parent's pool or OpenMP team: it makes
+    its own."""
     result = _run(FORKED)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "0"]

@@ -6,7 +6,7 @@ from torch import nn
 
 import din_kernels as dk
 from din.cli import configure_threads, keep_freed_memory
-from din.features import ItemEmbedding, lookup
+from din.features import ItemEmbedding, lookup, lookup_concat
 from din.train import make_optimizer
 
 
@@ -20,6 +20,34 @@ def test_dense_lookup_matches_nn_embedding():
     torch.testing.assert_close(out, table(ids))
     torch.testing.assert_close(got_grad, want_grad)
     assert torch.all(got_grad[0] == 0)  # padding row
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_concatenated_lookup_matches_cat_of_embeddings(grad_enabled):
+    tables = [nn.Embedding(30, 5, padding_idx=0), nn.Embedding(7, 3, padding_idx=None), nn.Embedding(4, 1)]
+    ids = [torch.tensor([[0, 3, 3, 29], [7, 0, 3, 1]]), torch.tensor([[6, 6, 0, 2], [1, 1, 1, 5]]),
+           torch.tensor([[0, 1, 2, 3], [3, 3, 3, 3]])]
+    with torch.set_grad_enabled(grad_enabled):
+        out = lookup_concat(tables, ids)
+        want = torch.cat([t(i) for t, i in zip(tables, ids)], dim=-1)
+    assert out.shape == (2, 4, 9) and out.requires_grad == grad_enabled
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    if grad_enabled:
+        grad = torch.randn(2, 4, 9)
+        got = torch.autograd.grad(out, [t.weight for t in tables], grad)
+        expected = torch.autograd.grad(want, [t.weight for t in tables], grad)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+        assert torch.all(got[0][0] == 0)  # padding row
+
+
+def test_concatenated_lookup_leaves_mixed_tables_to_themselves():
+    tables = [nn.Embedding(10, 3), nn.Embedding(10, 2, sparse=True)]
+    ids = [torch.tensor([1, 2]), torch.tensor([3, 3])]
+    out = lookup_concat(tables, ids)
+    torch.testing.assert_close(out, torch.cat([t(i) for t, i in zip(tables, ids)], dim=-1))
+    out.sum().backward()
+    assert not tables[0].weight.grad.is_sparse and tables[1].weight.grad.is_sparse
 
 
 def test_lookup_leaves_other_tables_to_themselves():
