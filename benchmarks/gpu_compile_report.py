@@ -1,17 +1,20 @@
-"""What the GPU compiler makes of the attention kernels, without a GPU: compile each specialisation the public
-op launches for sm_90 (H100/H200) and sm_80 (A100) with Triton's own compiler and the ptxas, nvdisasm it
+"""What the GPU compiler makes of the Triton kernels, without a GPU: compile each specialisation the public
+ops launch for sm_90 (H100/H200) and sm_80 (A100) with Triton's own compiler and the ptxas, nvdisasm it
 ships, and print registers, spilled bytes, shared memory, resident blocks per SM and the count (and
-operand types) of tensor-core instructions in the SASS.
+operand types) of tensor-core instructions in the SASS. The attention kernels first, then Dice's and
+MBA's (``other_kernels``).
 
     python benchmarks/gpu_compile_report.py [--quick] [--check]
 
 Specialisations (what ``attention_forward`` / ``attention_backward`` pass for B=2048): T in {50, 200},
 D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_supported``: listed as running the
 composite path), inputs fp32 with TF32 off (torch's default: ``DOT_PRECISION="ieee"``) and on, bf16, fp16;
-sigmoid, normalize none and softmax. ``--quick``: T=200, D=36, (80, 40), softmax only (CI).
+sigmoid, normalize none and softmax. ``--quick``: T=200, D=36, (80, 40), softmax only; Dice on [2048, 200] in
+fp32, MBA at D=64 (CI).
 ``--check`` exits 1 on any spill, any block whose shared memory exceeds the SM's, a 16-bit / TF32
-specialisation without tensor-core instructions, or 16-bit inputs whose MMAs run in TF32 (the gate issue 12 asks CI for; the kernels do not pass it
-yet: see benchmarks/RESULTS.md).
+attention specialisation without tensor-core instructions, or 16-bit inputs whose MMAs run in TF32 (the gate
+issue 12 asks CI for; the fp32-without-TF32 attention backward does not pass it yet: see
+benchmarks/RESULTS.md, section 9).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter (before triton is imported)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
 import itertools  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -27,7 +32,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import List, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +46,7 @@ from din_kernels import attention as A  # noqa: E402
 # per SM: registers, shared memory a block may use, resident threads, resident blocks
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
 TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
-TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Z0-9]+)*)")
+TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Za-z0-9]+)*)")
 INTS = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
 PRECISIONS = {"fp32": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
               "fp16": ("fp16", "tf32")}
@@ -64,6 +69,7 @@ class Row:
     mma_types: str = ""  # the operand types of those instructions, e.g. "TF32" or "BF16"
     num_warps: int = 0
     note: str = ""
+    problem: str = ""  # Dice and MBA rows: the problem they were compiled for (no T, D, hidden)
 
     def problems(self) -> List[str]:
         if self.note:
@@ -74,7 +80,7 @@ class Row:
             found.append(f"{self.spill_bytes} bytes spilled")
         if self.shared > limits[1]:
             found.append(f"shared {self.shared} > {limits[1]}")
-        if self.precision != "fp32" and self.tensor_core == 0:
+        if not self.problem and self.precision != "fp32" and self.tensor_core == 0:
             found.append("no tensor-core instruction")
         if self.precision in ("bf16", "fp16") and "TF32" in self.mma_types:
             found.append("16-bit inputs upcast: TF32 MMAs, not 16-bit ones")
@@ -89,9 +95,10 @@ def _tool(name: str) -> str:
 
 
 def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int], softmax: bool,
-                backward: bool) -> Row:
-    row = Row(fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", ""), arch, precision,
-              seq_len, dim, tuple(hidden), softmax)
+                backward: bool, backward_pass: int = 0) -> Row:
+    name = fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", "")
+    row = Row(name + (f" pass {backward_pass}" if backward_pass else ""), arch, precision, seq_len, dim,
+              tuple(hidden), softmax)
     keys = torch.empty(1, 1, dim, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
                                           "fp16": torch.float16}[PRECISIONS[precision][0]])
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
@@ -102,12 +109,20 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
     block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(seq_len, dim, hidden, backward=backward)
     consts = dict(ACT=A._ACT_CODES["sigmoid"], TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
-                  BLOCK_H2=block_h2)
+                  BLOCK_H2=block_h2, INTERPRETED=False)
+    if backward:
+        consts["PASS"] = backward_pass
     signature = {name: ("constexpr" if name in consts else "fp32" if name == "scale" else
                         "i32" if name in INTS else "*i64" if name == "LENGTHS" else
                         f"*{dtype}" if name in ("K", "DK", "OUT", "DOUT") else "*fp32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return _assemble(row, source, arch, num_warps)
+
+
+def _assemble(row: Row, source, arch: int, num_warps: int) -> Row:
+    """Compile ``source`` for ``arch``, assemble it again with ``ptxas -v`` and disassemble the cubin: fill
+    ``row``'s registers, spills, shared memory, blocks per SM and tensor-core instructions."""
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     row.num_warps, row.shared = num_warps, kernel.metadata.shared
     with tempfile.TemporaryDirectory() as folder:
@@ -133,7 +148,8 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
     suffixes = TENSOR_CORE.findall(sass)
     row.tensor_core = len(suffixes)
     operand = re.compile(r"\.(TF32|BF16|F16|E4M3|E5M2|S8|U8)\b")
-    row.mma_types = ",".join(sorted({m for suffix in suffixes for m in operand.findall(suffix)}))
+    # (an HMMA without an operand suffix, e.g. HMMA.16816.F32, multiplies fp16: F16 is its default)
+    row.mma_types = ",".join(sorted({(operand.findall(suffix) or ["F16"])[0] for suffix in suffixes}))
     regs, smem, threads, blocks = SM_LIMITS[arch]
     per_block_threads = 32 * num_warps
     by_regs = regs // max(row.registers * per_block_threads, 1)
@@ -150,16 +166,101 @@ def report(quick: bool) -> List[Row]:
     for arch in (90, 80):
         for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
             for fn, backward in kernels:
-                rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward))
-                print(_line(rows[-1]), flush=True)
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+                with _tf32(precision):
+                    passes = A._backward_passes(dtype, hidden) if backward else (0,)
+                for backward_pass in passes:  # as the launcher runs them
+                    rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
+                                            backward_pass))
+                    print(_line(rows[-1]), flush=True)
+    print("\n" + OTHER_HEADER)
+    for arch in (90, 80):
+        for row in other_kernels(arch, quick):
+            rows.append(row)
+            print(_line(row), flush=True)
     return rows
+
+
+def _signature(fn, consts: Dict[str, object], types: Dict[str, str], default: str) -> ASTSource:
+    signature = {name: "constexpr" if name in consts else types.get(name, default) for name in fn.arg_names}
+    return ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+
+
+def other_kernels(arch: int, quick: bool) -> List[Row]:
+    """The Dice kernels on a DIN head's activations ([2048, 200] and [2048, 80], training: statistics with and
+    without a padding mask, merge, forward, both backward kernels) and the MBA kernels (lookup and update in
+    each mode, D=18 and 64), at the launch configurations their launchers pick on a 132-SM GPU."""
+    # (by module path: the package's ``dice`` and ``mba`` names are its functions)
+    Dice, MBA = importlib.import_module("din_kernels.dice"), importlib.import_module("din_kernels.mba")
+
+    rows = []
+    dice_sizes = [(2048, 200)] if quick else [(2048, 200), (2048, 80)]
+    dtypes = ("fp32",) if quick else ("fp32", "bf16")
+    original_sm_count = Dice._sm_count
+    Dice._sm_count = lambda index: 132  # an H100 / H200 (the launcher asks the device)
+    try:
+        for (n, c), dtype in itertools.product(dice_sizes, dtypes):
+            block_n, block_c, _, chunks, num_warps = Dice._launch_config(n, c, torch.device("cuda", 0))
+            data = {name: f"*{dtype}" for name in ("X", "Y", "DX", "DY")}
+            types = dict(data, MASK="*u8", COUNT_P="*i32", COUNT="*i32", N="i32", C="i32", rows_per_prog="i32",
+                         P="i32", eps="fp32", momentum="fp32")
+            blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c)
+            flags = dict(ALPHA_PER_CHANNEL=True, AFFINE=False)
+            launches = [(Dice._dice_stats_kernel, dict(blocks, HAS_MASK=True), "stats, masked"),
+                        (Dice._dice_stats_kernel, dict(blocks, HAS_MASK=False), "stats"),
+                        (Dice._dice_merge_kernel, dict(HAS_RUNNING=True, BLOCK_P=min(triton.next_power_of_2(chunks),
+                                                                                  32), BLOCK_C=block_c), "merge"),
+                        (Dice._dice_fwd_kernel, dict(blocks, **flags), "forward"),
+                        (Dice._dice_bwd_kernel, dict(blocks, WRITE_DX=False, **flags), "backward sums"),
+                        (Dice._dice_bwd_dx_kernel, dict(blocks, HAS_MASK=True, **flags), "backward dx")]
+            for fn, consts, what in launches:
+                row = Row(fn.__name__.strip("_").replace("_kernel", ""), arch, dtype, 0, 0, (), False,
+                          problem=f"[{n}, {c}] {what}")
+                rows.append(_assemble(row, _signature(fn, consts, types, "*fp32"), arch, num_warps))
+    finally:
+        Dice._sm_count = original_sm_count
+    types = dict(ids_ptr="*i64", order_ptr="*i64", rows_ptr="*i64", starts_ptr="*i64", ends_ptr="*i64",
+                 K="i32", D="i32", stride_wn="i32", stride_wd="i32", stride_gk="i32", stride_f="i32",
+                 stride_s="i32", lam="fp32", lr="fp32", eps="fp32")
+    for dim in ((64,) if quick else (18, 64)):
+        block_d = MBA._block_d(dim)
+        block_k = max(1, min(64, MBA._TILE_ELEMENTS // block_d))
+        row = Row("mba_embedding_fwd", arch, "fp32", 0, 0, (), False, problem=f"lookup, D={dim}")
+        source = _signature(MBA._mba_embedding_fwd_kernel, dict(BLOCK_K=block_k, BLOCK_D=block_d), types, "*fp32")
+        rows.append(_assemble(row, source, arch, MBA._num_warps(block_k * block_d)))
+        block_p = max(1, min(16, MBA._TILE_ELEMENTS // block_d))
+        for mode, name in ((MBA._MODE_VALUES, "sparse gradient"), (MBA._MODE_SGD, "SGD"),
+                           (MBA._MODE_ADAGRAD, "row-wise Adagrad")):
+            row = Row("mba_update", arch, "fp32", 0, 0, (), False, problem=f"{name}, D={dim}")
+            consts = dict(MODE=mode, BLOCK_P=block_p, BLOCK_D=block_d, SINGLE_TILE=dim <= block_d)
+            source = _signature(MBA._mba_update_kernel, consts, types, "*fp32")
+            rows.append(_assemble(row, source, arch, MBA._num_warps(block_p * block_d)))
+    return rows
+
+
+@contextlib.contextmanager
+def _tf32(precision: str):
+    """torch's TF32 switch as this precision has it (``_backward_passes`` reads it through ``_dot_precision``)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "fp32-tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 HEADER = ("| kernel | sm | inputs | T | D | hidden | softmax | warps | registers | spilled bytes | shared bytes "
           "| blocks / SM | tensor-core instr. (types) |\n|" + " --- |" * 13)
 
 
+OTHER_HEADER = ("| kernel | sm | inputs | problem | warps | registers | spilled bytes | shared bytes | blocks / SM "
+                "| tensor-core instr. (types) |\n|" + " --- |" * 10)
+
+
 def _line(row: Row) -> str:
+    if row.problem:
+        return (f"| {row.kernel} | {row.arch} | {row.precision} | {row.problem} | {row.num_warps} | {row.registers} "
+                f"| {row.spill_bytes} | {row.shared} | {row.blocks_per_sm} | {row.tensor_core} {row.mma_types or '-'} |")
     head = (f"| {row.kernel} | {row.arch} | {row.precision} | {row.seq_len} | {row.dim} | "
             f"{','.join(map(str, row.hidden))} | {'yes' if row.softmax else 'no'} |")
     if row.note:
@@ -179,7 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = [(row, problem) for row in rows for problem in row.problems()]
     print(f"\n{len(rows)} specialisations, {len(failures)} problems")
     for row, problem in failures:
-        print(f"  {row.kernel} sm_{row.arch} {row.precision} T={row.seq_len} D={row.dim} {row.hidden}: {problem}")
+        where = row.problem or f"T={row.seq_len} D={row.dim} {row.hidden}"
+        print(f"  {row.kernel} sm_{row.arch} {row.precision} {where}: {problem}")
     return 1 if args.check and failures else 0
 
 

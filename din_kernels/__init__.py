@@ -2,9 +2,11 @@
 
 Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local activation unit),
 ``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU ops (local
-activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``.
+activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``;
+``set_length_check("device")`` checks lengths without a host sync (CUDA graphs).
 """
 from ._backend import get_backend, set_backend
+from ._checks import get_length_check, set_length_check
 from .attention import LocalActivationUnit, din_attention
 from .cpu_extension import available as cpu_op_available
 from .cpu_extension import get_num_threads as get_cpu_threads
@@ -23,6 +25,7 @@ __all__ = [
     "din_attention",
     "get_cpu_threads",
     "get_backend",
+    "get_length_check",
     "inverse_frequencies",
     "mba_adagrad_",
     "mba_embedding",
@@ -30,4 +33,5 @@ __all__ = [
     "row_frequencies",
     "set_backend",
     "set_cpu_threads",
+    "set_length_check",
 ]

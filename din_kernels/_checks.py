@@ -60,6 +60,25 @@ def check_nonnegative_finite(name: str, value) -> float:
     return value
 
 
+#: How ``lengths`` are checked against [0, T] (``set_length_check``): "host" reads their range (one device
+#: sync per call on CUDA), "device" asserts on the device without a sync (``torch._assert_async``: a CUDA
+#: training step then makes no host sync and can be captured in a CUDA graph; a bad length is reported by a
+#: later CUDA call and leaves the CUDA context unusable, as every device-side assert does). Either way the
+#: kernels clamp each length to [0, T], so a bad value never touches memory outside its row.
+LENGTH_CHECKS = ("host", "device")
+_length_check = "host"
+
+
+def set_length_check(mode: str) -> None:
+    """``"host"`` (default: a clear ValueError before any kernel runs) or ``"device"`` (no host sync)."""
+    global _length_check
+    _length_check = check_choice("length check", mode, LENGTH_CHECKS)
+
+
+def get_length_check() -> str:
+    return _length_check
+
+
 def check_lengths(lengths: Tensor, batch: int, max_len: int, device: torch.device) -> Tensor:
     check_tensor("lengths", lengths, integer=True)
     if lengths.dim() == 2 and lengths.shape[1] == 1:  # DeepCTR-style [B, 1]
@@ -71,7 +90,10 @@ def check_lengths(lengths: Tensor, batch: int, max_len: int, device: torch.devic
     # Reading values syncs and breaks torch.compile graphs: skipped while compiling, where the kernels
     # clamp each length to [0, T] so that a bad value can still never touch memory outside its row.
     if lengths.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = int(lengths.min()), int(lengths.max())
+        if _length_check == "device":
+            torch._assert_async(((lengths >= 0) & (lengths <= max_len)).all())
+            return lengths
+        low, high = (int(v) for v in torch.aminmax(lengths))  # one read of the range (one sync)
         if low < 0 or high > max_len:
             raise ValueError(f"lengths must lie in [0, T]=[0, {max_len}], got values in [{low}, {high}]")
     return lengths

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import use_cpu_extension, use_triton
+from ._backend import interpreter_enabled, use_cpu_extension, use_triton
 from . import attention_torch
 from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
@@ -126,6 +126,17 @@ def _load_act_params(A, MU, RS, offs_h, mask_h, BLOCK_H: tl.constexpr, ACT: tl.c
 
 
 @triton.jit
+def _dot_operand(x, OPERAND: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``x`` rounded to the ``tl.dot`` operand dtype (the keys': fp32, or bf16/fp16 for 16-bit MMAs with fp32
+    accumulation). Under the interpreter, whose bf16 dot is wrong (numpy has no bf16), the rounded values go
+    back to fp32: the same products, since a product of two 16-bit values is exact in fp32."""
+    y = x.to(OPERAND)
+    if INTERPRETED:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _din_attention_fwd_kernel(
     K,            # [B, T, D] keys
     M,            # [B, D, H1] fp32, M_b
@@ -142,6 +153,7 @@ def _din_attention_fwd_kernel(
     stride_kb, stride_kt,
     ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """One program per batch row b, looping over its valid positions t < L_b in tiles:
 
@@ -162,17 +174,20 @@ def _din_attention_fwd_kernel(
     offs_h1 = tl.arange(0, BLOCK_H1)
     mask_d = offs_d < D
     mask_h1 = offs_h1 < H1
+    OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``)
     # Padded hidden units read 0 from M, u and every weight touching them, so the 0.5 a padded
     # sigmoid unit produces never reaches a score.
     m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :],
-                 mask=mask_d[:, None] & mask_h1[None, :], other=0.0)  # [BD, BH1]
+                 mask=mask_d[:, None] & mask_h1[None, :], other=0.0)
+    m1 = _dot_operand(m1, OPERAND, INTERPRETED)  # [BD, BH1]
     u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
     a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
         mask_h2 = offs_h2 < H2
         w2t = tl.load(W2 + offs_h2[None, :] * H1 + offs_h1[:, None],
-                      mask=mask_h1[:, None] & mask_h2[None, :], other=0.0).to(tl.float32)  # [BH1, BH2]
+                      mask=mask_h1[:, None] & mask_h2[None, :], other=0.0)
+        w2t = _dot_operand(w2t, OPERAND, INTERPRETED)  # [BH1, BH2]
         b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
         a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
         wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)  # [BH2]
@@ -186,12 +201,15 @@ def _din_attention_fwd_kernel(
     for t0 in range(0, L, BLOCK_T):
         offs = t0 + offs_t
         valid = offs < L
-        k = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                    mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BT, BD]
-        z1 = tl.dot(k, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BT, BD], keys' dtype
+        k = k_in.to(tl.float32)
+        z1 = tl.dot(_dot_operand(k_in, OPERAND, INTERPRETED), m1, input_precision=DOT_PRECISION)
+        z1 += u1[None, :]  # [BT, BH1] fp32
         h = _act_fwd(z1, a1, mu1, rs1, ACT)
         if TWO_LAYERS:
-            z2 = tl.dot(h, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            z2 = tl.dot(_dot_operand(h, OPERAND, INTERPRETED), w2t, input_precision=DOT_PRECISION)
+            z2 += b2[None, :]  # [BT, BH2]
             h = _act_fwd(z2, a2, mu2, rs2, ACT)
         s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
         if SOFTMAX:
@@ -240,6 +258,7 @@ def _din_attention_bwd_kernel(
     stride_kb, stride_kt,
     ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    INTERPRETED: tl.constexpr, PASS: tl.constexpr,
 ):
     """Recompute the tile's activations and backpropagate, for t < L_b:
 
@@ -249,6 +268,10 @@ def _din_attention_bwd_kernel(
         dh_last = ds_t w_out,  [dz2 = act'(z2) dh2,  dW2 += dz2^T h1,  dh1 = dz2 @ W2],  dz1 = act'(z1) dh1
         dk_t = w_t dout_b + dz1_t @ M_b^T,   dM_b = sum_t k_t^T dz1_t,   du_b = sum_t dz1_t
     dk is 0 at padding. Weight and alpha gradients are written per row and summed by the launcher.
+    ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's gradients
+    (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each holds three
+    [64, 128]-sized tiles instead of four (resident M_b and W2, one accumulator): fp32 without TF32 runs
+    its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
     """
     b = tl.program_id(0).to(tl.int64)
     L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
@@ -259,19 +282,23 @@ def _din_attention_bwd_kernel(
     mask_d = offs_d < D
     mask_h1 = offs_h1 < H1
     mask_dh1 = mask_d[:, None] & mask_h1[None, :]
+    OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``), fp32 accumulators
     m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    m1 = _dot_operand(m1, OPERAND, INTERPRETED)
     u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
     a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
         mask_h2 = offs_h2 < H2
         mask_h21 = mask_h2[:, None] & mask_h1[None, :]
-        w2 = tl.load(W2 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21, other=0.0).to(tl.float32)
+        w2 = tl.load(W2 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21, other=0.0)
+        w2 = _dot_operand(w2, OPERAND, INTERPRETED)
         w2t = tl.trans(w2)  # [BH1, BH2]
         b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
         a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
         wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
-        dw2 = tl.zeros([BLOCK_H2, BLOCK_H1], dtype=tl.float32)
+        if PASS != 2:
+            dw2 = tl.zeros([BLOCK_H2, BLOCK_H1], dtype=tl.float32)
         db2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
         da2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
         dwo = tl.zeros([BLOCK_H2], dtype=tl.float32)
@@ -282,7 +309,8 @@ def _din_attention_bwd_kernel(
     if SOFTMAX:
         delta = tl.load(DELTA + b)
 
-    dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    if PASS != 1:
+        dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     du = tl.zeros([BLOCK_H1], dtype=tl.float32)
     da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
     dbo = tl.full([], 0.0, tl.float32)
@@ -290,8 +318,10 @@ def _din_attention_bwd_kernel(
         offs = t0 + offs_t
         valid = offs < L
         mask_k = valid[:, None] & mask_d[None, :]
-        k = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                    mask=mask_k, other=0.0).to(tl.float32)  # [BT, BD]
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
+        k = k_in.to(tl.float32)
+        k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
         w = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)  # [BT]
         dw = tl.sum(k * dout[None, :], axis=1)
         if SOFTMAX:
@@ -301,48 +331,55 @@ def _din_attention_bwd_kernel(
         # zero at padding: every gradient below is then zero there too
         ds = tl.where(valid, ds, 0.0) * scale
 
-        z1 = tl.dot(k, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
         h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
         if TWO_LAYERS:
-            z2 = tl.dot(h1, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
+            z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
             h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
             dwo += tl.sum(ds[:, None] * h2, axis=0)
             dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
             da2 += tl.sum(dalpha2, axis=0)
             db2 += tl.sum(dz2, axis=0)
-            dw2 += tl.dot(tl.trans(dz2), h1, input_precision=DOT_PRECISION)  # [BH2, BH1]
-            dh1 = tl.dot(dz2, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
+            dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
+            if PASS != 2:
+                dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
+            if PASS != 1:
+                dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
         else:
             dwo += tl.sum(ds[:, None] * h1, axis=0)
             dh1 = ds[:, None] * wo[None, :]
         dbo += tl.sum(ds, axis=0)
-        dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
-        da1 += tl.sum(dalpha1, axis=0)
-        du += tl.sum(dz1, axis=0)
-        dm += tl.dot(tl.trans(k), dz1, input_precision=DOT_PRECISION)  # [BD, BH1]
-        dk = w[:, None] * dout[None, :] + tl.dot(dz1, tl.trans(m1), input_precision=DOT_PRECISION)
-        tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
-    # padding past the last tile touched above
-    for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
-        offs = t0 + offs_t
-        tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                 tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
-                 mask=(offs[:, None] < T) & mask_d[None, :])
-
-    tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
-    tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
-    tl.store(DBO + b, dbo)
-    if ACT >= 3:
-        tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
-    if TWO_LAYERS:
-        tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
-        tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
-        tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
+        if PASS != 1:
+            dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
+            da1 += tl.sum(dalpha1, axis=0)
+            du += tl.sum(dz1, axis=0)
+            dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
+            dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
+            dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
+            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                     dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
+    if PASS != 1:
+        # padding past the last tile touched above
+        for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+            offs = t0 + offs_t
+            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                     tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
+                     mask=(offs[:, None] < T) & mask_d[None, :])
+        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
         if ACT >= 3:
-            tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
-    else:
-        tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
+            tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
+    if PASS != 2:
+        tl.store(DBO + b, dbo)
+        if TWO_LAYERS:
+            tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
+            tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
+            tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
+            if ACT >= 3:
+                tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
+        else:
+            tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,32 +428,43 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
     if backward:
         block_t //= 2
     block_t = max(16, min(block_t, _block(seq_len)))
-    num_warps = 4 if block_d * block_h1 <= 64 * 128 else 8
+    # 8 warps from DIN's 64 x 128 tiles up: compiled for sm_90 / sm_80 (benchmarks/gpu_compile_report.py,
+    # RESULTS.md section 9), 4 warps there left ptxas at 32 registers with 35-68 KB spilled for fp32 without
+    # TF32 and at 255 registers with 0.3-1.8 KB spilled in every backward; 8 warps spill nothing in the
+    # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB)
+    num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
     return block_t, block_d, block_h1, block_h2, num_warps
+
+
+def _backward_passes(dtype: torch.dtype, widths: Sequence[int]) -> Tuple[int, ...]:
+    """The backward kernel's ``PASS`` values, launched in order: two passes over the positions (each
+    recomputing the forward) for fp32 without TF32 and two hidden layers, whose one-pass form spilled
+    2.2-2.8 KB per thread on sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``); one pass otherwise."""
+    return (1, 2) if _dot_precision(dtype) == "ieee" and len(widths) == 2 else (0,)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 problems follow torch's own TF32 switch (off by default): the kernel then matches an fp32
-    # reference to 1e-5. 16-bit inputs are upcast to fp32 tiles; TF32 keeps fp16's 10-bit mantissa.
+    # reference to 1e-5. 16-bit inputs reach tl.dot as they are (bf16/fp16 MMAs, fp32 accumulation; the
+    # fp32 activations are rounded to the keys' dtype before each product), where the setting is moot.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
 
 def _first_layer(query: Tensor, w1: Tensor, b1: Tensor, form: str) -> Tuple[Tensor, Tensor]:
-    """``u`` [B, H1] and ``M`` [B, D, H1] in fp32 (see the module docstring)."""
-    dim = query.shape[1]
-    q, w1 = query.float(), w1.float()
+    """``u`` [B, H1] and ``M`` [B, D, H1] in fp32 (see the module docstring), ``M`` written directly in the
+    row-major layout the kernels read (built from transposed weight views it came out [B, D, H1] with
+    strides (D H1, 1, D) and took a second full copy: ~210 MB a call at B=2048, T=200, D=64)."""
+    batch, dim = query.shape
+    first = attention_torch._FirstLayer(w1, b1, dim, form, torch.float32)  # the split, in one home
+    q = query.float()
+    u = torch.addmm(first.b1, q, first.w_u.t())  # [B, H1]
     if form == "concat":
-        wa, wb, wc, wd = w1.split(dim, dim=1)  # each [H1, D]
-        u = torch.addmm(b1.float(), q, (wa + wc).t())
-        m = (wb - wc).t()[None] + q[:, :, None] * wd.t()[None]
+        m = torch.addcmul(first.m_base, q[:, :, None], first.wd_t)  # (Wb-Wc)^T + diag(q_b) Wd^T
     else:
-        wq, wk = w1[:, :dim], w1[:, dim:2 * dim]
-        wo = w1[:, 2 * dim:].reshape(-1, dim, dim)  # [H1, a, c]
-        u = torch.addmm(b1.float(), q, wq.t())
-        m = wk.t()[None] + torch.einsum("ba,hac->bch", q, wo)
-    return u, m.contiguous()
+        m = torch.addmm(first.m_base.reshape(1, -1), q, first.wo_p).view(batch, dim, first.hidden)
+    return u, m
 
 
 def _first_layer_backward(query: Tensor, w1: Tensor, du: Tensor, dm: Tensor, form: str):
@@ -484,7 +532,8 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
         seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
         keys.stride(0), keys.stride(1),
         ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax, DOT_PRECISION=_dot_precision(keys.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
+        INTERPRETED=interpreter_enabled(), num_warps=num_warps,
     )
     return out, attn, lse
 
@@ -522,15 +571,17 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
         w2, b2 = (weights[2], weights[3]) if two else (u, u)
         delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [B]
         block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True)
-        _din_attention_bwd_kernel[(batch,)](
-            keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
-            attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
-            seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
-            keys.stride(0), keys.stride(1),
-            ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax,
-            DOT_PRECISION=_dot_precision(keys.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, num_warps=num_warps,
-        )
+        for backward_pass in _backward_passes(keys.dtype, widths):
+            _din_attention_bwd_kernel[(batch,)](
+                keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
+                attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
+                seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
+                keys.stride(0), keys.stride(1),
+                ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax,
+                DOT_PRECISION=_dot_precision(keys.dtype),
+                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
+                INTERPRETED=interpreter_enabled(), PASS=backward_pass, num_warps=num_warps,
+            )
     else:
         for buffer in (dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()

@@ -48,6 +48,25 @@ def test_bad_arguments_raise(args, change, error, match):
         dk.din_attention(call["query"], call["keys"], call["lengths"], call["weights"], **options)
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 6], [5, -1, 2]])
+def test_the_device_length_check_asserts_without_reading_the_lengths(args, lengths, monkeypatch):
+    """``set_length_check("device")``: no host read of the lengths (a CUDA step can then be captured in a
+    graph); a bad length still fails (on CPU at once, on CUDA at a later call), good ones run as before."""
+    query, keys, good, weights = args
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("the lengths were read on the host"))
+    try:
+        dk.set_length_check("device")
+        assert dk.get_length_check() == "device"
+        torch.testing.assert_close(dk.din_attention(query, keys, good, weights),
+                                   reference.din_attention(query, keys, good, weights))
+        with pytest.raises(RuntimeError):
+            dk.din_attention(query, keys, torch.tensor(lengths), weights)
+    finally:
+        dk.set_length_check("host")
+    with pytest.raises(ValueError, match="length check must be one of"):
+        dk.set_length_check("never")
+
+
 def test_bad_weight_shapes_raise(args):
     query, keys, lengths, weights = args
     with pytest.raises(ValueError, match=r"weights\[0\]"):

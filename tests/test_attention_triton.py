@@ -217,12 +217,17 @@ def test_dice_training_matches_reference(backend, normalize):
 
 
 # --------------------------------------------------------------------------------------------------------
-# fp16 / bf16: the flash-attention rule, err(path vs fp32 ref) <= 2 * err(same-dtype ref vs fp32 ref) + atol
+# fp16 / bf16: the flash-attention rule, err(path vs fp32 ref) <= factor * err(same-dtype ref vs fp32 ref)
+# + atol, factor 2; 4 for bf16, whose kernels round every tl.dot operand to bf16 (M_b, the activations and
+# their gradients: what bf16 MMAs take; the interpreter emulates it, ``_dot_operand``). Measured over 12
+# seeds x both cases x every output and gradient: median ratios 0.4-1.9 to the bf16 reference's error, the
+# largest 3.5 (a Dice slope's gradient), apart from near-zero reference errors that atol covers.
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("activation,normalize", [("sigmoid", "softmax"), ("dice", "none")])
-@pytest.mark.parametrize("dtype,atol", [(torch.float16, 1e-5), (torch.bfloat16, 1e-5)], ids=["fp16", "bf16"])
-def test_low_precision(backend, dtype, atol, activation, normalize):
+@pytest.mark.parametrize("dtype,factor,atol", [(torch.float16, 2, 1e-5), (torch.bfloat16, 4, 1e-5)],
+                         ids=["fp16", "bf16"])
+def test_low_precision(backend, dtype, factor, atol, activation, normalize):
     problem = make_problem(3, 13, 36, (80, 40), activation=activation, lengths=[13, 7, 0], dtype=dtype)
     exact = dict(problem, query=problem["query"].float(), keys=problem["keys"].float(),
                  weights=[w.float() for w in problem["weights"]],
@@ -239,7 +244,7 @@ def test_low_precision(backend, dtype, atol, activation, normalize):
         assert got.dtype == (torch.float32 if label == "attn" else dtype), label
         err = (got.float() - ref).abs().max().item()
         err_lowp = (low.float() - ref).abs().max().item()
-        assert err <= 2 * err_lowp + atol, f"{label}: err {err:.3g} vs same-dtype reference {err_lowp:.3g}"
+        assert err <= factor * err_lowp + atol, f"{label}: err {err:.3g} vs same-dtype reference {err_lowp:.3g}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -308,7 +313,9 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
     for fn, backward in ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True)):
         block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(100, 36, (80, 40), backward=backward)
         consts = dict(ACT=4, TWO_LAYERS=True, SOFTMAX=True, DOT_PRECISION=precision, BLOCK_T=block_t,
-                      BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2)
+                      BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, INTERPRETED=False)
+        if backward:
+            consts["PASS"] = 0
         signature = {}
         for name in fn.arg_names:
             signature[name] = ("constexpr" if name in consts else "fp32" if name == "scale" else
