@@ -3,7 +3,9 @@
 # Dice and MBA benchmarks. Everything lands under "$OUT", 7 files (a device run returns at most 8):
 #   summary.log  the steps, their exit codes and last lines      env.log    nvidia-smi, versions
 #   tests.log    the kernel tests on CUDA                          bench.log  pytest-benchmark output
-#   bench_attention.json  pytest-benchmark's JSON                  table.log  the attention ratio table
+#   bench_attention.json  pytest-benchmark's JSON
+#   timing.log   the attention forward and backward apart (do_bench), eager / torch.compile / din_kernels in
+#                fp32, TF32 and bf16, each next to its roofline floor (benchmarks/gpu_timing.py)
 #   ops.log      the Dice and MBA tables
 # Every step runs under its own timeout (470 s in all, within an 8-minute budget for one command) and the
 # script carries on after a failure; the exit status counts the failed steps. Without CUDA it stops at once
@@ -52,10 +54,10 @@ step env 20 "summary.log env.log" bash -c "nvidia-smi; \"$PYTHON\" -c 'import to
 step tests 260 "tests.log" env TRITON_INTERPRET=0 DIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider \
     tests/test_attention.py tests/test_attention_triton.py tests/test_attention_torch.py \
     tests/test_dice.py tests/test_mba.py
-step bench 90 "bench.log bench_attention.json" env DIN_BENCH_CASES=2048x200x64,2048x200x64:full "$PYTHON" -m pytest -q \
+step bench 50 "bench.log bench_attention.json" env DIN_BENCH_CASES=2048x200x64,2048x200x64:full "$PYTHON" -m pytest -q \
     -p no:cacheprovider benchmarks/bench_attention.py --benchmark-json="$OUT/bench_attention.json" \
     --benchmark-columns=min,median,mean,rounds -s
-step table 50 "table.log" env DIN_BENCH_CASES=2048x200x64 "$PYTHON" benchmarks/bench_attention.py --table --repeats 20
+step timing 90 "timing.log" "$PYTHON" benchmarks/gpu_timing.py --case 2048x200x64:full
 step ops 50 "ops.log" bash -c "\"$PYTHON\" benchmarks/bench_dice.py --table --repeats 15 && \"$PYTHON\" benchmarks/bench_mba.py --repeats 5"
 if [ "$PLAN" = 1 ]; then
     echo "total ${total}s"

@@ -416,8 +416,10 @@ def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
     return resident <= _MAX_RESIDENT_ELEMENTS
 
 
-def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False):
-    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config: autotuning needs a GPU to measure."""
+def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False,
+                 dot_precision: str = "tf32"):
+    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem, chosen from compiles for
+    sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``): autotuning needs a GPU to measure."""
     block_d, block_h1 = _block(dim), _block(widths[0])
     block_h2 = _block(widths[1]) if len(widths) == 2 else 16
     widest = max(block_d, block_h1, block_h2)
@@ -425,7 +427,9 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
     # (activations and their gradients), so its position tile is halved (sm_90a compile: smem 164 KB at
     # BT=32 -> 151 KB at BT=16 for DIN's shape, fewer spilled registers).
     block_t = 64 if widest <= 64 else 32
-    if backward:
+    if backward or dot_precision == "ieee":
+        # fp32 without TF32 multiplies on FMA units: its forward at 32 positions x 8 warps spilled 15-16 KB
+        # on Triton 3.6 (ptxas fell back to 32 registers), none at 16 on 3.6 or 3.9
         block_t //= 2
     block_t = max(16, min(block_t, _block(seq_len)))
     # 8 warps from DIN's 64 x 128 tiles up: compiled for sm_90 / sm_80 (benchmarks/gpu_compile_report.py,
@@ -525,7 +529,8 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
     (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
     two = len(widths) == 2
     w2, b2 = (weights[2], weights[3]) if two else (u, u)
-    block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths)
+    block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths,
+                                                                   dot_precision=_dot_precision(keys.dtype))
     _din_attention_fwd_kernel[(batch,)](
         keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
         out, attn, lse,
@@ -570,7 +575,8 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
         (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
         w2, b2 = (weights[2], weights[3]) if two else (u, u)
         delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [B]
-        block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True)
+        block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True,
+                                                                       dot_precision=_dot_precision(keys.dtype))
         for backward_pass in _backward_passes(keys.dtype, widths):
             _din_attention_bwd_kernel[(batch,)](
                 keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
