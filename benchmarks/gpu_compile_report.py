@@ -233,7 +233,8 @@ def other_kernels(arch: int, quick: bool) -> List[Row]:
         for mode, name in ((MBA._MODE_VALUES, "sparse gradient"), (MBA._MODE_SGD, "SGD"),
                            (MBA._MODE_ADAGRAD, "row-wise Adagrad")):
             row = Row("mba_update", arch, "fp32", 0, 0, (), False, problem=f"{name}, D={dim}")
-            consts = dict(MODE=mode, BLOCK_P=block_p, BLOCK_D=block_d, SINGLE_TILE=dim <= block_d)
+            consts = dict(MODE=mode, BLOCK_P=block_p, BLOCK_D=block_d, SINGLE_TILE=dim <= block_d,
+                          ACC=triton.language.float32)
             source = _signature(MBA._mba_update_kernel, consts, types, "*fp32")
             rows.append(_assemble(row, source, arch, MBA._num_warps(block_p * block_d)))
     return rows

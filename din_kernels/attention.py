@@ -39,6 +39,7 @@ from . import attention_torch
 from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_attention_args, check_choice
+from ._dtypes import accumulation_dtype
 from .dice import Dice
 
 try:
@@ -386,11 +387,6 @@ def _din_attention_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of ``attn`` and ``lse``: fp32, or fp64 for fp64 inputs (gradcheck of the composite path)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _hidden_widths(weights: Sequence[Tensor]) -> List[int]:
     return [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
 
@@ -649,8 +645,8 @@ def _din_attention_op(
 def _(query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, activation, normalize, scale):
     batch, seq_len, dim = keys.shape
     out = query.new_empty(batch, dim)
-    attn = keys.new_empty(batch, seq_len, dtype=_stats_dtype(keys.dtype))
-    lse = keys.new_empty(batch if normalize == "softmax" else 0, dtype=_stats_dtype(keys.dtype))
+    attn = keys.new_empty(batch, seq_len, dtype=accumulation_dtype(keys.dtype))
+    lse = keys.new_empty(batch if normalize == "softmax" else 0, dtype=accumulation_dtype(keys.dtype))
     return out, attn, lse
 
 

@@ -26,7 +26,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import cpu_extension
-from .attention_torch import _Activation, _FirstLayer, _check_launcher_args, _compute_dtype
+from ._dtypes import accumulation_dtype
+from .attention_torch import _Activation, _FirstLayer, _check_launcher_args
 
 Tensor = torch.Tensor
 
@@ -81,7 +82,7 @@ class _Arguments:
     def __init__(self, keys: Tensor, weights: Sequence[Tensor], alphas, dice_eval, eps: float, form: str,
                  activation: str):
         dim = keys.shape[2]
-        self.dtype = dtype = _compute_dtype(keys.dtype)
+        self.dtype = dtype = accumulation_dtype(keys.dtype)
         self.first = _FirstLayer(weights[0], weights[1], dim, form, dtype)
         widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
         self.act = _Activation(activation, alphas, dice_eval, eps, widths, dtype, keys.device)

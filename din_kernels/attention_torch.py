@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_choice
+from ._dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
@@ -84,10 +85,6 @@ CHUNK_OVERHEAD_MACS = 24_000_000
 # medians): B=16, T=10: 2.0x faster than the chunked path; B=64, T=20: 1.45x; B=128, T=20: 1.15x; B=256,
 # T=20 (5,120): 1.05x; B=256, T=50 (12,800): 0.66x, and with short histories 0.41x (it scores the padding).
 SMALL_POSITIONS = 4096
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(lengths: Tensor, max_len: int, batch: int, chunk_floats: Callable[[int], Tuple[int, int]],
@@ -552,7 +549,7 @@ def attention_torch_small(
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
-    dtype = _compute_dtype(keys.dtype)
+    dtype = accumulation_dtype(keys.dtype)
     q, k = query.to(dtype), keys.to(dtype)  # [B, D], [B, T, D]
     w1, b1 = weights[0].to(dtype), weights[1].to(dtype)
     if form == "concat":
@@ -617,7 +614,7 @@ def attention_torch_forward(
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
-    dtype, device = _compute_dtype(keys.dtype), keys.device
+    dtype, device = accumulation_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
     chunks = mlp.plan(lengths, max_len, batch)
     out = torch.zeros(batch, dim, dtype=query.dtype, device=device)
@@ -663,7 +660,7 @@ def attention_torch_backward(
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
-    dtype, device = _compute_dtype(keys.dtype), keys.device
+    dtype, device = accumulation_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
     chunks = mlp.plan(lengths, max_len, batch)
     mlp.start_backward()

@@ -45,6 +45,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_extension
 from ._backend import use_cpu_extension, use_triton
 from ._checks import check_dice_args
+from ._dtypes import accumulation_dtype
 
 try:
     import triton
@@ -342,10 +343,6 @@ def _dice_bwd_dx_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -375,7 +372,7 @@ def dice_forward(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optio
     """Triton forward. x [N, C] contiguous, mask [N] bool or None, alpha [C] or [1] contiguous.
     Returns (y [N, C] out_dtype, mean [C], var [C], count [1] int32); running statistics updated in place."""
     n_rows, channels = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     y = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
     block_n, block_c, rows_per_prog, chunks, num_warps = _launch_config(n_rows, channels, x.device)
     col_blocks = triton.cdiv(channels, block_c)
@@ -434,7 +431,7 @@ def dice_backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor]
     """Triton backward. Returns (dx [N, C] in x's dtype or None, sums [3, C]: dbias, dweight, dalpha
     before reshaping to the parameters)."""
     n_rows, channels = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dy = dy.contiguous()
     block_n, block_c, rows_per_prog, chunks, num_warps = _launch_config(n_rows, channels, x.device)
     col_blocks = triton.cdiv(channels, block_c)
@@ -578,7 +575,7 @@ def _dice_forward_torch(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias
                         training: bool, momentum: float, eps: float, out_dtype: torch.dtype):
     """Torch forward, chunk by chunk of rows. Returns (y [N, C], mean [C], rstd [C], count); p is not kept
     (the backward recomputes it: cheaper than a fresh [N, C] buffer)."""
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     n_rows, channels = x.shape
     chunks = _row_chunks(n_rows, channels)
     if training:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ._backend import use_triton
+from ._dtypes import accumulation_dtype
 from ._checks import (
     check_ids,
     check_inv_freq,
@@ -67,19 +68,31 @@ OPTIMIZERS = (None, "sgd", "adagrad")
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _sqrt(x):
+    """Correctly rounded square root: ``sqrt_rn`` in fp32 (the default fp32 sqrt is approximate on GPUs),
+    ``sqrt`` in fp64 (already correctly rounded; ``sqrt_rn`` takes fp32 only)."""
+    if x.dtype == tl.float64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
 def _penalised_grad_tile(grad_ptr, order_ptr, weight_ptr, row, start, end, coef, offs_d, mask_d,
-                         stride_gk, stride_wn, stride_wd, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_gk, stride_wn, stride_wd, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ACC: tl.constexpr):
     """One D tile of row j = ``row``: ``g'_j = sum_{p in [start, end)} grad[order[p]] + coef * w_j``,
-    ``coef = lam / n_j``. Returns (g'_j, w_j) in fp32, both [BLOCK_D]."""
+    ``coef = lam / n_j``. Returns (g'_j, w_j) in ``ACC`` (fp32, fp64 for an fp64 table), both [BLOCK_D]."""
     offs_p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         pos = p0 + offs_p
         mask_p = pos < end
         src = tl.load(order_ptr + pos, mask=mask_p, other=0)  # [BLOCK_P] original positions (int64)
         g_ptrs = grad_ptr + src[:, None] * stride_gk + offs_d[None, :]
-        acc += tl.load(g_ptrs, mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    w = tl.load(weight_ptr + row * stride_wn + offs_d * stride_wd, mask=mask_d, other=0.0).to(tl.float32)
+        acc += tl.load(g_ptrs, mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(ACC)
+    w = tl.load(weight_ptr + row * stride_wn + offs_d * stride_wd, mask=mask_d, other=0.0).to(ACC)
     return tl.sum(acc, axis=0) + coef * w, w
 
 
@@ -103,10 +116,10 @@ def _mba_update_kernel(grad_ptr, order_ptr, rows_ptr, starts_ptr, ends_ptr, weig
                        state_ptr, values_ptr, D, lam, lr, eps,
                        stride_gk, stride_wn, stride_wd, stride_f, stride_s,
                        MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                       SINGLE_TILE: tl.constexpr):
+                       SINGLE_TILE: tl.constexpr, ACC: tl.constexpr):
     """One program per unique row j = rows[r] (run r of the sorted ids), looping over D in BLOCK_D tiles:
 
-        g'_j = sum_{p in [starts[r], ends[r])} grad[order[p]] + lam * inv_freq[j] * w_j     # fp32
+        g'_j = sum_{p in [starts[r], ends[r])} grad[order[p]] + lam * inv_freq[j] * w_j     # in ACC
         MODE 0 (sparse gradient):  values[r] = g'_j
         MODE 1 (SGD):              w_j -= lr * g'_j
         MODE 2 (row-wise Adagrad): s_j += sum_d(g'_j ** 2) / D;  w_j -= lr * g'_j / (sqrt(s_j) + eps)
@@ -119,34 +132,34 @@ def _mba_update_kernel(grad_ptr, order_ptr, rows_ptr, starts_ptr, ends_ptr, weig
     row = tl.load(rows_ptr + r).to(tl.int64)
     start = tl.load(starts_ptr + r)
     end = tl.load(ends_ptr + r)
-    coef = lam * tl.load(inv_freq_ptr + row * stride_f).to(tl.float32)
+    coef = lam * tl.load(inv_freq_ptr + row * stride_f).to(ACC)
     offs = tl.arange(0, BLOCK_D)
     if MODE == 2:
         if SINGLE_TILE:
             mask_d = offs < D
             g, w = _penalised_grad_tile(grad_ptr, order_ptr, weight_ptr, row, start, end, coef, offs, mask_d,
-                                        stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D)
-            s = tl.load(state_ptr + row * stride_s).to(tl.float32) + tl.sum(g * g, axis=0) / D
+                                        stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D, ACC)
+            s = tl.load(state_ptr + row * stride_s).to(ACC) + tl.sum(g * g, axis=0) / D
             tl.store(state_ptr + row * stride_s, s.to(state_ptr.dtype.element_ty))
-            w = w - lr * g / (tl.sqrt_rn(s) + eps)
+            w = w - lr * g / (_sqrt(s) + eps)
             tl.store(weight_ptr + row * stride_wn + offs * stride_wd, w.to(weight_ptr.dtype.element_ty),
                      mask=mask_d)
         else:
-            sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_D], dtype=ACC)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + offs
                 mask_d = offs_d < D
                 g, w = _penalised_grad_tile(grad_ptr, order_ptr, weight_ptr, row, start, end, coef, offs_d,
-                                            mask_d, stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D)
+                                            mask_d, stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D, ACC)
                 sq += g * g
-            s = tl.load(state_ptr + row * stride_s).to(tl.float32) + tl.sum(sq, axis=0) / D
+            s = tl.load(state_ptr + row * stride_s).to(ACC) + tl.sum(sq, axis=0) / D
             tl.store(state_ptr + row * stride_s, s.to(state_ptr.dtype.element_ty))
-            denom = tl.sqrt_rn(s) + eps
+            denom = _sqrt(s) + eps
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + offs
                 mask_d = offs_d < D
                 g, w = _penalised_grad_tile(grad_ptr, order_ptr, weight_ptr, row, start, end, coef, offs_d,
-                                            mask_d, stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D)
+                                            mask_d, stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D, ACC)
                 w = w - lr * g / denom
                 tl.store(weight_ptr + row * stride_wn + offs_d * stride_wd, w.to(weight_ptr.dtype.element_ty),
                          mask=mask_d)
@@ -155,7 +168,7 @@ def _mba_update_kernel(grad_ptr, order_ptr, rows_ptr, starts_ptr, ends_ptr, weig
             offs_d = d0 + offs
             mask_d = offs_d < D
             g, w = _penalised_grad_tile(grad_ptr, order_ptr, weight_ptr, row, start, end, coef, offs_d, mask_d,
-                                        stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D)
+                                        stride_gk, stride_wn, stride_wd, BLOCK_P, BLOCK_D, ACC)
             if MODE == 0:
                 tl.store(values_ptr + r.to(tl.int64) * D + offs_d, g.to(values_ptr.dtype.element_ty),
                          mask=mask_d)  # values: [U, D] contiguous
@@ -216,6 +229,7 @@ def _launch_update(mode: int, weight: Tensor, ids: Tensor, grad_rows: Tensor, in
         dim, lam, lr, eps,
         grad_rows.stride(0), weight.stride(0), weight.stride(1), inv_freq.stride(0), state_arg.stride(0),
         MODE=mode, BLOCK_P=block_p, BLOCK_D=block_d, SINGLE_TILE=dim <= block_d,
+        ACC=tl.float64 if accumulation_dtype(weight.dtype) == torch.float64 else tl.float32,
         num_warps=_num_warps(block_p * block_d),
     )
     return rows, values
@@ -224,16 +238,16 @@ def _launch_update(mode: int, weight: Tensor, ids: Tensor, grad_rows: Tensor, in
 def _penalised_rows_torch(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor, lam: float,
                           padding_idx: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """Torch path: (rows [U], g' [U, D] fp32, w [U, D] fp32), the padding row left out."""
-    dim = weight.shape[1]
+    dim, acc = weight.shape[1], accumulation_dtype(weight.dtype)
     rows, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
-    grad = torch.zeros(rows.numel(), dim, dtype=torch.float32, device=weight.device)
-    grad.index_add_(0, inverse.reshape(-1), grad_rows.reshape(-1, dim).float())
+    grad = torch.zeros(rows.numel(), dim, dtype=acc, device=weight.device)
+    grad.index_add_(0, inverse.reshape(-1), grad_rows.reshape(-1, dim).to(acc))
     if padding_idx is not None:
         keep = rows != padding_idx
         if not bool(keep.all()):
             rows, grad = rows[keep], grad[keep]
-    w = weight.index_select(0, rows).float()  # a copy: the table is written back once, at the end
-    coef = inv_freq.index_select(0, rows).float().mul_(lam)
+    w = weight.index_select(0, rows).to(acc, copy=True)  # a copy: the table is written back once, at the end
+    coef = inv_freq.index_select(0, rows).to(acc).mul_(lam)
     grad.addcmul_(coef[:, None], w)
     return rows, grad, w
 
@@ -289,7 +303,7 @@ def mba_update_(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor
     if state is None:
         w.sub_(grad.mul_(lr))
     else:
-        s = state.index_select(0, rows).float().add_(grad.square().mean(dim=1))
+        s = state.index_select(0, rows).to(grad.dtype).add_(grad.square().mean(dim=1))
         state.index_copy_(0, rows, s.to(state.dtype))
         w.sub_(grad.mul_(lr).div_(s.sqrt_().add_(eps)[:, None]))
     weight.index_copy_(0, rows, w.to(weight.dtype))

@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import accumulation_dtype
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -189,10 +191,11 @@ class _MBAEmbeddingFunction(torch.autograd.Function):
         ids, weight, inv_freq = ctx.saved_tensors
         unique_ids, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         grad_rows = grad_out.reshape(-1, weight.shape[1])
-        summed = torch.zeros(unique_ids.numel(), weight.shape[1], dtype=torch.float32, device=weight.device)
-        summed.index_add_(0, inverse, grad_rows.float())
-        rows = weight[unique_ids].float()
-        values = summed + ctx.lam * inv_freq[unique_ids].float()[:, None] * rows
+        acc = accumulation_dtype(weight.dtype)
+        summed = torch.zeros(unique_ids.numel(), weight.shape[1], dtype=acc, device=weight.device)
+        summed.index_add_(0, inverse, grad_rows.to(acc))
+        rows = weight[unique_ids].to(acc)
+        values = summed + ctx.lam * inv_freq[unique_ids].to(acc)[:, None] * rows
         grad_weight = torch.sparse_coo_tensor(
             unique_ids[None, :], values.to(weight.dtype), weight.shape, is_coalesced=True,
             check_invariants=False,  # indices are unique and sorted by construction
@@ -207,10 +210,10 @@ def mba_embedding(ids: Tensor, weight: Tensor, inv_freq: Tensor, lam: float) -> 
     return _MBAEmbeddingFunction.apply(ids, weight, inv_freq, float(lam))
 
 
-def _coalesce_rows(ids: Tensor, grad_rows: Tensor) -> Tuple[Tensor, Tensor]:
+def _coalesce_rows(ids: Tensor, grad_rows: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
     unique_ids, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-    summed = torch.zeros(unique_ids.numel(), grad_rows.shape[-1], dtype=torch.float32, device=grad_rows.device)
-    summed.index_add_(0, inverse, grad_rows.reshape(-1, grad_rows.shape[-1]).float())
+    summed = torch.zeros(unique_ids.numel(), grad_rows.shape[-1], dtype=acc, device=grad_rows.device)
+    summed.index_add_(0, inverse, grad_rows.reshape(-1, grad_rows.shape[-1]).to(acc))
     return unique_ids, summed
 
 
@@ -219,9 +222,10 @@ def mba_sgd_(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor, l
     """MBA SGD step, in place: for each unique id j in ``ids``, ``g_j = sum of grad_rows with id j`` and
     ``w_j <- w_j - lr * (g_j + lam * inv_freq[j] * w_j)``. Every other row stays bit-identical.
     weight [N, D], ids [K], grad_rows [K, D], inv_freq [N] (= 1 / n_j)."""
-    unique_ids, summed = _coalesce_rows(ids, grad_rows)
-    rows = weight[unique_ids].float()
-    rows -= lr * (summed + lam * inv_freq[unique_ids].float()[:, None] * rows)
+    acc = accumulation_dtype(weight.dtype)
+    unique_ids, summed = _coalesce_rows(ids, grad_rows, acc)
+    rows = weight[unique_ids].to(acc)
+    rows -= lr * (summed + lam * inv_freq[unique_ids].to(acc)[:, None] * rows)
     weight[unique_ids] = rows.to(weight.dtype)
     return weight
 
@@ -234,10 +238,11 @@ def mba_adagrad_(
     """Row-wise Adagrad with the MBA term (FBGEMM's exact row-wise Adagrad), in place, touched rows only:
     ``g'_j = g_j + lam * inv_freq[j] * w_j``; ``state_j += mean_d(g'_j ** 2)``;
     ``w_j -= lr * g'_j / (sqrt(state_j) + eps)``.  state [N] (fp32)."""
-    unique_ids, summed = _coalesce_rows(ids, grad_rows)
-    rows = weight[unique_ids].float()
-    grad = summed + lam * inv_freq[unique_ids].float()[:, None] * rows
-    accumulated = state[unique_ids].float() + grad.pow(2).mean(dim=1)
+    acc = accumulation_dtype(weight.dtype)
+    unique_ids, summed = _coalesce_rows(ids, grad_rows, acc)
+    rows = weight[unique_ids].to(acc)
+    grad = summed + lam * inv_freq[unique_ids].to(acc)[:, None] * rows
+    accumulated = state[unique_ids].to(acc) + grad.pow(2).mean(dim=1)
     state[unique_ids] = accumulated.to(state.dtype)
     rows -= lr * grad / (accumulated.sqrt() + eps)[:, None]
     weight[unique_ids] = rows.to(weight.dtype)

@@ -21,8 +21,10 @@ ID_CASES = {
     "repeated": [4] * 37,
     "empty": [],
 }
-# (dtype, atol, rtol): low precision tables compute in fp32 and round once, as the reference: 1 ulp apart at most
-DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 1e-3), (torch.bfloat16, 1e-2, 8e-3)]
+# (dtype, atol, rtol): low precision tables compute in fp32 and round once, as the reference: 1 ulp apart at most;
+# fp64 tables compute in fp64 on every path (din_kernels/_dtypes.py), the reference included
+DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 1e-3), (torch.bfloat16, 1e-2, 8e-3),
+          (torch.float64, 1e-12, 1e-12)]
 
 
 def _table(num_rows, dim, dtype, *, stride_pad=0):
@@ -91,6 +93,35 @@ def test_adagrad_matches_reference(backend, case, dim, dtype, atol, rtol):
     assert torch.equal(weight[rest], original[1:-1][rest])
     assert torch.equal(state[rest], original_state[rest])
     assert torch.equal(base[0], original[0]) and torch.equal(base[-1], original[-1])
+
+
+def test_fp64_tables_are_computed_in_fp64(backend):
+    """The precision contract: an fp64 table's step, by hand in fp64, to 1e-12 (fp32 arithmetic anywhere
+    would leave errors near 1e-8 at these magnitudes)."""
+    ids = torch.tensor([3, 7, 3, 11])
+    weight = torch.randn(N, 6, dtype=torch.float64) * 10
+    grad_rows = torch.randn(4, 6, dtype=torch.float64) * 10
+    inv_freq = torch.rand(N, dtype=torch.float64) + 0.1
+    expected = weight.clone()
+    for j in (3, 7, 11):
+        g = grad_rows[ids == j].sum(0) + 0.7 * inv_freq[j] * weight[j]
+        expected[j] = weight[j] - 0.1 * g
+    for step in (dk.mba_sgd_, reference.mba_sgd_):
+        got = weight.clone()
+        step(got, ids, grad_rows, inv_freq, 0.1, 0.7)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    state, expected_state = torch.rand(N, dtype=torch.float64), None
+    expected = weight.clone()
+    expected_state = state.clone()
+    for j in (3, 7, 11):
+        g = grad_rows[ids == j].sum(0) + 0.7 * inv_freq[j] * weight[j]
+        expected_state[j] = state[j] + g.square().mean()
+        expected[j] = weight[j] - 0.1 * g / (expected_state[j].sqrt() + 1e-10)
+    for step in (dk.mba_adagrad_, reference.mba_adagrad_):
+        got, got_state = weight.clone(), state.clone()
+        step(got, got_state, ids, grad_rows, inv_freq, 0.1, 0.7)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(got_state, expected_state, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("op", ["sgd", "adagrad"])
