@@ -26,6 +26,7 @@ Differences from DeepCTR-Torch, all at rows without any valid position:
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -44,17 +45,25 @@ _ACTIVATIONS = {"sigmoid": "sigmoid", "relu": "relu", "prelu": "prelu", "dice": 
 
 
 class Dice(nn.Module):
-    """DeepCTR-Torch's Dice (``dim=3``) with its parameter names (``alpha`` [H, 1], ``bn.*``), computed by
-    ``din_kernels.dice``: ``p = sigmoid(bn.weight * (x - E[x]) / sqrt(Var[x] + eps) + bn.bias)``,
-    ``f = p * x + (1 - p) * alpha * x``; batch statistics over every position of x [B, T, H] (padding
-    included, as DeepCTR) while training, ``bn``'s running statistics in eval mode."""
+    """DeepCTR-Torch's ``Dice(emb_size, dim=2, epsilon=1e-8, device)``, same parameter names and shapes
+    (``alpha`` [H] for ``dim=2``, [H, 1] for ``dim=3``; ``bn.*``: their state_dicts load both ways),
+    computed by ``din_kernels.dice``: ``p = sigmoid(bn.weight * (x - E[x]) / sqrt(Var[x] + eps) + bn.bias)``,
+    ``f = p * x + (1 - p) * alpha * x``; batch statistics over every row of x [B, H] (dim 2) or every
+    position of x [B, T, H] (dim 3, padding included, as DeepCTR) while training, ``bn``'s running
+    statistics in eval mode."""
 
-    def __init__(self, emb_size: int, epsilon: float = 1e-8):
+    def __init__(self, emb_size: int, dim: int = 2, epsilon: float = 1e-8, device=None):
         super().__init__()
-        self.bn = nn.BatchNorm1d(emb_size, eps=epsilon)
-        self.alpha = nn.Parameter(torch.zeros(emb_size, 1))
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3 (DeepCTR's Dice), got {dim!r}")
+        emb_size = _positive_int("emb_size", emb_size)
+        self.dim = dim
+        self.bn = nn.BatchNorm1d(emb_size, eps=epsilon, device=device)
+        self.alpha = nn.Parameter(torch.zeros((emb_size,) if dim == 2 else (emb_size, 1), device=device))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.dim:
+            raise ValueError(f"Dice(dim={self.dim}) takes a {self.dim}-d input, got shape {tuple(x.shape)}")
         bn = self.bn
         if self.training:
             bn.num_batches_tracked.add_(1)
@@ -67,7 +76,17 @@ class Identity(nn.Module):
         return inputs
 
 
-def _activation_layer(name: str, hidden_size: int) -> nn.Module:
+def _positive_int(name: str, value) -> int:
+    """An int > 0; numpy and other integral types accepted, as DeepCTR accepts them (bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _activation_layer(name, hidden_size: int) -> nn.Module:
+    """DeepCTR's ``activation_layer``: a name, or an ``nn.Module`` class instantiated without arguments."""
+    if isinstance(name, type):
+        return name()
     if name == "sigmoid":
         return nn.Sigmoid()
     if name == "relu":
@@ -75,7 +94,7 @@ def _activation_layer(name: str, hidden_size: int) -> nn.Module:
     if name == "prelu":
         return nn.PReLU()
     if name == "dice":
-        return Dice(hidden_size)
+        return Dice(hidden_size, dim=3)
     return Identity()
 
 
@@ -102,7 +121,8 @@ class AttentionSequencePoolingLayer(nn.Module):
     """DIN's attentional sequence pooling, DeepCTR-Torch's API, din_kernels' speed.
 
     Arguments as DeepCTR-Torch 0.3.0: ``att_hidden_units`` (widths of the scoring MLP), ``att_activation``
-    ("sigmoid", "dice", "relu", "prelu", "linear"; case-insensitive), ``weight_normalization`` (softmax over
+    ("sigmoid", "dice", "relu", "prelu", "linear", case-insensitive, or an ``nn.Module`` class such as
+    ``nn.Tanh``, instantiated once per hidden layer and run by the composite path), ``weight_normalization`` (softmax over
     the valid positions instead of raw scores), ``return_score`` (return the [B, 1, T] weights instead of
     the pooled vector), ``supports_masking`` (take the valid positions from ``mask`` [B, T] instead of
     ``keys_length``), ``embedding_dim``. Extra keyword arguments are accepted and ignored, as DeepCTR does.
@@ -114,20 +134,24 @@ class AttentionSequencePoolingLayer(nn.Module):
     def __init__(self, att_hidden_units=(80, 40), att_activation="sigmoid", weight_normalization=False,
                  return_score=False, supports_masking=False, embedding_dim=4, **kwargs):
         super().__init__()
-        if not isinstance(att_activation, str) or att_activation.lower() not in _ACTIVATIONS:
-            raise ValueError(f"att_activation must be one of {', '.join(map(repr, _ACTIVATIONS))}, "
-                             f"got {att_activation!r}")
-        hidden_units = tuple(att_hidden_units)
-        if not hidden_units or any(not isinstance(h, int) or h <= 0 for h in hidden_units):
+        module_class = isinstance(att_activation, type) and issubclass(att_activation, nn.Module)
+        if not module_class and (not isinstance(att_activation, str) or att_activation.lower() not in _ACTIVATIONS):
+            raise ValueError(f"att_activation must be one of {', '.join(map(repr, _ACTIVATIONS))} or an nn.Module "
+                             f"class, got {att_activation!r}")
+        try:
+            hidden_units = tuple(_positive_int("att_hidden_units", h) for h in att_hidden_units)
+        except (TypeError, ValueError):
+            hidden_units = ()
+        if not hidden_units:
             raise ValueError(f"att_hidden_units must be a non-empty sequence of positive ints, got "
                              f"{att_hidden_units!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        embedding_dim = _positive_int("embedding_dim", embedding_dim)
         self.return_score = return_score
         self.weight_normalization = weight_normalization
         self.supports_masking = supports_masking
         self.embedding_dim = embedding_dim
-        self.att_activation = att_activation.lower()
+        # a module class runs as given (the composite path); names as din_attention's activations
+        self.att_activation = att_activation if module_class else att_activation.lower()
         self.local_att = _LocalActivationUnit(hidden_units, embedding_dim, self.att_activation)
 
     @classmethod
@@ -149,8 +173,8 @@ class AttentionSequencePoolingLayer(nn.Module):
             activation = "relu"
         elif type(first).__name__ == "Identity":
             activation = "linear"
-        else:
-            raise ValueError(f"unsupported DeepCTR activation layer {type(first).__name__}")
+        else:  # an nn.Module class DeepCTR instantiated without arguments (its activation_layer): the same here
+            activation = type(first)
         new = cls(att_hidden_units=[linear.out_features for linear in dnn.linears], att_activation=activation,
                   weight_normalization=layer.weight_normalization, return_score=layer.return_score,
                   supports_masking=layer.supports_masking, embedding_dim=dnn.linears[0].in_features // 4)
@@ -188,8 +212,8 @@ class AttentionSequencePoolingLayer(nn.Module):
                 lengths = lengths.ceil()  # DeepCTR keeps t < length: 2.5 keeps 0, 1, 2; 2.0 keeps 0, 1
             lengths = lengths.to(torch.int64).clamp(0, max_len)
             valid, prefix = None, True
-        activation = _ACTIVATIONS[self.att_activation]
-        if prefix and activation != "dice" and not self.return_score:
+        activation = _ACTIVATIONS.get(self.att_activation, "module")  # (a module class: composite)
+        if prefix and activation not in ("dice", "module") and not self.return_score:
             alphas = None
             if activation == "prelu":
                 alphas = [act.weight for act in self.local_att.dnn.activation_layers]

@@ -462,7 +462,9 @@ class MBAEmbedding(nn.Module):
         self.lam, self.lr, self.eps = lam, lr, eps  # validated by the setters
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         self.register_buffer("inv_freq", inverse_frequencies(frequencies).to(self.weight.device))
-        state = torch.zeros(num_embeddings, device=device, dtype=torch.float32) if optimizer == "adagrad" else None
+        # the Adagrad state in the table's accumulation dtype (fp32; fp64 for an fp64 table)
+        state = (torch.zeros(num_embeddings, device=device, dtype=accumulation_dtype(self.weight.dtype))
+                 if optimizer == "adagrad" else None)
         self.register_buffer("state", state)
         self.reset_parameters()
 

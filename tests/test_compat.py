@@ -144,3 +144,66 @@ def test_constructor_matches_deepctr():
         AttentionSequencePoolingLayer(att_activation="tanh")
     with pytest.raises(ValueError, match="query"):
         layer(keys[..., :4], keys[..., :4], keys_length)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_dice_state_dict_loads_both_ways(dim):
+    """DeepCTR-Torch's Dice (alpha [H] for dim 2, [H, 1] for dim 3; bn.*) and ours: one state_dict, same
+    outputs in training (batch statistics) and eval (running ones), and the running statistics agree."""
+    from deepctr_torch.layers.activation import Dice as DeepCTRDice
+
+    from din_kernels.compat import Dice
+
+    theirs, ours = DeepCTRDice(5, dim=dim), Dice(5, dim=dim)
+    randomize_(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(7, 5) if dim == 2 else torch.randn(4, 6, 5)
+    for training in (True, False):
+        theirs.train(training)
+        ours.train(training)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.bn.running_mean, theirs.bn.running_mean)
+    back = DeepCTRDice(5, dim=dim)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back.eval()(x), ours.eval()(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="takes a"):
+        ours(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="dim must be 2 or 3"):
+        Dice(5, dim=4)
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    layer = AttentionSequencePoolingLayer(att_hidden_units=[np.int64(8), np.int32(4)], embedding_dim=np.int64(EMB))
+    assert [lin.out_features for lin in layer.local_att.dnn.linears] == [8, 4] and layer.embedding_dim == EMB
+    assert layer(*inputs()).shape == (5, 1, EMB)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        AttentionSequencePoolingLayer(embedding_dim=True)
+
+
+@pytest.mark.parametrize("weight_normalization", [False, True])
+def test_module_class_activation_matches_deepctr(weight_normalization):
+    theirs, ours = pair(att_hidden_units=(8, 4), att_activation=torch.nn.Tanh,
+                        weight_normalization=weight_normalization)
+    assert isinstance(ours.local_att.dnn.activation_layers[0], torch.nn.Tanh)
+    assert_same(theirs, ours, *inputs())
+    direct = AttentionSequencePoolingLayer(att_hidden_units=(8, 4), att_activation=torch.nn.Tanh,
+                                           weight_normalization=weight_normalization, embedding_dim=EMB)
+    direct.load_state_dict(theirs.state_dict())
+    assert_same(theirs, direct, *inputs())
+
+
+def test_from_deepctr_takes_a_layer_already_holding_our_dice():
+    from din_kernels.compat import Dice
+
+    theirs = randomize_(DeepCTRLayer(att_hidden_units=(8, 4), att_activation="dice", embedding_dim=EMB))
+    swapped = DeepCTRLayer(att_hidden_units=(8, 4), att_activation="dice", embedding_dim=EMB)
+    for index, act in enumerate(theirs.local_att.dnn.activation_layers):
+        ours_dice = Dice(act.bn.num_features, dim=3)
+        ours_dice.load_state_dict(act.state_dict())
+        swapped.local_att.dnn.activation_layers[index] = ours_dice
+    swapped.load_state_dict(theirs.state_dict())
+    copy = AttentionSequencePoolingLayer.from_deepctr(swapped)
+    assert copy.att_activation == "dice"
+    assert_same(theirs, copy, *inputs())

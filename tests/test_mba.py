@@ -478,3 +478,9 @@ def test_bad_module_ids():
         module(torch.tensor([N]))
     with pytest.raises(TypeError, match="ids"):
         module(torch.tensor([1.0]))
+
+
+def test_fp64_module_keeps_its_adagrad_state_in_fp64():
+    table = dk.MBAEmbedding(10, 4, torch.ones(10), lam=0.1, optimizer="adagrad", dtype=torch.float64)
+    assert table.weight.dtype == torch.float64 and table.state.dtype == torch.float64
+    assert dk.MBAEmbedding(10, 4, torch.ones(10), lam=0.1, optimizer="adagrad").state.dtype == torch.float32
