@@ -3,11 +3,12 @@
 Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local activation unit),
 ``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU ops (local
 activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``;
-``set_length_check("device")`` checks lengths without a host sync (CUDA graphs).
+``set_length_check("device")`` checks lengths without a host sync (CUDA graphs); ``explain(...)`` says which
+path a ``din_attention`` call takes and why.
 """
 from ._backend import get_backend, set_backend
 from ._checks import get_length_check, set_length_check
-from .attention import LocalActivationUnit, din_attention
+from .attention import LocalActivationUnit, din_attention, explain
 from .cpu_extension import available as cpu_op_available
 from .cpu_extension import get_num_threads as get_cpu_threads
 from .cpu_extension import set_num_threads as set_cpu_threads
@@ -23,6 +24,7 @@ __all__ = [
     "dice",
     "cpu_op_available",
     "din_attention",
+    "explain",
     "get_cpu_threads",
     "get_backend",
     "get_length_check",

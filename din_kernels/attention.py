@@ -27,14 +27,16 @@ hand-written backward, ``attention_torch.py``), or for small problems in eager m
 """
 from __future__ import annotations
 
+import logging
 import types
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import reference
-from ._backend import interpreter_enabled, use_cpu_extension, use_triton
+from ._backend import get_backend, interpreter_enabled, use_cpu_extension, use_triton
 from . import attention_torch
 from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
@@ -50,6 +52,7 @@ except ImportError:  # triton is optional (setup.py): without it only the compos
     tl = None
 
 Tensor = torch.Tensor
+_log = logging.getLogger("din_kernels")
 
 # Activation codes shared by the launchers and the kernels' ``ACT`` constexpr.
 _ACT_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
@@ -606,26 +609,68 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
 # Custom op: picks the Triton or the composite launchers; autograd through the matching backward
 # ----------------------------------------------------------------------------------------------------------
 
-def _launchers(keys: Tensor, weights: Sequence[Tensor]):
-    """(forward, backward) launchers for this problem; every path honours one contract. CPU problems the
+def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor]):
+    """(forward, backward, path, reason) for this problem; every path honours one contract. CPU problems the
     Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op."""
-    if use_triton(keys) and fused_supported(keys, weights):
-        return attention_forward, attention_backward
+    triton_wanted = use_triton(keys)
+    if triton_wanted and fused_supported(keys, weights):
+        where = "CUDA" if keys.is_cuda else "the Triton interpreter"
+        return attention_forward, attention_backward, "triton", f"fused Triton kernels on {where}"
+    outside = (" (outside the fused kernels' coverage: 1-2 hidden layers of width <= 256, D <= 256, "
+               "fp32/fp16/bf16, resident tiles <= 20480 elements)" if triton_wanted else "")
     if use_cpu_extension(keys):
-        return attention_cpu_forward, attention_cpu_backward
-    return attention_torch_forward, attention_torch_backward
+        return attention_cpu_forward, attention_cpu_backward, "cpp", "the C++ CPU op" + outside
+    why = ("backend 'torch'" if get_backend() == "torch" else
+           "CUDA tensors" + outside if keys.is_cuda else "the C++ CPU op is not available or switched off")
+    return attention_torch_forward, attention_torch_backward, "composite", f"the torch composite path: {why}"
 
 
-def _plan(keys, weights, alphas, dice_means, dice_vars, activation):
-    """Launchers and their arguments. An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear
-    score) runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact."""
+def _launchers(keys: Tensor, weights: Sequence[Tensor]):
+    """(forward, backward) launchers for this problem (``_launchers_and_reason``)."""
+    return _launchers_and_reason(keys, weights)[:2]
+
+
+@dataclass
+class AttentionPlan:
+    """How one call runs, decided once (``plan_attention``) and kept for its backward: the path ("triton",
+    "cpp", "composite", "composite-small" or "reference"), why, the launchers, and their arguments."""
+    path: str
+    reason: str
+    forward: Optional[Callable]
+    backward: Optional[Callable]
+    weights: List[Tensor]
+    alphas: Optional[List[Tensor]]
+    dice_eval: Optional[List[Tuple[Tensor, Tensor]]]
+    activation: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, training: bool = False,
+                   eager: bool = False) -> AttentionPlan:
+    """The plan of one call. An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
+    runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
+    call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small``."""
+    if activation == "dice" and training:
+        return AttentionPlan("reference", "Dice in training mode: batch statistics over the valid positions, "
+                             "computed by reference.din_attention", None, None, list(weights), alphas or None,
+                             None, activation)
     weights = list(weights)
     if len(weights) == 2:
         weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]
         activation, alphas, dice_means = "identity", [], []
     dice_eval = list(zip(dice_means, dice_vars)) if dice_means else None
-    forward, backward = _launchers(keys, weights)
-    return forward, backward, weights, alphas or None, dice_eval, activation
+    forward, backward, path, reason = _launchers_and_reason(keys, weights)
+    if eager and path == "composite" and keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS:
+        path, reason = "composite-small", reason + f"; B x T <= {attention_torch.SMALL_POSITIONS}: one autograd pass"
+    return AttentionPlan(path, reason, forward, backward, weights, alphas or None, dice_eval, activation)
+
+
+def _plan(keys, weights, alphas, dice_means, dice_vars, activation):
+    """(forward, backward, weights, alphas, dice_eval, activation) of ``plan_attention`` (the custom ops)."""
+    p = plan_attention(keys, weights, alphas, dice_means, dice_vars, activation)
+    return p.forward, p.backward, p.weights, p.alphas, p.dice_eval, p.activation
 
 
 @torch.library.custom_op("din_kernels::din_attention", mutates_args=())
@@ -661,12 +706,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _attention_grads(grad_out, query, keys, lengths, weights, alphas, dice_means, dice_vars, out, attn, lse, eps,
-                     form, activation, normalize, scale, kept: Optional[list] = None) -> List[Tensor]:
-    """``[dquery, dkeys, *dweights, *dalphas]`` from the launchers ``_plan`` picks (custom op and Function).
-    ``kept``: the activations the composite forward kept (``attention_torch_forward(kept=)``), if any."""
+                     form, activation, normalize, scale, kept: Optional[list] = None,
+                     plan: Optional[AttentionPlan] = None) -> List[Tensor]:
+    """``[dquery, dkeys, *dweights, *dalphas]`` from the forward's ``plan`` (the Function keeps it), or one
+    made here (the custom op, which can carry only tensors). ``kept``: the activations the composite or C++
+    forward kept (``attention_torch_forward(kept=)``), if any."""
     n_weights = len(weights)
-    _, backward, weights, alphas, dice_eval, activation = _plan(keys, weights, alphas, dice_means, dice_vars,
-                                                                activation)
+    if plan is None:
+        plan = plan_attention(keys, weights, alphas, dice_means, dice_vars, activation)
+    backward, weights, alphas, dice_eval, activation = (plan.backward, plan.weights, plan.alphas, plan.dice_eval,
+                                                        plan.activation)
     options = dict(form=form, activation=activation, normalize=normalize, scale=scale)
     if kept is not None:
         options["kept"] = kept
@@ -721,13 +770,10 @@ class DinAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, keys, lengths, counts, eps, form, activation, normalize, scale, keep, *tensors):
-        n_w, n_a, n_d = counts
-        weights, alphas = list(tensors[:n_w]), list(tensors[n_w:n_w + n_a])
-        means, variances = list(tensors[n_w + n_a:n_w + n_a + n_d]), list(tensors[n_w + n_a + n_d:])
-        forward, _, weights_, alphas_, dice_eval, activation_ = _plan(keys, weights, alphas, means, variances,
-                                                                      activation)
-        options = dict(form=form, activation=activation_, normalize=normalize, scale=scale)
+    def forward(ctx, query, keys, lengths, counts, eps, form, plan, normalize, scale, keep, *tensors):
+        # ``plan``: ``din_attention``'s, made once for the forward and kept for the backward
+        forward = plan.forward
+        options = dict(form=form, activation=plan.activation, normalize=normalize, scale=scale)
         # attn never has a gradient: without this autograd would zero-fill a [B, T] cotangent for it before
         # every backward, a parallel fill that wakes torch's OpenMP workers, which then spin on the cores
         # the C++ op's helper threads need (measured: 9% of the CPU in a B=1024, T=100 forward + backward)
@@ -735,9 +781,9 @@ class DinAttentionFunction(torch.autograd.Function):
         ctx.kept = None
         if keep and forward in (attention_torch_forward, attention_cpu_forward):  # a backward will follow
             ctx.kept = options["kept"] = []
-        out, attn, lse = forward(query, keys, lengths, weights_, alphas_, dice_eval, eps, **options)
-        ctx.counts = counts
-        ctx.options = dict(eps=eps, form=form, activation=activation, normalize=normalize, scale=scale)
+        out, attn, lse = forward(query, keys, lengths, plan.weights, plan.alphas, plan.dice_eval, eps, **options)
+        ctx.counts, ctx.plan = counts, plan
+        ctx.options = dict(eps=eps, form=form, activation=plan.activation, normalize=normalize, scale=scale)
         ctx.save_for_backward(query, keys, lengths, out, attn, lse, *tensors)
         ctx.mark_non_differentiable(attn)
         return out, attn
@@ -753,8 +799,8 @@ class DinAttentionFunction(torch.autograd.Function):
         grads = _attention_grads(grad_out, query, keys, lengths, tensors[:n_w],
                                  tensors[n_w:n_w + n_a], tensors[n_w + n_a:n_w + n_a + n_d],
                                  tensors[n_w + n_a + n_d:], out, attn, lse, o["eps"], o["form"], o["activation"],
-                                 o["normalize"], o["scale"], kept=ctx.kept)
-        # query, keys, lengths, counts, eps, form, activation, normalize, scale, keep, *weights, *alphas, *stats
+                                 o["normalize"], o["scale"], kept=ctx.kept, plan=ctx.plan)
+        # query, keys, lengths, counts, eps, form, plan, normalize, scale, keep, *weights, *alphas, *stats
         return (grads[0], grads[1], None, None, None, None, None, None, None, None, *grads[2:],
                 *([None] * (2 * n_d)))
 
@@ -762,6 +808,36 @@ class DinAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 # Functional and module
 # ----------------------------------------------------------------------------------------------------------
+
+def _checked(query, keys, lengths, weights, form, activation, normalize, scale, alphas, dice_stats, training):
+    """Validated arguments: (lengths [B] int64, weights, alphas, dice means, dice variances) as lists."""
+    lengths, weights = check_attention_args(query, keys, lengths, weights, form, activation, normalize,
+                                            scale, alphas, dice_stats)
+    if not (activation == "dice" and training):
+        for name, group in (("alphas", alphas or ()), ("dice_stats", [t for p in dice_stats or () for t in p])):
+            if any(t.device != keys.device for t in group):
+                raise ValueError(f"{name} must be on {keys.device} like keys")
+        if activation == "dice" and dice_stats is None and len(weights) > 2:
+            raise ValueError("activation='dice' in eval mode (training=False) needs dice_stats: one "
+                             "(running_mean, running_var) pair per hidden layer")
+    alpha_list = list(alphas) if activation in ("prelu", "dice") and alphas is not None else []
+    means = [s[0] for s in dice_stats] if activation == "dice" and dice_stats is not None else []
+    variances = [s[1] for s in dice_stats] if activation == "dice" and dice_stats is not None else []
+    return lengths.to(torch.int64).contiguous(), weights, alpha_list, means, variances
+
+
+def explain(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor], *, form: str = "concat",
+            activation: str = "sigmoid", normalize: str = "none", scale: Optional[float] = None,
+            alphas: Optional[Sequence[Tensor]] = None,
+            dice_stats: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, training: bool = False) -> str:
+    """Which path ``din_attention`` takes for these arguments in eager mode, and why: ``"path: reason"``
+    (path: triton, cpp, composite, composite-small or reference). Validates like ``din_attention``; runs
+    nothing. The same line is logged at DEBUG level by every call (logger ``din_kernels``)."""
+    lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
+                                                              normalize, scale, alphas, dice_stats, training)
+    return str(plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
+                              eager=True))
+
 
 def din_attention(
     query: Tensor,
@@ -798,40 +874,40 @@ def din_attention(
     composite path (B x T <= ``attention_torch.SMALL_POSITIONS``) run ``attention_torch_small`` eagerly.
     The weights returned with ``return_scores=True`` carry no gradient (they are detached).
     """
-    lengths, weights = check_attention_args(query, keys, lengths, weights, form, activation, normalize,
-                                            scale, alphas, dice_stats)
-    if activation == "dice" and training:
+    lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
+                                                              normalize, scale, alphas, dice_stats, training)
+    if torch.compiler.is_compiling():
+        if activation == "dice" and training:
+            plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=True)
+        else:
+            scale = None if scale is None else float(scale)
+            out, attn, _ = _din_attention_op(query.contiguous(), keys.contiguous(), lengths, list(weights),
+                                             alpha_list, means, variances, float(eps), form, activation,
+                                             normalize, scale)
+            return (out, attn) if return_scores else out
+    else:
+        plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
+                              eager=True)
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("din_attention B=%d T=%d D=%d: %s", *keys.shape, plan)
+    if plan.path == "reference":
         out, attn = reference.din_attention(
             query, keys, lengths, weights, form=form, activation=activation, normalize=normalize, scale=scale,
             return_scores=True, alphas=alphas, dice_stats=dice_stats, training=True, momentum=momentum, eps=eps)
         return (out, attn.detach()) if return_scores else out
-    for name, group in (("alphas", alphas or ()), ("dice_stats", [t for pair in dice_stats or () for t in pair])):
-        if any(t.device != keys.device for t in group):
-            raise ValueError(f"{name} must be on {keys.device} like keys")
-    if activation == "dice" and dice_stats is None and len(weights) > 2:
-        raise ValueError("activation='dice' in eval mode (training=False) needs dice_stats: one "
-                         "(running_mean, running_var) pair per hidden layer")
-    alpha_list = list(alphas) if activation in ("prelu", "dice") else []
-    means = [s[0] for s in dice_stats] if activation == "dice" else []
-    variances = [s[1] for s in dice_stats] if activation == "dice" else []
-    query, keys, lengths = query.contiguous(), keys.contiguous(), lengths.to(torch.int64).contiguous()
+    query, keys = query.contiguous(), keys.contiguous()
     scale = None if scale is None else float(scale)
-    if torch.compiler.is_compiling():
-        out, attn, _ = _din_attention_op(query, keys, lengths, list(weights), alpha_list, means, variances,
-                                         float(eps), form, activation, normalize, scale)
+    if plan.path == "composite-small":
+        out, attn = attention_torch_small(query, keys, lengths, plan.weights, plan.alphas, plan.dice_eval,
+                                          float(eps), form=form, activation=plan.activation, normalize=normalize,
+                                          scale=scale)
+        attn = attn.detach()
     else:
-        forward, _, weights_, alphas_, dice_eval, activation_ = _plan(keys, weights, alpha_list, means, variances,
-                                                                      activation)
-        if forward is attention_torch_forward and keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS:
-            out, attn = attention_torch_small(query, keys, lengths, weights_, alphas_, dice_eval, float(eps),
-                                              form=form, activation=activation_, normalize=normalize, scale=scale)
-            attn = attn.detach()
-        else:
-            differentiable = [query, keys, *weights, *alpha_list]
-            keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-            out, attn = DinAttentionFunction.apply(
-                query, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, activation,
-                normalize, scale, keep, *weights, *alpha_list, *means, *variances)
+        differentiable = [query, keys, *weights, *alpha_list]
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+        out, attn = DinAttentionFunction.apply(
+            query, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, plan, normalize,
+            scale, keep, *weights, *alpha_list, *means, *variances)
     return (out, attn) if return_scores else out
 
 

@@ -6,6 +6,8 @@ import torch
 import din_kernels as dk
 from din_kernels import attention_torch, reference
 
+from conftest import BACKENDS
+
 
 def linear_weights(dim, hidden, form="concat"):
     unit = dk.LocalActivationUnit(dim, hidden, form=form)
@@ -292,3 +294,52 @@ def test_small_problems_take_the_autograd_path(monkeypatch):
         assert used == [torch.Size([3, 4, 4])]
     finally:
         dk.set_backend(previous)
+
+
+def test_one_plan_per_eager_call_kept_for_the_backward(monkeypatch):
+    """The eager forward + backward decides its path once; the backward reuses the forward's plan."""
+    from din_kernels import attention
+
+    made = []
+    original = attention.plan_attention
+
+    def counting(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(attention, "plan_attention", counting)
+    unit = dk.LocalActivationUnit(4, (8,))
+    query, keys = torch.randn(40, 4, requires_grad=True), torch.randn(40, 130, 4)
+    unit(query, keys, torch.randint(0, 131, (40,))).sum().backward()
+    assert len(made) == 1 and made[0].path in ("triton", "cpp", "composite")
+    assert query.grad is not None
+
+
+@pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b != "triton"])  # (triton: CPU tensors here)
+def test_explain_names_the_path_and_why(backend_name):
+    path = {"torch": "composite", "cpp": "cpp"}[backend_name]
+    weights = linear_weights(4, (8,))
+    query, keys, lengths = torch.randn(40, 4), torch.randn(40, 130, 4), torch.randint(0, 131, (40,))
+    previous = dk.get_backend()
+    try:
+        dk.set_backend(backend_name)
+        text = dk.explain(query, keys, lengths, weights)
+        assert text.startswith(path + ": ")
+        small = dk.explain(query[:2], keys[:2, :3], lengths[:2].clamp(max=3), weights)
+        assert small.startswith("composite-small: " if backend_name == "torch" else "cpp: ")
+        assert "backend 'torch'" in text if backend_name == "torch" else "C++" in text
+    finally:
+        dk.set_backend(previous)
+    unit = dk.LocalActivationUnit(4, (8,), activation="dice").train()
+    explained = dk.explain(query, keys, lengths, unit.weights(), activation="dice",
+                           alphas=[d.alpha for d in unit.dice], training=True)
+    assert explained.startswith("reference: Dice in training mode")
+    with pytest.raises(ValueError, match="lengths"):
+        dk.explain(query, keys, torch.full((40,), 131), weights)
+
+
+def test_each_call_logs_its_plan_at_debug_level(caplog):
+    weights = linear_weights(4, (8,))
+    with caplog.at_level("DEBUG", logger="din_kernels"):
+        dk.din_attention(torch.randn(3, 4), torch.randn(3, 5, 4), torch.tensor([5, 0, 2]), weights)
+    assert any("din_attention B=3 T=5 D=4:" in record.getMessage() for record in caplog.records)
