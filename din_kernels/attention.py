@@ -633,7 +633,8 @@ def _launchers(keys: Tensor, weights: Sequence[Tensor]):
 @dataclass
 class AttentionPlan:
     """How one call runs, decided once (``plan_attention``) and kept for its backward: the path ("triton",
-    "cpp", "composite", "composite-small" or "reference"), why, the launchers, and their arguments."""
+    "cpp", "composite", "composite-small", "composite-autograd" or "reference"), why, the launchers, and their
+    arguments."""
     path: str
     reason: str
     forward: Optional[Callable]
@@ -651,11 +652,17 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
                    eager: bool = False) -> AttentionPlan:
     """The plan of one call. An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
     runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
-    call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small``."""
-    if activation == "dice" and training:
-        return AttentionPlan("reference", "Dice in training mode: batch statistics over the valid positions, "
-                             "computed by reference.din_attention", None, None, list(weights), alphas or None,
-                             None, activation)
+    call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
+    Dice in training mode its autograd pass through ``din_kernels.dice`` (under compilation: the reference,
+    whose ops all trace)."""
+    if activation == "dice" and training and len(weights) > 2:
+        dice_pairs = list(zip(dice_means, dice_vars)) if dice_means else None
+        if eager:
+            return AttentionPlan("composite-autograd", "Dice in training mode: one autograd pass of the composite, "
+                                 "batch statistics over the valid positions (din_kernels.dice)", None, None,
+                                 list(weights), alphas or None, dice_pairs, activation)
+        return AttentionPlan("reference", "Dice in training mode under torch.compile: reference.din_attention",
+                             None, None, list(weights), alphas or None, dice_pairs, activation)
     weights = list(weights)
     if len(weights) == 2:
         weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]
@@ -831,7 +838,8 @@ def explain(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tens
             alphas: Optional[Sequence[Tensor]] = None,
             dice_stats: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, training: bool = False) -> str:
     """Which path ``din_attention`` takes for these arguments in eager mode, and why: ``"path: reason"``
-    (path: triton, cpp, composite, composite-small or reference). Validates like ``din_attention``; runs
+    (path: triton, cpp, composite, composite-small, composite-autograd or reference). Validates like
+    ``din_attention``; runs
     nothing. The same line is logged at DEBUG level by every call (logger ``din_kernels``)."""
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
                                                               normalize, scale, alphas, dice_stats, training)
@@ -897,10 +905,11 @@ def din_attention(
         return (out, attn.detach()) if return_scores else out
     query, keys = query.contiguous(), keys.contiguous()
     scale = None if scale is None else float(scale)
-    if plan.path == "composite-small":
+    if plan.path in ("composite-small", "composite-autograd"):
         out, attn = attention_torch_small(query, keys, lengths, plan.weights, plan.alphas, plan.dice_eval,
                                           float(eps), form=form, activation=plan.activation, normalize=normalize,
-                                          scale=scale)
+                                          scale=scale,
+                                          dice_training=momentum if plan.path == "composite-autograd" else None)
         attn = attn.detach()
     else:
         differentiable = [query, keys, *weights, *alpha_list]

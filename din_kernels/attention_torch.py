@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_choice
 from ._dtypes import accumulation_dtype
+from .dice import dice as dice_op
 
 Tensor = torch.Tensor
 
@@ -538,6 +539,7 @@ def attention_torch_small(
     query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
     *, form: str, activation: str, normalize: str, scale: Optional[float],
+    dice_training: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Local activation unit for small problems (``SMALL_POSITIONS``), differentiable by autograd:
     query [B, D], keys [B, T, D], lengths [B] -> (out [B, D] in the query's dtype, attn [B, T]).
@@ -546,7 +548,16 @@ def attention_torch_small(
     position with one GEMM over ``[k, k * q_b]``, "outer" with ``bmm(k, M_b)``; the padding is scored and
     masked out. Autograd keeps the activations (small here) and runs the backward in C++. Same dtypes as
     the launchers: fp16/bf16 computed in fp32, attn in fp32 (fp64 for fp64 inputs).
+
+    ``dice_training=momentum``: Dice in training mode (``din_attention(activation="dice", training=True)``,
+    any size): every hidden layer through ``din_kernels.dice`` with the valid positions as its mask, so
+    the batch statistics cover those only and ``dice_eval``'s running statistics are updated in place;
+    gradients flow through the statistics (the Dice op's backward). ``dice_eval`` may then be None (no
+    running statistics to update).
     """
+    hidden = len(weights) // 2 - 1
+    if dice_training is not None and dice_eval is None:
+        dice_eval = [(None, None)] * hidden
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
     dtype = accumulation_dtype(keys.dtype)
@@ -564,17 +575,22 @@ def attention_torch_small(
         m = w1[:, dim:2 * dim].t() + torch.einsum("ba,hac->bch", q, wo)  # M_b [B, D, H1]
         z = torch.bmm(k, m)  # [B, T, H1]
     widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
+    invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
     h = z + u[:, None, :]
     for layer in range(len(widths)):
         if layer:
             h = F.linear(h, weights[2 * layer].to(dtype), weights[2 * layer + 1].to(dtype))
         alpha = alphas[layer].to(dtype) if activation in ("prelu", "dice") else None
+        if dice_training is not None:
+            running_mean, running_var = dice_eval[layer]
+            h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
+                        mask=~invalid)
+            continue
         stats = tuple(t.to(dtype) for t in dice_eval[layer]) if activation == "dice" else None
         h = _activate(h, activation, alpha, stats, eps)  # [B, T, H_l]
     scores = F.linear(h, weights[-2].to(dtype), weights[-1].to(dtype)).squeeze(-1)  # [B, T]
     if scale is not None:
         scores = scores * scale
-    invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
     if normalize == "none":
         attn = scores.masked_fill(invalid, 0.0)
     else:

@@ -333,7 +333,7 @@ def test_explain_names_the_path_and_why(backend_name):
     unit = dk.LocalActivationUnit(4, (8,), activation="dice").train()
     explained = dk.explain(query, keys, lengths, unit.weights(), activation="dice",
                            alphas=[d.alpha for d in unit.dice], training=True)
-    assert explained.startswith("reference: Dice in training mode")
+    assert explained.startswith("composite-autograd: Dice in training mode")
     with pytest.raises(ValueError, match="lengths"):
         dk.explain(query, keys, torch.full((40,), 131), weights)
 
@@ -343,3 +343,14 @@ def test_each_call_logs_its_plan_at_debug_level(caplog):
     with caplog.at_level("DEBUG", logger="din_kernels"):
         dk.din_attention(torch.randn(3, 4), torch.randn(3, 5, 4), torch.tensor([5, 0, 2]), weights)
     assert any("din_attention B=3 T=5 D=4:" in record.getMessage() for record in caplog.records)
+
+
+def test_dice_training_never_runs_the_reference(monkeypatch):
+    """Eager Dice training runs the composite autograd pass (din_kernels.dice over the valid positions),
+    not reference.din_attention (whose results it matches: test_attention_triton.py)."""
+    monkeypatch.setattr(reference, "din_attention", lambda *a, **k: pytest.fail("the reference ran"))
+    unit = dk.LocalActivationUnit(4, (8, 6), activation="dice").train()
+    query = torch.randn(5, 4, requires_grad=True)
+    unit(query, torch.randn(5, 7, 4), torch.tensor([7, 0, 3, 1, 5])).sum().backward()
+    assert query.grad is not None and unit.dice[0].alpha.grad is not None
+    assert not torch.equal(unit.dice[0].running_mean, torch.zeros(8))
