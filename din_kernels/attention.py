@@ -23,7 +23,7 @@ Paths (``_launchers``): the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRE
 fp32/fp16/bf16; on CPU otherwise the C++ op (``attention_cpu.py``: one parallel region per call, robust
 when other processes share the cores) where it is built, else the torch composite path (same algebra,
 hand-written backward, ``attention_torch.py``), or for small problems in eager mode its autograd variant
-``attention_torch_small``; the reference for Dice in training mode.
+``attention_torch_small``, which with ``din_kernels.dice`` also runs Dice in training mode.
 """
 from __future__ import annotations
 
@@ -875,8 +875,9 @@ def din_attention(
     width <= 256 and D <= 256 (padded D x H1 and H1 x H2 tiles up to 128 x 128; ``fused_supported``) in
     fp32/fp16/bf16; on CPU the C++ op (``attention_cpu``) where it is built, else the torch composite path
     (same results). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
-    ``activation="dice"`` with ``training=True`` runs the reference (batch statistics over the valid
-    positions, running statistics updated in place); every other mode runs the launchers through
+    ``activation="dice"`` with ``training=True`` runs one autograd pass of the composite through
+    ``din_kernels.dice`` (batch statistics over the valid positions, running statistics updated in place;
+    the reference under ``torch.compile``); every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``
     under ``torch.compile`` (``fullgraph=True`` keeps it as one node), except that small problems on the
     composite path (B x T <= ``attention_torch.SMALL_POSITIONS``) run ``attention_torch_small`` eagerly.
