@@ -553,7 +553,9 @@ def attention_torch_small(
     any size): every hidden layer through ``din_kernels.dice`` with the valid positions as its mask, so
     the batch statistics cover those only and ``dice_eval``'s running statistics are updated in place;
     gradients flow through the statistics (the Dice op's backward). ``dice_eval`` may then be None (no
-    running statistics to update).
+    running statistics to update). With "concat" and under 3/4 of the positions valid, only the valid
+    positions are scored (packed [P, H] activations: measured 1.3-1.5x at B=256-1024 with lengths uniform in
+    [1, T]); the statistics are the same either way.
     """
     hidden = len(weights) // 2 - 1
     if dice_training is not None and dice_eval is None:
@@ -563,11 +565,25 @@ def attention_torch_small(
     dtype = accumulation_dtype(keys.dtype)
     q, k = query.to(dtype), keys.to(dtype)  # [B, D], [B, T, D]
     w1, b1 = weights[0].to(dtype), weights[1].to(dtype)
+    invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
+    packed = None  # the flat indices of the valid positions, when only those are scored
+    if dice_training is not None and form == "concat" and batch * max_len:
+        valid_count = int(lengths.clamp(0, max_len).sum())  # (Dice training runs eagerly: one read)
+        if valid_count < 0.75 * batch * max_len:
+            packed = (~invalid).reshape(-1).nonzero().squeeze(1)  # [P]
     if form == "concat":
         wa, wb, wc, wd = w1.split(dim, dim=1)  # [H1, D] each
         u = torch.addmm(b1, q, (wa + wc).t())  # [B, H1]
-        kq = torch.cat([k, k * q[:, None, :]], dim=2)  # [B, T, 2D]
-        z = torch.matmul(kq, torch.cat([wb - wc, wd], dim=1).t())  # [B, T, H1]
+        w_k = torch.cat([wb - wc, wd], dim=1).t()  # [2D, H1]
+        if packed is not None:
+            rows = packed // max_len
+            k_p = k.reshape(-1, dim).index_select(0, packed)  # [P, D]
+            z = torch.cat([k_p, k_p * q.index_select(0, rows)], dim=1) @ w_k  # [P, H1]
+            u = u.index_select(0, rows)[:, None, :]  # [P, 1, H1]: added as the padded form adds it
+            z = z[:, None, :]
+        else:
+            kq = torch.cat([k, k * q[:, None, :]], dim=2)  # [B, T, 2D]
+            z = torch.matmul(kq, w_k)  # [B, T, H1]
     else:
         hidden = w1.shape[0]
         u = torch.addmm(b1, q, w1[:, :dim].t())  # [B, H1]
@@ -575,8 +591,7 @@ def attention_torch_small(
         m = w1[:, dim:2 * dim].t() + torch.einsum("ba,hac->bch", q, wo)  # M_b [B, D, H1]
         z = torch.bmm(k, m)  # [B, T, H1]
     widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
-    invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
-    h = z + u[:, None, :]
+    h = z + u[:, None, :] if packed is None else (z + u)[:, 0]  # [B, T, H1] or [P, H1]
     for layer in range(len(widths)):
         if layer:
             h = F.linear(h, weights[2 * layer].to(dtype), weights[2 * layer + 1].to(dtype))
@@ -584,11 +599,13 @@ def attention_torch_small(
         if dice_training is not None:
             running_mean, running_var = dice_eval[layer]
             h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
-                        mask=~invalid)
+                        mask=~invalid if packed is None else None)
             continue
         stats = tuple(t.to(dtype) for t in dice_eval[layer]) if activation == "dice" else None
         h = _activate(h, activation, alpha, stats, eps)  # [B, T, H_l]
-    scores = F.linear(h, weights[-2].to(dtype), weights[-1].to(dtype)).squeeze(-1)  # [B, T]
+    scores = F.linear(h, weights[-2].to(dtype), weights[-1].to(dtype)).squeeze(-1)  # [B, T] (or [P])
+    if packed is not None:
+        scores = scores.new_zeros(batch * max_len).index_copy(0, packed, scores).view(batch, max_len)
     if scale is not None:
         scores = scores * scale
     if normalize == "none":

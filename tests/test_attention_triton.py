@@ -198,8 +198,9 @@ def test_empty_rows_are_exact_zeros(backend, normalize):
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
-def test_dice_training_matches_reference(backend, normalize):
-    problem = make_problem(4, 6, 5, (16, 8), activation="dice", lengths=[6, 0, 3, 1])
+@pytest.mark.parametrize("lengths", [[6, 0, 3, 1], [6, 6, 5, 6]], ids=["packed", "padded"])  # (3/4 valid)
+def test_dice_training_matches_reference(backend, normalize, lengths):
+    problem = make_problem(4, 6, 5, (16, 8), activation="dice", lengths=lengths)
     ref_stats = [(m.clone(), v.clone()) for m, v in problem["dice_stats"]]
     grad_out = torch.randn(4, 5)
     options = dict(activation="dice", normalize=normalize, training=True, momentum=0.3)
