@@ -255,7 +255,8 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
                             train_config.optimizer, train_config.lr, model_config.goods_dim, model_config.cate_dim)
     model = build_model(model_config, goods_table=setup.goods_table, cate_table=setup.cate_table)
     history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
-                    regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr))
+                    regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr),
+                    data_spec=args.data)
     history["data_spec"] = args.data
     history["command"] = {key: (list(value) if isinstance(value, tuple) else
                                 str(value) if isinstance(value, Path) else value)
@@ -285,13 +286,23 @@ def cmd_evaluate(args) -> int:
     train_config = payload.get("train_config", {})
     max_len = args.max_len or train_config.get("max_len", 50)
     seed = args.seed if args.seed is not None else train_config.get("seed", 0)
-    split = load_data(args.data, max_len=max_len, seed=seed)
+    trained_on = (payload.get("data") or {}).get("spec")
+    data = args.data or trained_on
+    if data is None:
+        raise ValueError(f"{args.checkpoint} does not record the data it was trained on (a checkpoint from "
+                         "before that was stored): pass --data")
+    split = load_data(data, max_len=max_len, seed=seed)
     config = model.config
     test = split.test
-    if test.num_goods > config.num_goods or test.num_cates > config.num_cates:
-        raise SystemExit(f"error: --data {args.data} has {test.num_goods} goods / {test.num_cates} categories, "
-                         f"more than the checkpoint's tables ({config.num_goods} / {config.num_cates}): "
-                         "evaluate on the data the model was trained on")
+    tables = [("goods", test.num_goods, config.num_goods), ("category", test.num_cates, config.num_cates)]
+    if config.use_user:
+        tables.append(("user", test.num_users, config.num_users))
+    for table, needed, rows in tables:
+        if needed > rows:
+            raise ValueError(f"--data {data} has ids up to {needed - 1} for the {table} table, which has "
+                             f"{rows} rows in {args.checkpoint}"
+                             + (f" (trained on {trained_on})" if trained_on and trained_on != data else "")
+                             + ": evaluate on the data the model was trained on")
     model.to(args.device)
     result = evaluate(model, test, max_len, device=args.device)
     print(f"{config.model}: AUC {result['auc']:.4f}  GAUC {result['gauc']:.4f}  "
@@ -345,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
     eval_parser.add_argument("--checkpoint", type=Path, required=True)
-    eval_parser.add_argument("--data", default="movielens")
+    eval_parser.add_argument("--data", default=None,
+                             help="a data spec as for 'din train' (default: the one the checkpoint was trained on)")
     eval_parser.add_argument("--max-len", type=_positive_int, default=None,
                              help="default: the value the checkpoint was trained with")
     eval_parser.add_argument("--seed", type=int, default=None,

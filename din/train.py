@@ -173,6 +173,7 @@ def train(
     extra_optimizers: Optional[List[torch.optim.Optimizer]] = None,
     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
     log: Callable[[str], None] = print,
+    data_spec: Optional[str] = None,
 ) -> Dict:
     """Train ``model`` on ``split.train``, select the epoch on ``split.valid``, report ``split.test``.
 
@@ -259,6 +260,10 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     if out_dir is not None:
+        # the data it was trained on, so that ``din evaluate`` defaults to it and can refuse data that does
+        # not fit (``data_spec``: the ``--data`` spec; vocabulary sizes include the padding id)
+        data = {"spec": data_spec, "name": split.name, "num_goods": split.num_goods,
+                "num_cates": split.num_cates, "num_users": split.num_users}
         save_checkpoint(Path(out_dir) / "model.pt", model, train_config=config.to_dict(),
-                        metrics=history["best"])
+                        metrics=history["best"], data=data)
     return history

@@ -95,3 +95,31 @@ def test_threads_flag_sets_torch_threads(monkeypatch, capsys):
     assert build_parser().parse_args(["train"]).threads == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert build_parser().parse_args(["train"]).threads == 1
+
+
+def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_data_that_does_not_fit(tmp_path, capsys):
+    """The checkpoint stores its data spec and vocabulary sizes: ``din evaluate`` without ``--data`` scores
+    the data the model was trained on; data whose ids overflow a table is refused, naming the table."""
+    import torch
+
+    from din.data import make_synthetic
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--max-len", "20",
+                 "--out", str(out), "--quiet"]) == 0
+    auc = json.loads((out / "metrics.json").read_text())["epochs"][0]["auc"]
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["data"]["spec"] == "synthetic" and payload["data"]["num_goods"] > 1
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt")]) == 0
+    assert f"AUC {auc:.4f}" in capsys.readouterr().out
+    bigger = tmp_path / "bigger"
+    make_synthetic(num_goods=3000, max_len=20).save(bigger)
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--data", str(bigger)]) == 2
+    error = capsys.readouterr().err
+    assert "goods table" in error and "trained on synthetic" in error and error.count("\n") == 1
+    # a checkpoint from before the data was stored needs --data
+    del payload["data"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "old.pt")]) == 2
+    assert "pass --data" in capsys.readouterr().err
