@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from .checkpoint import load_checkpoint, write_json_atomic, write_text_atomic
+from .checkpoint import check_output_dir, load_checkpoint, write_json_atomic, write_text_atomic
 from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_markdown,
                       format_table, parse_seeds, parse_variants, plot_curves, selected_epoch, summarise)
 from .data import carve_validation, load_data
@@ -267,6 +267,8 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
 
 
 def cmd_train(args) -> int:
+    if args.out is not None:
+        check_output_dir(args.out)
     regularizer, reg_lambda = _regularizer(args)
     split = _load_split(args)
     history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
@@ -317,6 +319,8 @@ def cmd_compare(args) -> int:
     _check_strengths(args, allow_zero=False)  # every variant that uses one needs it on
     if args.plot is not None:
         check_plot_available()  # fail now, not after an hour of training
+    if args.out is not None:
+        check_output_dir(args.out)
     split = _load_split(args)
     strengths = {"none": 0.0, "mba": args.mba_lambda, "full": args.l2_lambda}
     results = []

@@ -123,3 +123,32 @@ def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_data_that_does_no
     torch.save(payload, tmp_path / "old.pt")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "old.pt")]) == 2
     assert "pass --data" in capsys.readouterr().err
+
+
+def test_a_bad_out_fails_before_any_training(tmp_path, capsys, monkeypatch):
+    import din.cli as cli
+
+    monkeypatch.setattr(cli, "_load_split", lambda args: pytest.fail("work started before --out was checked"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for command in ("train", "compare"):
+        assert main([command, "--data", "synthetic", "--out", str(a_file), "--quiet"]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+        assert main([command, "--data", "synthetic", "--out", str(a_file / "sub"), "--quiet"]) == 2
+        assert "cannot be created" in capsys.readouterr().err
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from din.checkpoint import write_json_atomic
+
+    before = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
