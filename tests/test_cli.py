@@ -152,3 +152,14 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(before)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import din.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_split", interrupted)
+    assert main(["train", "--data", "synthetic", "--quiet"]) == 130
+    assert capsys.readouterr().err == "din train: interrupted\n"
