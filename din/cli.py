@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from .checkpoint import check_output_dir, load_checkpoint, write_json_atomic, write_text_atomic
+from .train import RESUME_FILE, load_resume
 from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_markdown,
                       format_table, parse_seeds, parse_variants, plot_curves, selected_epoch, summarise)
 from .data import carve_validation, load_data
@@ -177,7 +178,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", choices=("none", "full"), default="none",
                         help="'full': dense L2 over every row of the tables each step, the baseline the "
                              "paper argues against (strength --l2-lambda)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and model.pt")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for metrics.json, model.pt and resume.pt (written after every epoch)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                        help="continue the run in DIR (its --out) after its last complete epoch, with its "
+                             "options; --epochs N extends a finished run to N epochs")
 
 
 def _add_compare_args(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +247,7 @@ def _regularizer(args) -> Tuple[str, float]:
 
 
 def _train_one(args, split, out: Optional[Path], *, model_name: str, activation: str, regularizer: str,
-               reg_lambda: float, seed: int, tag: str) -> Dict:
+               reg_lambda: float, seed: int, tag: str, resume: Optional[Dict] = None) -> Dict:
     import torch
 
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -254,25 +259,47 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
                             train_config.optimizer, train_config.lr, model_config.goods_dim, model_config.cate_dim)
     model = build_model(model_config, goods_table=setup.goods_table, cate_table=setup.cate_table)
+    command = {key: (list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value)
+               for key, value in vars(args).items() if key not in ("handler", "explicit")}
     history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
                     regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr),
-                    data_spec=args.data)
-    history["data_spec"] = args.data
-    history["command"] = {key: (list(value) if isinstance(value, tuple) else
-                                str(value) if isinstance(value, Path) else value)
-                          for key, value in vars(args).items() if key != "handler"}
+                    data_spec=args.data, resume=resume, command=command)
     if out is not None:
         write_json_atomic(out / "metrics.json", history)
     return history
 
 
+# what ``--resume`` takes from the command line rather than from the run it continues
+_RESUME_OVERRIDES = ("resume", "out", "quiet", "threads", "torch_threads", "device")
+
+
+def _resumed_args(args):
+    """``args`` of the run ``--resume DIR`` continues: its saved arguments, with this command line's
+    --epochs (when given), threads, device and verbosity; ``out`` is DIR."""
+    payload = load_resume(args.resume / RESUME_FILE)
+    saved = payload["history"].get("command")
+    if saved is None:
+        raise ValueError(f"{args.resume / RESUME_FILE} holds no command line to resume")
+    merged = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key in _RESUME_OVERRIDES or (key == "epochs" and "epochs" in args.explicit):
+            continue
+        setattr(merged, key, tuple(value) if isinstance(value, list) else value)
+    merged.out = args.resume
+    return merged, payload
+
+
 def cmd_train(args) -> int:
+    resume = None
+    if getattr(args, "resume", None) is not None:
+        args, resume = _resumed_args(args)
     if args.out is not None:
         check_output_dir(args.out)
     regularizer, reg_lambda = _regularizer(args)
     split = _load_split(args)
     history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
-                         regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model)
+                         regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model,
+                         resume=resume)
     best = selected_epoch(history)
     chosen = f"epoch {best['epoch']}, best validation GAUC {best['valid_gauc']:.4f}" if "valid_gauc" in best \
         else f"epoch {best['epoch']}, the last"
@@ -402,7 +429,10 @@ def keep_freed_memory() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # the options given on this command line (``--resume`` keeps the saved run's others)
+    args.explicit = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if getattr(args, "threads", None) is not None:
         configure_threads(args.threads, args.torch_threads)
         keep_freed_memory()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 import din_kernels as dk
 
 from . import metrics
-from .checkpoint import save_checkpoint, write_json_atomic
+from .checkpoint import atomic_file, save_checkpoint, write_json_atomic
 from .data import InteractionData, Split, carve_validation
 from .regularization import REGULARIZERS, table_parameters
 
@@ -132,6 +132,59 @@ def _scale_learning_rates(model: nn.Module, optimizers: List[torch.optim.Optimiz
             module.lr = module.lr * factor
 
 
+RESUME_FILE = "resume.pt"
+RESUME_FORMAT = 1
+
+
+def _mba_tables(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, dk.MBAEmbedding) and m.optimizer is not None]
+
+
+def _save_resume(path: Path, epoch: int, model: nn.Module, optimizers: List[torch.optim.Optimizer],
+                 history: Dict, best_state: Optional[Dict]) -> None:
+    payload = {"format": RESUME_FORMAT, "epoch": epoch, "model": model.state_dict(),
+               "optimizers": [opt.state_dict() for opt in optimizers],
+               "mba_lrs": [float(m.lr) for m in _mba_tables(model)], "history": history, "best_state": best_state}
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_resume(path: Path) -> Dict:
+    """``resume.pt`` of an earlier run, checked: a missing, truncated or foreign file is a one-line
+    ValueError naming it, never a silent restart."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: nothing to resume (a run writes it after each epoch)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a resumable din run (truncated or foreign: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path} is not a resumable din run (format {RESUME_FORMAT} expected)")
+    return payload
+
+
+def _restore(resume: Dict, model: nn.Module, optimizers: List[torch.optim.Optimizer], history: Dict,
+             selection: "EpochSelection", config: "TrainConfig"):
+    """Load a ``resume.pt`` payload into the run; returns (first epoch to train, best weights so far)."""
+    saved = resume["history"]
+    if saved["model"] != history["model"]:
+        raise ValueError("the resumed run's model differs from the saved one (same --data and model options "
+                         "are needed)")
+    if len(resume["optimizers"]) != len(optimizers):
+        raise ValueError("the resumed run's optimisers differ from the saved ones (same --optimizer and "
+                         "regulariser are needed)")
+    model.load_state_dict(resume["model"])
+    for opt, state in zip(optimizers, resume["optimizers"]):
+        opt.load_state_dict(state)
+    for table, lr in zip(_mba_tables(model), resume["mba_lrs"]):
+        table.lr = lr
+    for record in saved["epochs"]:  # the selection rule's state, as those epochs left it
+        history["epochs"].append(record)
+        selection.observe(record)
+    return resume["epoch"] + 1, resume["best_state"]
+
+
 def prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
     """``values`` with every key prefixed (``valid_auc``, ...)."""
     return {f"{prefix}{name}": value for name, value in values.items()}
@@ -174,6 +227,8 @@ def train(
     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
     log: Callable[[str], None] = print,
     data_spec: Optional[str] = None,
+    resume: Optional[Dict] = None,
+    command: Optional[Dict] = None,
 ) -> Dict:
     """Train ``model`` on ``split.train``, select the epoch on ``split.valid``, report ``split.test``.
 
@@ -189,6 +244,12 @@ def train(
     epoch's) and ``out_dir/model.pt`` at the end, both atomically. ``regularizer(model)`` adds a penalty to
     each batch's loss (e.g. full-table L2); MBA tables have their own update rule (fused inside backward,
     or one of ``extra_optimizers``) and stay out of the dense optimiser. Returns the metrics dictionary.
+
+    With ``out_dir``, ``out_dir/resume.pt`` is written (atomically) after every epoch: the model, every
+    optimiser, the MBA tables' rates, the metrics so far and the best epoch's weights. ``resume`` (that
+    file, loaded by :func:`load_resume`) continues such a run after its last complete epoch, up to
+    ``config.epochs``: an interrupted run resumed ends with the metrics and weights of an uninterrupted one
+    (the batch order of an epoch is a function of the seed and the epoch).
     """
     if split.valid is None and config.valid_fraction > 0:
         split = carve_validation(split, config.valid_fraction, seed=config.seed)
@@ -204,9 +265,18 @@ def train(
     history = {"model": model.config.to_dict(), "train": config.to_dict(), "data": split.summary(),
                "selection": "best validation GAUC" if selects else "last epoch (no validation part)",
                "epochs": []}
+    if data_spec is not None:
+        history["data_spec"] = data_spec
+    if command is not None:  # the CLI's arguments, kept in metrics.json and resume.pt (``din train --resume``)
+        history["command"] = command
     selection = EpochSelection(history, selects, config.patience, config.epochs)
     best_state = None  # the best validation epoch's weights (without validation the last epoch is kept as is)
-    for epoch in range(1, config.epochs + 1):
+    first_epoch = 1
+    if resume is not None:
+        first_epoch, best_state = _restore(resume, model, optimizers, history, selection, config)
+    for epoch in range(first_epoch, config.epochs + 1):
+        if selection.stop:  # (a resumed run that had stopped early)
+            break
         model.train()
         epoch_lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
@@ -248,6 +318,8 @@ def train(
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         elif not improved and config.lr_decay < 1:
             _scale_learning_rates(model, optimizers, config.lr_decay)
+        if out_dir is not None:
+            _save_resume(Path(out_dir) / RESUME_FILE, epoch, model, optimizers, history, best_state)
         valid_text = f"valid GAUC {record['valid_gauc']:.4f}{' *' if improved else '  '}  " if selects else ""
         log(f"epoch {epoch}: loss {record['train_loss']:.4f}  {valid_text}test AUC {record['auc']:.4f}  "
             f"GAUC {record['gauc']:.4f}  logloss {record['logloss']:.4f}  "

@@ -19,7 +19,7 @@ def test_train_then_evaluate_synthetic(tmp_path, capsys):
     for key in ("auc", "gauc", "per_user_auc", "logloss", "samples_per_second", "train_loss"):
         assert key in epoch
     assert 0.5 < epoch["auc"] <= 1.0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "resume.pt"]
     capsys.readouterr()
 
     assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--data", "synthetic"]) == 0
@@ -163,3 +163,77 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(cli, "_load_split", interrupted)
     assert main(["train", "--data", "synthetic", "--quiet"]) == 130
     assert capsys.readouterr().err == "din train: interrupted\n"
+
+
+TRAIN = ["train", "--data", "synthetic", "--batch-size", "512", "--max-len", "20", "--quiet"]
+TIMING = ("train_seconds", "samples_per_second")
+
+
+def _run_record(out):
+    """metrics.json's epochs without the timings, and model.pt's weights."""
+    import torch
+
+    history = json.loads((out / "metrics.json").read_text())
+    epochs = [{k: v for k, v in record.items() if k not in TIMING} for record in history["epochs"]]
+    return epochs, torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def _assert_same_run(a, b):
+    import torch
+
+    epochs_a, state_a = _run_record(a)
+    epochs_b, state_b = _run_record(b)
+    assert epochs_a == epochs_b
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+@pytest.mark.parametrize("extra", [[], ["--mba-lambda", "0.01", "--optimizer", "adagrad", "--lr", "0.05"]],
+                         ids=["adam", "mba-adagrad"])
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys, monkeypatch, extra):
+    """Killed (Ctrl-C) in the middle of epoch 2 of 3, then ``--resume``: the same metrics and weights, bit
+    for bit, as the run that was never interrupted; ``--resume --epochs 4`` of a finished 3-epoch run equals
+    4 epochs at once."""
+    import din.train as train_module
+
+    assert main(TRAIN + ["--epochs", "3", "--out", str(tmp_path / "whole")] + extra) == 0
+    real_tqdm = train_module.tqdm
+    epochs_started = []
+
+    class Interrupting:
+        """The epoch's progress bar, raising KeyboardInterrupt at the fourth batch of epoch 2."""
+
+        def __init__(self, iterable, **kwargs):
+            epochs_started.append(1)
+            self.bar = real_tqdm(iterable, **kwargs)
+
+        def __iter__(self):
+            for index, item in enumerate(self.bar):
+                if len(epochs_started) == 2 and index == 3:
+                    raise KeyboardInterrupt
+                yield item
+
+        def set_postfix(self, **kwargs):
+            self.bar.set_postfix(**kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", Interrupting)
+    assert main(TRAIN + ["--epochs", "3", "--out", str(tmp_path / "cut")] + extra) == 130
+    monkeypatch.setattr(train_module, "tqdm", real_tqdm)
+    assert not (tmp_path / "cut" / "model.pt").exists() and (tmp_path / "cut" / "resume.pt").exists()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+    assert main(TRAIN + ["--epochs", "4", "--out", str(tmp_path / "four")] + extra) == 0
+    assert main(["train", "--resume", str(tmp_path / "whole"), "--epochs", "4", "--quiet"]) == 0
+    _assert_same_run(tmp_path / "four", tmp_path / "whole")
+
+
+def test_resume_refuses_a_missing_or_corrupt_file(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "resume.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "is not a resumable din run" in error and str(tmp_path / "resume.pt") in error
