@@ -41,6 +41,43 @@ def check_output_dir(path: PathLike, flag: str = "--out") -> Path:
 
 
 @contextlib.contextmanager
+def run_lock(folder: PathLike) -> Iterator[Path]:
+    """Hold ``folder/.din.lock`` (this process's pid) for the block: a second run writing into the same
+    folder fails at once with a one-line ValueError instead of both running and the last writer winning.
+    A lock left by a process that no longer exists (killed) is taken over."""
+    lock = Path(folder) / ".din.lock"
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                raise ValueError(f"{folder} is in use by another din run (pid {owner}; its lock: {lock})") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
 def atomic_file(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds. The file
     gets the permissions a plain ``open`` would give it (0666 less the umask; ``mkstemp`` makes 0600)."""

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from .checkpoint import check_output_dir, load_checkpoint, write_json_atomic, write_text_atomic
+from .checkpoint import check_output_dir, load_checkpoint, run_lock, write_json_atomic, write_text_atomic
 from .train import RESUME_FILE, load_resume
 from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot_available, format_markdown,
                       format_table, parse_seeds, parse_variants, plot_curves, selected_epoch, summarise)
@@ -295,11 +296,12 @@ def cmd_train(args) -> int:
         args, resume = _resumed_args(args)
     if args.out is not None:
         check_output_dir(args.out)
-    regularizer, reg_lambda = _regularizer(args)
-    split = _load_split(args)
-    history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
-                         regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model,
-                         resume=resume)
+    with run_lock(args.out) if args.out is not None else contextlib.nullcontext():
+        regularizer, reg_lambda = _regularizer(args)
+        split = _load_split(args)
+        history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
+                             regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model,
+                             resume=resume)
     best = selected_epoch(history)
     chosen = f"epoch {best['epoch']}, best validation GAUC {best['valid_gauc']:.4f}" if "valid_gauc" in best \
         else f"epoch {best['epoch']}, the last"

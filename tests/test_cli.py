@@ -237,3 +237,16 @@ def test_resume_refuses_a_missing_or_corrupt_file(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
     error = capsys.readouterr().err
     assert "is not a resumable din run" in error and str(tmp_path / "resume.pt") in error
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".din.lock").write_text(f"{os.getppid()}\n")  # a live process holds it
+    assert main(TRAIN + ["--epochs", "1", "--out", str(out)]) == 2
+    assert "in use by another din run" in capsys.readouterr().err
+    (out / ".din.lock").write_text("999999999\n")  # a process that is gone: taken over
+    assert main(TRAIN + ["--epochs", "1", "--out", str(out)]) == 0
+    assert not (out / ".din.lock").exists()
