@@ -67,7 +67,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=_positive_int, default=50,
                         help="keep the last N behaviours of each history (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
 
 
 def _default_threads() -> int:
@@ -111,9 +111,11 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=_positive_int, default=10,
                         help="the most epochs to train; early stopping (--patience) usually ends sooner "
                              "(default 10)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
-    parser.add_argument("--lr", type=_positive_float, default=1e-3)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="training samples per step")
+    parser.add_argument("--lr", type=_positive_float, default=1e-3,
+                        help="learning rate of every optimiser (the MBA tables' included)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                        help="dense optimiser; with --mba-lambda the tables' MBA update follows it")
     parser.add_argument("--attention-normalize", choices=("softmax", "none"), default="softmax",
                         help="'softmax' (default) over the valid positions with scale D**-0.5, as the official "
                              "code; 'none' keeps the weights' sum as interest intensity, as the paper's text. "
@@ -170,7 +172,8 @@ def _add_model_shape_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     _add_optimisation_args(parser)
-    parser.add_argument("--model", choices=("din", "base"), default="din")
+    parser.add_argument("--model", choices=("din", "base"), default="din",
+                        help="'din' (attention pooling of the history) or 'base' (sum pooling, the paper's BaseModel)")
     parser.add_argument("--activation", choices=("dice", "prelu"), default="dice",
                         help="activation of the prediction MLP (default dice)")
     parser.add_argument("--mba-lambda", type=float, default=0.0,
@@ -379,23 +382,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's default in ``--help``, unless its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="din", description="Train and evaluate the Deep Interest Network.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train one model and evaluate it after each epoch")
+    train_parser = commands.add_parser("train", help="train one model and evaluate it after each epoch",
+                                       formatter_class=_DefaultsHelp)
     _add_train_args(train_parser)
     train_parser.set_defaults(handler=cmd_train)
 
-    eval_parser = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
-    eval_parser.add_argument("--checkpoint", type=Path, required=True)
+    eval_parser = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split",
+                                      formatter_class=_DefaultsHelp)
+    eval_parser.add_argument("--checkpoint", type=Path, required=True, help="a model.pt written by 'din train'")
     eval_parser.add_argument("--data", default=None,
                              help="a data spec as for 'din train' (default: the one the checkpoint was trained on)")
     eval_parser.add_argument("--max-len", type=_positive_int, default=None,
                              help="default: the value the checkpoint was trained with")
     eval_parser.add_argument("--seed", type=int, default=None,
                              help="split seed (default: the checkpoint's, so the test split matches)")
-    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
     _add_threads_arg(eval_parser)
     eval_parser.set_defaults(handler=cmd_evaluate)
 
@@ -403,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train the paper's variants over seeds on one split, print Table 3",
         description="Train each variant once per seed on one train/validation/test split and print the paper's "
                     "Table 3 layout (mean±std over seeds of the test metrics at each run's best validation "
-                    "epoch).")
+                    "epoch).", formatter_class=_DefaultsHelp)
     _add_compare_args(compare_parser)
     compare_parser.set_defaults(handler=cmd_compare)
 

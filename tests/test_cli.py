@@ -250,3 +250,22 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     (out / ".din.lock").write_text("999999999\n")  # a process that is gone: taken over
     assert main(TRAIN + ["--epochs", "1", "--out", str(out)]) == 0
     assert not (out / ".din.lock").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "compare"])
+def test_help_shows_every_default(command, capsys):
+    """Every option with a default says it in --help (the parser's own text or the formatter's)."""
+    import argparse
+
+    from din.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    with pytest.raises(SystemExit):
+        sub.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+            if action.default not in (None, False):
+                assert "default" in action.help or f"(default: {action.default})" in text, action.option_strings
