@@ -124,10 +124,14 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise ValueError(f"{path} is not a din checkpoint: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a din checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    config = ModelConfig.from_dict(payload["model_config"])
-    model = build_model(config)
-    state = {key: value for key, value in payload["state_dict"].items() if not _is_training_only(key)}
-    model.load_state_dict(state)
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = build_model(config)
+        state = {key: value for key, value in payload["state_dict"].items() if not _is_training_only(key)}
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as error:  # missing entries, keys or wrong shapes
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is a damaged din checkpoint: {first}") from error
     return model, payload
 
 

@@ -257,7 +257,8 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                optimizer=args.optimizer, max_len=args.max_len, seed=seed, device=args.device,
                                regularizer=regularizer, reg_lambda=reg_lambda, valid_fraction=args.valid_fraction,
-                               patience=args.patience, lr_decay=args.lr_decay, progress=not args.quiet)
+                               patience=args.patience, lr_decay=args.lr_decay,
+                               progress=not args.quiet and sys.stderr.isatty())  # bars on a terminal only
     torch.manual_seed(seed)
     model_config = _model_config(args, model_name, activation, split)
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
@@ -396,6 +397,7 @@ class _DefaultsHelp(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="din", description="Train and evaluate the Deep Interest Network.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (before the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser("train", help="train one model and evaluate it after each epoch",
@@ -457,7 +459,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keep_freed_memory()
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, no traceback

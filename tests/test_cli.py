@@ -269,3 +269,30 @@ def test_help_shows_every_default(command, capsys):
             assert action.help, f"{action.option_strings} has no help"
             if action.default not in (None, False):
                 assert "default" in action.help or f"(default: {action.default})" in text, action.option_strings
+
+
+def test_divergence_and_damaged_checkpoints_are_one_line_errors(tmp_path, capsys):
+    import torch
+
+    assert main(TRAIN + ["--epochs", "1", "--optimizer", "sgd", "--lr", "1e30"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: training diverged") and error.count("\n") == 1
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--epochs", "1", "--out", str(out)]) == 0
+    payload = torch.load(out / "model.pt", weights_only=True)
+    for damage in ("missing key", "wrong shape", "no config"):
+        broken = dict(payload, state_dict=dict(payload["state_dict"]))
+        name = next(iter(broken["state_dict"]))
+        if damage == "missing key":
+            del broken["state_dict"][name]
+        elif damage == "wrong shape":
+            broken["state_dict"][name] = torch.zeros(3, 1)
+        else:
+            del broken["model_config"]
+        torch.save(broken, tmp_path / "broken.pt")
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", str(tmp_path / "broken.pt")]) == 2, damage
+        error = capsys.readouterr().err
+        assert "is a damaged din checkpoint" in error and error.count("\n") == 1, (damage, error)
+    with pytest.raises(ValueError, match="damaged"):
+        main(["--debug", "evaluate", "--checkpoint", str(tmp_path / "broken.pt")])
