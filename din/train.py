@@ -281,9 +281,12 @@ def train(
         epoch_lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         seen, loss_sum = 0, 0.0
-        num_batches = math.ceil(len(split.train) / config.batch_size)
+        num_batches = len(split.train) // config.batch_size + (len(split.train) % config.batch_size > 1)
+        # a last batch of one sample cannot train the head's BatchNorm (torch refuses one value per
+        # channel): then that one sample of the epoch's shuffled order is left out
         batches = split.train.batches(config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed * 1000 + epoch)
+                                      seed=config.seed * 1000 + epoch,
+                                      drop_last=len(split.train) % config.batch_size == 1)
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not config.progress, leave=False)
         for batch in bar:

@@ -296,3 +296,18 @@ def test_divergence_and_damaged_checkpoints_are_one_line_errors(tmp_path, capsys
         assert "is a damaged din checkpoint" in error and error.count("\n") == 1, (damage, error)
     with pytest.raises(ValueError, match="damaged"):
         main(["--debug", "evaluate", "--checkpoint", str(tmp_path / "broken.pt")])
+
+
+def test_a_last_batch_of_one_sample_is_left_out(tmp_path):
+    """The head's BatchNorm cannot train on one sample: with len(train) % batch == 1 that sample is skipped
+    (it was a crash after a whole epoch)."""
+    from din.data import make_synthetic
+    from din.model import ModelConfig, build_model
+    from din.train import TrainConfig, train
+
+    split = make_synthetic(num_users=60, num_goods=50, num_cates=5, max_len=10, seed=0)
+    size = len(split.train)
+    history = train(build_model(ModelConfig(num_goods=split.num_goods, num_cates=split.num_cates)), split,
+                    TrainConfig(epochs=1, batch_size=size - 1, max_len=10, valid_fraction=0.0, progress=False),
+                    log=lambda line: None)
+    assert history["epochs"][0]["train_loss"] > 0
