@@ -163,6 +163,14 @@ def check_attention_args(query, keys, lengths, weights, form, activation, normal
     return lengths, weights
 
 
+def check_writable(name: str, tensor: Tensor) -> None:
+    """A tensor an op updates in place must not be an expanded view: its elements would alias, and the
+    kernels would write each of them several times (a ValueError before anything is written)."""
+    if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
+        raise ValueError(f"{name} is updated in place and must not be an expanded (stride 0) view; "
+                         f"pass a tensor that owns its elements (e.g. .clone())")
+
+
 def check_dice_args(x, alpha, running_mean, running_var, training, momentum, eps, mask, weight, bias):
     check_tensor("x", x, floating=True)
     if x.dim() not in (2, 3):
@@ -179,6 +187,8 @@ def check_dice_args(x, alpha, running_mean, running_var, training, momentum, eps
         check_tensor(name, stat, ndim=1, floating=True)
         if stat.shape[0] != channels:
             raise ValueError(f"{name} must have C={channels} entries, got {stat.shape[0]}")
+        if training:
+            check_writable(name, stat)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if (weight is None) != (bias is None):
@@ -234,6 +244,7 @@ def check_inv_freq(inv_freq, weight: Tensor, ids: Tensor) -> Tensor:
 
 def check_mba_step_args(weight, ids, grad_rows, inv_freq, lr, lam, state=None):
     check_table(weight)
+    check_writable("weight", weight)
     check_ids(ids, weight.shape[0])
     check_tensor("grad_rows", grad_rows, floating=True)
     if grad_rows.dim() != 2 or grad_rows.shape != (ids.numel(), weight.shape[1]):
@@ -244,6 +255,7 @@ def check_mba_step_args(weight, ids, grad_rows, inv_freq, lr, lam, state=None):
     lam = check_nonnegative_finite("lam", lam)
     if state is not None:
         check_tensor("state", state, ndim=1, floating=True)
+        check_writable("state", state)
         if state.shape[0] != weight.shape[0]:
             raise ValueError(f"state must have one entry per table row ({weight.shape[0]}), got {state.shape[0]}")
     check_same_device(weight=weight, ids=ids, grad_rows=grad_rows, inv_freq=inv_freq, state=state)

@@ -379,7 +379,8 @@ def dice_forward(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optio
     if training:
         mask_u8 = mask.view(torch.uint8) if mask is not None else x  # a placeholder pointer without a mask
         # Shift by the first valid row (row 0 when none is valid: then nothing is summed at all).
-        first = mask.view(torch.uint8).argmax().reshape(1) if mask is not None else None
+        # (argmax has no answer for zero rows: then the pivot is zeros and nothing is summed)
+        first = mask.view(torch.uint8).argmax().reshape(1) if mask is not None and n_rows else None
         if n_rows == 0:
             pivot = torch.zeros(channels, dtype=acc, device=x.device)
         elif first is None:

@@ -1,0 +1,136 @@
+"""Property tests (hypothesis) of the public ops on every path: random shapes (B, T, D including 0 and 1),
+random lengths, forms, activations, normalisations, non-contiguous inputs; results equal
+``din_kernels/reference.py``; bad lengths and ids raise the documented error and leave the inputs as they
+were (issue 14, item 5). Example counts are small: the Triton path runs under the interpreter here."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import din_kernels as dk
+from din_kernels import reference
+
+from conftest import BACKENDS
+from test_attention_triton import assert_matches_reference, make_problem
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def _on_every_backend(check):
+    previous = dk.get_backend()
+    try:
+        for name in BACKENDS:
+            dk.set_backend(name)
+            check(name)
+    finally:
+        dk.set_backend(previous)
+
+
+@SETTINGS
+@given(batch=st.integers(0, 5), seq_len=st.integers(0, 8), dim=st.integers(1, 7),
+       hidden=st.sampled_from([(5,), (6, 3)]), form=st.sampled_from(["concat", "outer"]),
+       activation=st.sampled_from(["sigmoid", "relu", "prelu", "dice"]),
+       normalize=st.sampled_from(["none", "softmax"]), strided=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_attention_equals_the_reference(batch, seq_len, dim, hidden, form, activation, normalize, strided, seed):
+    torch.manual_seed(seed)
+    problem = make_problem(batch, seq_len, dim, hidden, form=form, activation=activation)
+    if strided:  # keys as a transposed view of a [B, D, T] tensor: not contiguous
+        problem["keys"] = problem["keys"].transpose(1, 2).contiguous().transpose(1, 2)
+    _on_every_backend(lambda name: assert_matches_reference(problem, form=form, activation=activation,
+                                                            normalize=normalize))
+
+
+@SETTINGS
+@given(batch=st.integers(1, 4), seq_len=st.integers(1, 6), bad=st.sampled_from([-1, 1]),
+       seed=st.integers(0, 2 ** 16))
+def test_attention_refuses_lengths_out_of_range_and_changes_nothing(batch, seq_len, bad, seed):
+    torch.manual_seed(seed)
+    problem = make_problem(batch, seq_len, 3, (4,))
+    lengths = problem["lengths"].clone()
+    lengths[-1] = -1 if bad < 0 else seq_len + 1
+    before = {k: problem[k].clone() for k in ("query", "keys")}
+
+    def check(name):
+        with pytest.raises(ValueError, match="lengths"):
+            dk.din_attention(problem["query"], problem["keys"], lengths, problem["weights"])
+        for key, value in before.items():
+            assert torch.equal(problem[key], value), (name, key)
+    _on_every_backend(check)
+
+
+@SETTINGS
+@given(rows=st.integers(0, 20), channels=st.integers(1, 9), training=st.booleans(), masked=st.booleans(),
+       per_channel=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_dice_equals_the_reference(rows, channels, training, masked, per_channel, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(rows, channels)
+    alpha = torch.rand(channels if per_channel else 1)
+    mask = torch.rand(1, rows) < 0.7 if masked else None
+    x3 = x[None] if masked else x  # the mask goes with the [B, T, C] form
+
+    def check(name):
+        got_stats = (0.1 * torch.ones(channels), torch.ones(channels))
+        want_stats = tuple(t.clone() for t in got_stats)
+        xg, xw = x3.clone().requires_grad_(), x3.clone().requires_grad_()
+        got = dk.dice(xg, alpha, *got_stats, training=training, mask=mask)
+        want = reference.dice(xw, alpha, *want_stats, training=training, mask=mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        for g, w in zip(got_stats, want_stats):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        if rows:
+            probe = torch.randn_like(got)
+            (gx,) = torch.autograd.grad(got, xg, probe)
+            (wx,) = torch.autograd.grad(want, xw, probe)
+            torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} dx: {m}")
+    _on_every_backend(check)
+
+
+@SETTINGS
+@given(num_rows=st.integers(1, 30), dim=st.integers(1, 9), ids=st.lists(st.integers(0, 29), max_size=40),
+       adagrad=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_mba_steps_equal_the_reference_and_refuse_bad_ids(num_rows, dim, ids, adagrad, seed):
+    torch.manual_seed(seed)
+    ids = torch.tensor([i % num_rows for i in ids], dtype=torch.long)
+    weight = torch.randn(num_rows, dim)
+    grad_rows = torch.randn(len(ids), dim)
+    inv_freq = torch.rand(num_rows) + 0.1
+    state = torch.rand(num_rows)
+
+    def check(name):
+        got, want = weight.clone(), weight.clone()
+        if adagrad:
+            got_state, want_state = state.clone(), state.clone()
+            dk.mba_adagrad_(got, got_state, ids, grad_rows, inv_freq, 0.1, 0.5)
+            reference.mba_adagrad_(want, want_state, ids, grad_rows, inv_freq, 0.1, 0.5)
+            torch.testing.assert_close(got_state, want_state, atol=1e-6, rtol=1e-5)
+        else:
+            dk.mba_sgd_(got, ids, grad_rows, inv_freq, 0.1, 0.5)
+            reference.mba_sgd_(want, ids, grad_rows, inv_freq, 0.1, 0.5)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        bad = torch.cat([ids, torch.tensor([num_rows])])
+        untouched = weight.clone()
+        with pytest.raises(IndexError, match="ids"):
+            dk.mba_sgd_(untouched, bad, torch.randn(len(bad), dim), inv_freq, 0.1, 0.5)
+        assert torch.equal(untouched, weight), name
+    _on_every_backend(check)
+
+
+def test_expanded_states_and_tables_are_refused_before_any_write():
+    """Tensors an op writes must own their elements: an expanded view is refused up front, on every path,
+    and nothing (the other statistic included) has been written."""
+    x = torch.randn(6, 4)
+    running_var = torch.ones(4)
+    expanded_mean = torch.zeros(1).expand(4)
+
+    def check(name):
+        with pytest.raises(ValueError, match="running_mean is updated in place"):
+            dk.dice(x, torch.rand(4), expanded_mean, running_var, training=True)
+        assert torch.equal(running_var, torch.ones(4)), name
+        table = torch.randn(1, 3).expand(5, 3)
+        with pytest.raises(ValueError, match="weight is updated in place"):
+            dk.mba_sgd_(table, torch.tensor([0, 2]), torch.randn(2, 3), torch.ones(5), 0.1, 0.5)
+        with pytest.raises(ValueError, match="state is updated in place"):
+            dk.mba_adagrad_(torch.randn(5, 3), torch.zeros(1).expand(5), torch.tensor([1]), torch.randn(1, 3),
+                            torch.ones(5), 0.1, 0.5)
+    _on_every_backend(check)
