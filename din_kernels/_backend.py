@@ -69,6 +69,17 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return runnable
 
 
+def select_path(tensor: torch.Tensor, *, cpp: bool) -> str:
+    """The one selection rule of every op: "triton", "cpp" or "torch" for an op on ``tensor``, where ``cpp``
+    says whether the op has a C++ path that takes this problem (dtype, shapes). Raises where the backend
+    set asks for a path that cannot run (``use_triton``, ``set_backend``)."""
+    if use_triton(tensor):
+        return "triton"
+    if cpp and use_cpu_extension(tensor):
+        return "cpp"
+    return "torch"
+
+
 def use_cpu_extension(tensor: torch.Tensor) -> bool:
     """True when an op with a C++ CPU path (the local activation unit) should run it on ``tensor``: a CPU
     tensor, the backend "cpp", or "auto" where Triton does not run, and the op built."""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import get_backend, interpreter_enabled, use_cpu_extension, use_triton
+from ._backend import get_backend, interpreter_enabled, select_path, use_cpu_extension
 from . import attention_torch
 from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
@@ -612,13 +612,14 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
 def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor]):
     """(forward, backward, path, reason) for this problem; every path honours one contract. CPU problems the
     Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op."""
-    triton_wanted = use_triton(keys)
+    path = select_path(keys, cpp=True)
+    triton_wanted = path == "triton"
     if triton_wanted and fused_supported(keys, weights):
         where = "CUDA" if keys.is_cuda else "the Triton interpreter"
         return attention_forward, attention_backward, "triton", f"fused Triton kernels on {where}"
     outside = (" (outside the fused kernels' coverage: 1-2 hidden layers of width <= 256, D <= 256, "
                "fp32/fp16/bf16, resident tiles <= 20480 elements)" if triton_wanted else "")
-    if use_cpu_extension(keys):
+    if path == "cpp" or (triton_wanted and use_cpu_extension(keys)):  # (Triton outside its coverage)
         return attention_cpu_forward, attention_cpu_backward, "cpp", "the C++ CPU op" + outside
     why = ("backend 'torch'" if get_backend() == "torch" else
            "CUDA tensors" + outside if keys.is_cuda else "the C++ CPU op is not available or switched off")

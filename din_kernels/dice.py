@@ -29,7 +29,7 @@ fixed-order sum merges them, ``_dice_bwd_dx_kernel`` is the elementwise dx pass.
 accumulation are fp32 for fp16/bf16/fp32 inputs (fp64 for fp64). Memory: nothing [N, C] is saved but x.
 
 On CPU (without the interpreter) the C++ op ``csrc/dice_cpu.cpp`` runs the same algebra, one pass a
-loop over a chunk of rows, for fp32/fp64 (``_dice_cpp_runs``); the torch composite path (the same algebra
+loop over a chunk of rows, for fp32/fp64 (``_dice_cpp_takes``); the torch composite path (the same algebra
 chunk by chunk with torch ops and a hand-written backward) is the fallback: other dtypes, no C++ op built,
 or ``set_backend("torch")``.
 """
@@ -43,7 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_extension
-from ._backend import use_cpu_extension, use_triton
+from ._backend import select_path
 from ._checks import check_dice_args
 from ._dtypes import accumulation_dtype
 
@@ -539,9 +539,9 @@ def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor
             running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
 
 
-def _dice_cpp_runs(x: Tensor, out_dtype: torch.dtype) -> bool:
-    """The C++ op takes fp32/fp64 CPU inputs whose result keeps x's dtype (parameters cast to it)."""
-    return x.dtype in (torch.float32, torch.float64) and out_dtype == x.dtype and use_cpu_extension(x)
+def _dice_cpp_takes(x: Tensor, out_dtype: torch.dtype) -> bool:
+    """The C++ op takes fp32/fp64 inputs whose result keeps x's dtype (parameters cast to it)."""
+    return x.dtype in (torch.float32, torch.float64) and out_dtype == x.dtype
 
 
 def _dice_forward_cpp(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -668,11 +668,11 @@ class DiceFunction(torch.autograd.Function):
         out_dtype = torch.result_type(x, alpha)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, torch.promote_types(weight.dtype, bias.dtype))
-        ctx.triton = use_triton(x)
+        path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
+        ctx.triton, ctx.cpp = path == "triton", path == "cpp"
         alpha_flat = alpha.reshape(-1).contiguous()
         if weight is not None:
             weight, bias = weight.contiguous(), bias.contiguous()
-        ctx.cpp = not ctx.triton and _dice_cpp_runs(x, out_dtype)
         if ctx.triton:
             y, mean, var, count = dice_forward(x, alpha_flat, weight, bias, running_mean, running_var, mask,
                                                training, momentum, eps, out_dtype)

@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._backend import use_triton
+from ._backend import select_path
 from ._dtypes import accumulation_dtype
 from ._checks import (
     check_ids,
@@ -255,7 +255,7 @@ def _penalised_rows_torch(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_fr
 def mba_embedding_forward(ids: Tensor, weight: Tensor) -> Tensor:
     """``weight[ids]``.  ids [...] -> [..., D]"""
     dim = weight.shape[1]
-    if not use_triton(weight):
+    if select_path(weight, cpp=False) != "triton":
         return weight.index_select(0, ids.reshape(-1).long()).view(*ids.shape, dim)
     flat = ids.reshape(-1).contiguous()  # reshape can return a strided view; the kernel reads ids[i] at i
     out = torch.empty(flat.numel(), dim, dtype=weight.dtype, device=weight.device)  # [K, D]
@@ -274,7 +274,7 @@ def mba_embedding_backward(grad_out: Tensor, ids: Tensor, weight: Tensor, inv_fr
     values = ``segment sums of grad_out + lam * inv_freq[j] * w_j`` in the table's dtype."""
     dim = weight.shape[1]
     grad_rows = grad_out.reshape(-1, dim)
-    if use_triton(weight):
+    if select_path(weight, cpp=False) == "triton":
         rows, values = _launch_update(_MODE_VALUES, weight, ids, grad_rows, inv_freq, 0.0, lam, 0.0, None,
                                       padding_idx)
     else:
@@ -290,7 +290,7 @@ def mba_update_(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor
     """In place: the MBA SGD step (``state is None``) or the row-wise Adagrad step over the unique ids."""
     if ids.numel() == 0:
         return weight
-    if use_triton(weight):
+    if select_path(weight, cpp=False) == "triton":
         _launch_update(_MODE_SGD if state is None else _MODE_ADAGRAD, weight, ids, grad_rows, inv_freq, lr, lam,
                        eps, state, padding_idx)
         # Triton's stores bypass autograd: bump the version counters as an in-place torch op would, so that a
