@@ -48,6 +48,7 @@ SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32
 TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
 TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Za-z0-9]+)*)")
 INTS = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"fp32": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
               "fp16": ("fp16", "tf32")}
 
@@ -99,8 +100,7 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
     name = fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", "")
     row = Row(name + (f" pass {backward_pass}" if backward_pass else ""), arch, precision, seq_len, dim,
               tuple(hidden), softmax)
-    keys = torch.empty(1, 1, dim, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                                          "fp16": torch.float16}[PRECISIONS[precision][0]])
+    keys = torch.empty(1, 1, dim, dtype=TORCH_DTYPES[PRECISIONS[precision][0]])
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
     if not A.fused_supported(keys, weights):
         row.note = "outside fused_supported: the composite path runs"
@@ -167,7 +167,7 @@ def report(quick: bool) -> List[Row]:
     for arch in (90, 80):
         for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
             for fn, backward in kernels:
-                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+                dtype = TORCH_DTYPES[PRECISIONS[precision][0]]
                 with _tf32(precision):
                     passes = A._backward_passes(dtype, hidden) if backward else (0,)
                 for backward_pass in passes:  # as the launcher runs them

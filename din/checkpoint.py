@@ -61,6 +61,8 @@ def run_lock(folder: PathLike) -> Iterator[Path]:
         with os.fdopen(handle, "w") as file:
             file.write(f"{os.getpid()}\n")
         break
+    else:  # taken again between our takeover and our retry: another run got there first
+        raise ValueError(f"{folder} is in use by another din run (its lock: {lock})")
     try:
         yield lock
     finally:

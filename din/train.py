@@ -281,12 +281,13 @@ def train(
         epoch_lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         seen, loss_sum = 0, 0.0
-        num_batches = len(split.train) // config.batch_size + (len(split.train) % config.batch_size > 1)
         # a last batch of one sample cannot train the head's BatchNorm (torch refuses one value per
         # channel): then that one sample of the epoch's shuffled order is left out
+        drop_last = len(split.train) % config.batch_size == 1
+        num_batches = len(split.train) // config.batch_size if drop_last else \
+            math.ceil(len(split.train) / config.batch_size)
         batches = split.train.batches(config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed * 1000 + epoch,
-                                      drop_last=len(split.train) % config.batch_size == 1)
+                                      seed=config.seed * 1000 + epoch, drop_last=drop_last)
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not config.progress, leave=False)
         for batch in bar:
