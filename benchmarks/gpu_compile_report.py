@@ -108,7 +108,7 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
     dtype, dot_precision = PRECISIONS[precision]
     block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(seq_len, dim, hidden, backward=backward,
                                                                      dot_precision=dot_precision)
-    consts = dict(ACT=A._ACT_CODES["sigmoid"], TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
+    consts = dict(**A._activation_constexprs("sigmoid"), TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
                   BLOCK_H2=block_h2, INTERPRETED=False)
     if backward:

@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 
 MODELS = ("din", "base")
 HEAD_ACTIVATIONS = ("dice", "prelu")
-ATTENTION_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice", "identity")
+ATTENTION_ACTIVATIONS = dk.ACTIVATIONS
 ATTENTION_NORMALIZE = ("none", "softmax")
 
 

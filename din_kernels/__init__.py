@@ -4,9 +4,10 @@ Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local a
 ``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU ops (local
 activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``;
 ``set_length_check("device")`` checks lengths without a host sync (CUDA graphs); ``explain(...)`` says which
-path a ``din_attention`` call takes and why.
+path a ``din_attention`` call takes and why; ``ACTIVATIONS`` names the local activation unit's activations.
 """
 from ._backend import get_backend, set_backend
+from .activations import ACTIVATIONS
 from ._checks import get_length_check, set_length_check
 from .attention import LocalActivationUnit, din_attention, explain
 from .cpu_extension import available as cpu_op_available
@@ -18,6 +19,7 @@ from .mba import MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding,
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVATIONS",
     "Dice",
     "LocalActivationUnit",
     "MBAEmbedding",

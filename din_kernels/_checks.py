@@ -11,10 +11,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .activations import ACTIVATIONS, activation_spec
+
 Tensor = torch.Tensor
 
 FORMS = ("concat", "outer")
-ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice", "identity")
 NORMALIZATIONS = ("none", "softmax")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -143,7 +144,8 @@ def check_attention_args(query, keys, lengths, weights, form, activation, normal
                          f"got shape {tuple(weights[-2].shape)}")
 
     hidden_widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
-    if activation in ("prelu", "dice"):
+    spec = activation_spec(activation)
+    if spec.has_alpha:
         if alphas is None or len(alphas) != len(hidden_widths):
             raise ValueError(f"activation={activation!r} needs alphas: one [H] tensor per hidden layer "
                              f"({len(hidden_widths)}), got {None if alphas is None else len(alphas)}")
@@ -151,7 +153,7 @@ def check_attention_args(query, keys, lengths, weights, form, activation, normal
             check_tensor(f"alphas[{layer}]", alpha, floating=True)
             if alpha.numel() not in (1, width):
                 raise ValueError(f"alphas[{layer}] must have 1 or {width} entries, got {alpha.numel()}")
-    if activation == "dice" and dice_stats is not None:
+    if spec.has_stats and dice_stats is not None:
         if len(dice_stats) != len(hidden_widths):
             raise ValueError(f"dice_stats must hold one (running_mean, running_var) per hidden layer "
                              f"({len(hidden_widths)}), got {len(dice_stats)}")

@@ -41,6 +41,7 @@ from . import attention_torch
 from .attention_cpu import attention_cpu_backward, attention_cpu_forward
 from .attention_torch import attention_torch_backward, attention_torch_forward, attention_torch_small
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_attention_args, check_choice
+from .activations import activation_spec
 from ._dtypes import accumulation_dtype
 from .dice import Dice
 
@@ -54,8 +55,6 @@ except ImportError:  # triton is optional (setup.py): without it only the compos
 Tensor = torch.Tensor
 _log = logging.getLogger("din_kernels")
 
-# Activation codes shared by the launchers and the kernels' ``ACT`` constexpr.
-_ACT_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
 _MAX_FUSED_WIDTH = 256  # hidden widths and D the kernels hold in registers
 # M_b [BD, BH1] and W2 [BH2, BH1] stay resident in a program, with same-sized gradient accumulators in the
 # backward, whose tl.dot operands are staged through shared memory. Compiled for sm_90a (ptxas, no GPU
@@ -71,8 +70,9 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _act_fwd(z, alpha, mean, rstd, ACT: tl.constexpr):
-    """h = act(z). prelu: ``where(z >= 0, z, alpha z)``; dice (eval): ``z (alpha + (1 - alpha) p)``,
-    ``p = sigmoid((z - mean) rstd)``. ``alpha``/``mean``/``rstd`` are [1, H] rows."""
+    """h = act(z) for ``ACT = ActivationSpec.code`` (``activations.py``: 0 identity, 1 sigmoid, 2 relu,
+    3 prelu ``where(z >= 0, z, alpha z)``, 4 dice (eval) ``z (alpha + (1 - alpha) p)``,
+    ``p = sigmoid((z - mean) rstd)``). ``alpha``/``mean``/``rstd`` are [1, H] rows."""
     if ACT == 0:
         h = z
     elif ACT == 1:
@@ -114,13 +114,14 @@ def _act_bwd(z, dh, alpha, mean, rstd, ACT: tl.constexpr):
 
 
 @triton.jit
-def _load_act_params(A, MU, RS, offs_h, mask_h, BLOCK_H: tl.constexpr, ACT: tl.constexpr):
+def _load_act_params(A, MU, RS, offs_h, mask_h, BLOCK_H: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                     HAS_STATS: tl.constexpr):
     """[1, H] rows of the activation's parameters (zeros where the activation has none)."""
-    if ACT >= 3:
+    if HAS_ALPHA:
         alpha = tl.load(A + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     else:
         alpha = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if ACT == 4:
+    if HAS_STATS:
         mean = tl.load(MU + offs_h, mask=mask_h, other=0.0).to(tl.float32)
         rstd = tl.load(RS + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     else:
@@ -155,7 +156,7 @@ def _din_attention_fwd_kernel(
     LSE,          # [B] fp32 (softmax only)
     T, D, H1, H2, scale,
     stride_kb, stride_kt,
-    ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -185,7 +186,7 @@ def _din_attention_fwd_kernel(
                  mask=mask_d[:, None] & mask_h1[None, :], other=0.0)
     m1 = _dot_operand(m1, OPERAND, INTERPRETED)  # [BD, BH1]
     u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
-    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
         mask_h2 = offs_h2 < H2
@@ -193,7 +194,7 @@ def _din_attention_fwd_kernel(
                       mask=mask_h1[:, None] & mask_h2[None, :], other=0.0)
         w2t = _dot_operand(w2t, OPERAND, INTERPRETED)  # [BH1, BH2]
         b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
-        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, HAS_ALPHA, HAS_STATS)
         wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)  # [BH2]
     else:
         wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)  # [BH1]
@@ -260,7 +261,7 @@ def _din_attention_bwd_kernel(
     DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
     T, D, H1, H2, scale,
     stride_kb, stride_kt,
-    ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     INTERPRETED: tl.constexpr, PASS: tl.constexpr,
 ):
@@ -290,7 +291,7 @@ def _din_attention_bwd_kernel(
     m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
     m1 = _dot_operand(m1, OPERAND, INTERPRETED)
     u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
-    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, ACT)
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
         mask_h2 = offs_h2 < H2
@@ -299,7 +300,7 @@ def _din_attention_bwd_kernel(
         w2 = _dot_operand(w2, OPERAND, INTERPRETED)
         w2t = tl.trans(w2)  # [BH1, BH2]
         b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
-        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, ACT)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, HAS_ALPHA, HAS_STATS)
         wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
         if PASS != 2:
             dw2 = tl.zeros([BLOCK_H2, BLOCK_H1], dtype=tl.float32)
@@ -372,7 +373,7 @@ def _din_attention_bwd_kernel(
                      mask=(offs[:, None] < T) & mask_d[None, :])
         tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
         tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
-        if ACT >= 3:
+        if HAS_ALPHA:
             tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
     if PASS != 2:
         tl.store(DBO + b, dbo)
@@ -380,7 +381,7 @@ def _din_attention_bwd_kernel(
             tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
             tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
             tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
-            if ACT >= 3:
+            if HAS_ALPHA:
                 tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
         else:
             tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
@@ -490,6 +491,14 @@ def _first_layer_backward(query: Tensor, w1: Tensor, du: Tensor, dm: Tensor, for
     return dq, dw1, du.sum(0)
 
 
+def _activation_constexprs(activation: str) -> dict:
+    """The kernels' activation constexprs: ``ACT`` (which formula), ``HAS_ALPHA``, ``HAS_STATS``."""
+    spec = activation_spec(activation)
+    if not spec.fused:  # (the plan sends it to the composite path)
+        raise ValueError(f"activation={activation!r} has no Triton kernel (activations.ACTIVATION_SPECS)")
+    return dict(ACT=spec.code, HAS_ALPHA=spec.has_alpha, HAS_STATS=spec.has_stats)
+
+
 def _act_params(alphas, dice_eval, eps: float, widths: Sequence[int], dummy: Tensor):
     """Per-layer (alpha [H], mean [H], rsqrt(var + eps) [H]) as contiguous tensors the kernel reads."""
     params = []
@@ -535,7 +544,8 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
         out, attn, lse,
         seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
         keys.stride(0), keys.stride(1),
-        ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax, DOT_PRECISION=_dot_precision(keys.dtype),
+        **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
+        DOT_PRECISION=_dot_precision(keys.dtype),
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
         INTERPRETED=interpreter_enabled(), num_warps=num_warps,
     )
@@ -564,7 +574,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     db2 = torch.empty(batch, h2, dtype=f32, device=device) if two else du
     dwo = torch.empty(batch, width_last, dtype=f32, device=device)
     dbo = torch.empty(batch, dtype=f32, device=device)
-    has_alpha = activation in ("prelu", "dice")
+    has_alpha = activation_spec(activation).has_alpha
     da1 = torch.empty(batch, h1, dtype=f32, device=device) if has_alpha else du
     da2 = torch.empty(batch, h2, dtype=f32, device=device) if has_alpha and two else du
     if batch > 0:
@@ -582,7 +592,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
                 attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
                 seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
                 keys.stride(0), keys.stride(1),
-                ACT=_ACT_CODES[activation], TWO_LAYERS=two, SOFTMAX=softmax,
+                **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
                 DOT_PRECISION=_dot_precision(keys.dtype),
                 BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
                 INTERPRETED=interpreter_enabled(), PASS=backward_pass, num_warps=num_warps,
@@ -609,9 +619,13 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
 # Custom op: picks the Triton or the composite launchers; autograd through the matching backward
 # ----------------------------------------------------------------------------------------------------------
 
-def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor]):
+def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid"):
     """(forward, backward, path, reason) for this problem; every path honours one contract. CPU problems the
-    Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op."""
+    Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op;
+    an activation without fused kernels (``ActivationSpec.fused``) the composite path."""
+    if not activation_spec(activation).fused:
+        return (attention_torch_forward, attention_torch_backward, "composite",
+                f"the torch composite path: activation {activation!r} has no fused kernels")
     path = select_path(keys, cpp=True)
     triton_wanted = path == "triton"
     if triton_wanted and fused_supported(keys, weights):
@@ -626,9 +640,9 @@ def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor]):
     return attention_torch_forward, attention_torch_backward, "composite", f"the torch composite path: {why}"
 
 
-def _launchers(keys: Tensor, weights: Sequence[Tensor]):
+def _launchers(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid"):
     """(forward, backward) launchers for this problem (``_launchers_and_reason``)."""
-    return _launchers_and_reason(keys, weights)[:2]
+    return _launchers_and_reason(keys, weights, activation)[:2]
 
 
 @dataclass
@@ -656,7 +670,7 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
     call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
     Dice in training mode its autograd pass through ``din_kernels.dice`` (under compilation: the reference,
     whose ops all trace)."""
-    if activation == "dice" and training and len(weights) > 2:
+    if activation_spec(activation).has_stats and training and len(weights) > 2:
         dice_pairs = list(zip(dice_means, dice_vars)) if dice_means else None
         if eager:
             return AttentionPlan("composite-autograd", "Dice in training mode: one autograd pass of the composite, "
@@ -669,7 +683,7 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
         weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]
         activation, alphas, dice_means = "identity", [], []
     dice_eval = list(zip(dice_means, dice_vars)) if dice_means else None
-    forward, backward, path, reason = _launchers_and_reason(keys, weights)
+    forward, backward, path, reason = _launchers_and_reason(keys, weights, activation)
     if eager and path == "composite" and keys.shape[0] * keys.shape[1] <= attention_torch.SMALL_POSITIONS:
         path, reason = "composite-small", reason + f"; B x T <= {attention_torch.SMALL_POSITIONS}: one autograd pass"
     return AttentionPlan(path, reason, forward, backward, weights, alphas or None, dice_eval, activation)
@@ -821,16 +835,17 @@ def _checked(query, keys, lengths, weights, form, activation, normalize, scale, 
     """Validated arguments: (lengths [B] int64, weights, alphas, dice means, dice variances) as lists."""
     lengths, weights = check_attention_args(query, keys, lengths, weights, form, activation, normalize,
                                             scale, alphas, dice_stats)
-    if not (activation == "dice" and training):
+    spec = activation_spec(activation)
+    if not (spec.has_stats and training):
         for name, group in (("alphas", alphas or ()), ("dice_stats", [t for p in dice_stats or () for t in p])):
             if any(t.device != keys.device for t in group):
                 raise ValueError(f"{name} must be on {keys.device} like keys")
-        if activation == "dice" and dice_stats is None and len(weights) > 2:
+        if spec.has_stats and dice_stats is None and len(weights) > 2:
             raise ValueError("activation='dice' in eval mode (training=False) needs dice_stats: one "
                              "(running_mean, running_var) pair per hidden layer")
-    alpha_list = list(alphas) if activation in ("prelu", "dice") and alphas is not None else []
-    means = [s[0] for s in dice_stats] if activation == "dice" and dice_stats is not None else []
-    variances = [s[1] for s in dice_stats] if activation == "dice" and dice_stats is not None else []
+    alpha_list = list(alphas) if spec.has_alpha and alphas is not None else []
+    means = [s[0] for s in dice_stats] if spec.has_stats and dice_stats is not None else []
+    variances = [s[1] for s in dice_stats] if spec.has_stats and dice_stats is not None else []
     return lengths.to(torch.int64).contiguous(), weights, alpha_list, means, variances
 
 
@@ -887,7 +902,7 @@ def din_attention(
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
                                                               normalize, scale, alphas, dice_stats, training)
     if torch.compiler.is_compiling():
-        if activation == "dice" and training:
+        if activation_spec(activation).has_stats and training:
             plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=True)
         else:
             scale = None if scale is None else float(scale)

@@ -33,9 +33,6 @@ Tensor = torch.Tensor
 
 __all__ = ["attention_cpu_forward", "attention_cpu_backward"]
 
-# Activation codes of the C++ op (``enum Activation`` in csrc/attention_cpu.cpp).
-_ACTIVATION_CODES = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
-
 # Activations the forward may keep for the backward, in floats per call (``kept=``): 64 MB in fp32, which
 # holds a whole DIN training call (B=256, T=50: 1.5 M floats with hidden (80, 40)) and B=1024, T=100 with
 # every history full (12.3 M); larger calls keep their first blocks and recompute the rest. Skipping the
@@ -86,16 +83,18 @@ class _Arguments:
         self.first = _FirstLayer(weights[0], weights[1], dim, form, dtype)
         widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
         self.act = _Activation(activation, alphas, dice_eval, eps, widths, dtype, keys.device)
+        if not self.act.spec.fused:  # (the plan sends it to the composite path)
+            raise ValueError(f"activation={activation!r} has no C++ kernel (activations.ACTIVATION_SPECS)")
         mq = self.first.wd_t if form == "concat" else self.first.wo_p
         self.tensors = [self.first.w_u.contiguous(), self.first.b1.contiguous(), self.first.m_base.contiguous(),
                         mq.contiguous(), form == "outer",
                         [weights[i].to(dtype).contiguous() for i in range(2, len(weights) - 2, 2)],
                         [weights[i + 1].to(dtype).contiguous() for i in range(2, len(weights) - 2, 2)],
                         weights[-2].to(dtype).reshape(-1).contiguous(), weights[-1].to(dtype).reshape(1),
-                        _ACTIVATION_CODES[activation],
-                        [a.contiguous() for a in self.act.alphas] if activation in ("prelu", "dice") else [],
-                        [m.contiguous() for m, _ in self.act.dice] if activation == "dice" else [],
-                        [r.contiguous() for _, r in self.act.dice] if activation == "dice" else []]
+                        self.act.spec.code,
+                        [a.contiguous() for a in self.act.alphas] if self.act.spec.has_alpha else [],
+                        [m.contiguous() for m, _ in self.act.dice] if self.act.spec.has_stats else [],
+                        [r.contiguous() for _, r in self.act.dice] if self.act.spec.has_stats else []]
         self.widths = widths
 
 
@@ -116,7 +115,7 @@ def attention_cpu_forward(
     saved = _NOTHING_KEPT[args.dtype]
     if kept is not None:
         needed = ops.attention_saved_floats(lengths, keys.shape[2], form == "outer", args.widths,
-                                            _ACTIVATION_CODES[activation])
+                                            args.act.spec.code)
         wanted = min(needed, KEEP_FLOATS)
         saved = _BUFFERS.take(wanted, args.dtype) if wanted else saved
         # the arguments too: rebuilding them costs the backward ~45 us (a DIN step's call: ~1%); the weights
@@ -166,7 +165,7 @@ def attention_cpu_backward(
     d_weights += [grads[slot].view_as(weights[-2]).to(weights[-2].dtype),
                   grads[slot + 1].view_as(weights[-1]).to(weights[-1].dtype)]
     d_alphas = None
-    if alphas is not None and activation in ("prelu", "dice"):
+    if alphas is not None and args.act.spec.has_alpha:
         args.act.alpha_grads = list(grads[slot + 2:slot + 2 + layers])
         d_alphas = args.act.alpha_grads_like(alphas)
     return d_query.to(query.dtype), d_keys.to(keys.dtype), tuple(d_weights), d_alphas

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_choice
+from .activations import activation_spec
 from ._dtypes import accumulation_dtype
 from .dice import dice as dice_op
 
@@ -256,79 +257,50 @@ class _FirstLayer:
 
 
 class _Activation:
-    """Hidden-layer activation with a forward that works in place and a fused backward.
+    """A hidden layer's activation on the chunked path: the entry of ``activations.ACTIVATION_SPECS`` (math
+    there) with its per-layer parameters in the compute dtype, and the alpha gradients summed over chunks.
 
-    ``forward(z)`` returns ``(h, saved)``: ``saved`` is what ``backward`` needs (h itself for sigmoid/relu,
-    z for prelu/dice, nothing for identity). ``backward(dh, saved, layer)`` turns ``dh`` into ``dz`` in
-    place and accumulates ``dalpha``.
-        sigmoid: dz = dh * h * (1 - h)            relu: dz = dh * (h > 0)
-        prelu:   dz = dh * (z >= 0 ? 1 : a),       da = sum dh * z * (z < 0)
-        dice:    p = sigmoid((z - m) * r), r = 1/sqrt(v + eps), f = z * (a + (1 - a) p)
-                 dz = dh * (a + (1 - a) * (p + z * p * (1 - p) * r)),   da = sum dh * z * (1 - p)
+    ``forward(z, layer, keep)`` returns ``(h, saved)``, working in place where it can: ``saved`` is what
+    ``backward`` needs (h for sigmoid/relu/tanh, z for prelu/dice when ``keep``, nothing for identity).
+    ``backward(dh, saved, layer)`` turns ``dh`` into ``dz`` in place and accumulates ``dalpha``.
     """
 
     def __init__(self, kind: str, alphas, dice_eval, eps: float, widths: Sequence[int], dtype, device):
         self.kind = kind
+        self.spec = spec = activation_spec(kind)
         self.alphas: List[Optional[Tensor]] = [None] * len(widths)
         self.alpha_grads: List[Optional[Tensor]] = [None] * len(widths)
         self.alpha_full: List[bool] = [True] * len(widths)
-        self.dice: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(widths)
-        if kind in ("prelu", "dice"):
+        self.dice: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(widths)  # (mean, rstd) per layer
+        if spec.has_alpha:
             for layer, width in enumerate(widths):
                 alpha = alphas[layer].reshape(-1).to(dtype)
                 self.alpha_full[layer] = alpha.numel() == width
                 self.alphas[layer] = alpha.expand(width)
                 self.alpha_grads[layer] = torch.zeros(width, dtype=dtype, device=device)
-        if kind == "dice":
+        if spec.has_stats:
             for layer in range(len(widths)):
                 mean, var = dice_eval[layer]
                 self.dice[layer] = (mean.to(dtype), torch.rsqrt(var.to(dtype) + eps))
 
     def forward(self, z: Tensor, layer: int, keep: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        kind = self.kind
-        if kind == "sigmoid":
-            h = z.sigmoid_()
-            return h, h
-        if kind == "relu":
-            h = z.relu_()
-            return h, h
-        if kind == "identity":
-            return z, None
-        alpha = self.alphas[layer]
-        if kind == "prelu":
-            h = torch.where(z >= 0, z, z * alpha)
-            return h, (z if keep else None)
-        mean, rstd = self.dice[layer]
-        p = torch.sigmoid((z - mean) * rstd)
-        # f = z * (a + (1 - a) p) = z * (p + a (1 - p))
-        h = p.mul_(1.0 - alpha).add_(alpha).mul_(z)
-        return h, (z if keep else None)
+        spec = self.spec
+        mean, rstd = self.dice[layer] if spec.has_stats else (None, None)
+        if spec.saves == "input":
+            return spec.forward_(z, self.alphas[layer], mean, rstd), (z if keep else None)
+        h = spec.forward_(z, self.alphas[layer], mean, rstd)
+        return h, (h if spec.saves == "output" else None)
 
     def backward(self, dh: Tensor, saved: Optional[Tensor], layer: int) -> Tensor:
-        kind = self.kind
-        if kind == "sigmoid":
-            # dh * h * (1 - h): aten's fused kernel, one pass, written into dh
-            return torch.ops.aten.sigmoid_backward.grad_input(dh, saved, grad_input=dh)
-        if kind == "relu":
-            return torch.ops.aten.threshold_backward.grad_input(dh, saved, 0.0, grad_input=dh)
-        if kind == "identity":
-            return dh
-        z, alpha = saved, self.alphas[layer]
-        if kind == "prelu":
-            negative = z < 0
-            self.alpha_grads[layer] += (dh * z).masked_fill_(~negative, 0).sum(0)
-            return dh.mul_(torch.where(negative, alpha, torch.ones_like(alpha)))
-        mean, rstd = self.dice[layer]
-        p = torch.sigmoid((z - mean) * rstd)
-        one_minus_p = 1.0 - p
-        dz_gate = dh * z  # [n, H]
-        self.alpha_grads[layer] += (dz_gate * one_minus_p).sum(0)
-        # (1 - a) * (p + z p (1 - p) r) + a
-        slope = (z * one_minus_p).mul_(rstd).add_(1.0).mul_(p).mul_(1.0 - alpha).add_(alpha)
-        return dh.mul_(slope)
+        spec = self.spec
+        mean, rstd = self.dice[layer] if spec.has_stats else (None, None)
+        dz, dalpha = spec.backward_(dh, saved, self.alphas[layer], mean, rstd)
+        if dalpha is not None:
+            self.alpha_grads[layer] += dalpha
+        return dz
 
     def alpha_grads_like(self, alphas) -> Optional[Tuple[Tensor, ...]]:
-        if self.kind not in ("prelu", "dice"):
+        if not self.spec.has_alpha:
             return None
         grads = []
         for layer, alpha in enumerate(alphas):
@@ -431,7 +403,7 @@ class _MLP:
     def kept_floats(self, rows: int, length: int) -> int:
         """Floats that ``scores(..., keep=True, fresh=True)`` allocates for a chunk of ``rows`` x ``length``."""
         positions = rows * length
-        saved = 2 if self.act.kind in ("prelu", "dice") else 1  # their backward needs z besides h
+        saved = 2 if self.act.spec.saves == "input" else 1  # (a backward that needs z keeps it besides h)
         if self.first.per_position(length):
             first = positions * 2 * self.first.dim  # [k, k * q_b]
         else:
@@ -519,22 +491,6 @@ def _normalize_(scores: Tensor, lengths: Tensor, normalize: str, scale: Optional
     return scores.sub_(lse[:, None]).exp_(), lse
 
 
-def _activate(z: Tensor, kind: str, alpha: Optional[Tensor], dice_eval: Optional[Tuple[Tensor, Tensor]],
-              eps: float) -> Tensor:
-    """A hidden layer's activation as plain differentiable torch ops (the formulas of ``_Activation``)."""
-    if kind == "sigmoid":
-        return torch.sigmoid(z)
-    if kind == "relu":
-        return torch.relu(z)
-    if kind == "identity":
-        return z
-    if kind == "prelu":
-        return torch.where(z >= 0, z, z * alpha)
-    mean, var = dice_eval
-    p = torch.sigmoid((z - mean) * torch.rsqrt(var + eps))
-    return z * (alpha + (1.0 - alpha) * p)
-
-
 def attention_torch_small(
     query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
@@ -590,18 +546,22 @@ def attention_torch_small(
         m = w1[:, dim:2 * dim].t() + torch.einsum("ba,hac->bch", q, wo)  # M_b [B, D, H1]
         z = torch.bmm(k, m)  # [B, T, H1]
     widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
+    spec = activation_spec(activation)
     h = z + u[:, None, :] if packed is None else (z + u)[:, 0]  # [B, T, H1] or [P, H1]
     for layer in range(len(widths)):
         if layer:
             h = F.linear(h, weights[2 * layer].to(dtype), weights[2 * layer + 1].to(dtype))
-        alpha = alphas[layer].to(dtype) if activation in ("prelu", "dice") else None
+        alpha = alphas[layer].to(dtype) if spec.has_alpha else None
         if dice_training is not None:
             running_mean, running_var = dice_eval[layer]
             h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
                         mask=~invalid if packed is None else None)
             continue
-        stats = tuple(t.to(dtype) for t in dice_eval[layer]) if activation == "dice" else None
-        h = _activate(h, activation, alpha, stats, eps)  # [B, T, H_l]
+        mean, rstd = (None, None)
+        if spec.has_stats:
+            mean, var = (t.to(dtype) for t in dice_eval[layer])
+            rstd = torch.rsqrt(var + eps)
+        h = spec.apply(h, alpha, mean, rstd)  # [B, T, H_l]
     scores = F.linear(h, weights[-2].to(dtype), weights[-1].to(dtype)).squeeze(-1)  # [B, T] (or [P])
     if packed is not None:
         scores = scores.new_zeros(batch * max_len).index_copy(0, packed, scores).view(batch, max_len)
@@ -625,9 +585,10 @@ def _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize
     if len(weights) % 2 or hidden < 1:
         raise ValueError(f"weights must be (w1, b1, [w2, b2, ...], w_out, b_out) with at least one hidden "
                          f"layer, got {len(weights)} tensors")
-    if activation in ("prelu", "dice") and (alphas is None or len(alphas) != hidden):
+    spec = activation_spec(activation)
+    if spec.has_alpha and (alphas is None or len(alphas) != hidden):
         raise ValueError(f"activation={activation!r} needs alphas, one per hidden layer ({hidden})")
-    if activation == "dice" and (dice_eval is None or len(dice_eval) != hidden):
+    if spec.has_stats and (dice_eval is None or len(dice_eval) != hidden):
         raise ValueError(f"activation='dice' needs dice_eval: (running_mean, running_var) per hidden layer "
                          f"({hidden}); the composite path runs Dice in eval mode only")
 

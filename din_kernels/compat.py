@@ -9,8 +9,9 @@ CUDA, the hand-written composite on CPU) instead of materialising the ``[B, T, 4
     layer = AttentionSequencePoolingLayer.from_deepctr(deepctr_layer)                   # copies weights
     pooled = layer(query [B, 1, E], keys [B, T, E], keys_length [B, 1])                 # -> [B, 1, E]
 
-Paths. sigmoid / relu / prelu / linear scoring with a prefix mask (``keys_length``, or a ``mask`` whose
-valid positions come first) and ``return_score=False`` runs ``din_kernels.din_attention``. Three cases run
+Paths. sigmoid / relu / prelu / linear scoring (or the classes ``nn.Sigmoid``, ``nn.ReLU``, ``nn.Tanh``,
+``nn.Identity``) with a prefix mask (``keys_length``, or a ``mask`` whose valid positions come first) and
+``return_score=False`` runs ``din_kernels.din_attention``. Three cases run
 an autograd composite of the same algebra instead (still no ``[B, T, 4E]`` tensor): ``att_activation="dice"``
 (DeepCTR's Dice is a BatchNorm with an affine map inside the sigmoid, statistics over every position,
 padding included, which ``din_attention``'s Dice does not model), ``return_score=True`` (the returned
@@ -42,6 +43,8 @@ Tensor = torch.Tensor
 __all__ = ["AttentionSequencePoolingLayer"]
 
 _ACTIVATIONS = {"sigmoid": "sigmoid", "relu": "relu", "prelu": "prelu", "dice": "dice", "linear": "identity"}
+# parameter-free module classes din_attention computes itself (other classes run as modules: composite)
+_MODULE_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.Tanh: "tanh", nn.Identity: "identity"}
 
 
 class Dice(nn.Module):
@@ -122,7 +125,8 @@ class AttentionSequencePoolingLayer(nn.Module):
 
     Arguments as DeepCTR-Torch 0.3.0: ``att_hidden_units`` (widths of the scoring MLP), ``att_activation``
     ("sigmoid", "dice", "relu", "prelu", "linear", case-insensitive, or an ``nn.Module`` class such as
-    ``nn.Tanh``, instantiated once per hidden layer and run by the composite path), ``weight_normalization`` (softmax over
+    ``nn.Tanh``, instantiated once per hidden layer; ``nn.Sigmoid``, ``nn.ReLU``, ``nn.Tanh`` and ``nn.Identity``
+    run on ``din_attention``, any other class by the composite path), ``weight_normalization`` (softmax over
     the valid positions instead of raw scores), ``return_score`` (return the [B, 1, T] weights instead of
     the pooled vector), ``supports_masking`` (take the valid positions from ``mask`` [B, T] instead of
     ``keys_length``), ``embedding_dim``. Extra keyword arguments are accepted and ignored, as DeepCTR does.
@@ -212,7 +216,10 @@ class AttentionSequencePoolingLayer(nn.Module):
                 lengths = lengths.ceil()  # DeepCTR keeps t < length: 2.5 keeps 0, 1, 2; 2.0 keeps 0, 1
             lengths = lengths.to(torch.int64).clamp(0, max_len)
             valid, prefix = None, True
-        activation = _ACTIVATIONS.get(self.att_activation, "module")  # (a module class: composite)
+        if isinstance(self.att_activation, type):
+            activation = _MODULE_ACTIVATIONS.get(self.att_activation, "module")  # (other classes: composite)
+        else:
+            activation = _ACTIVATIONS[self.att_activation]
         if prefix and activation not in ("dice", "module") and not self.return_score:
             alphas = None
             if activation == "prelu":

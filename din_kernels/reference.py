@@ -115,6 +115,8 @@ def _hidden_activation(
         return torch.relu(h)
     if activation == "identity":
         return h
+    if activation == "tanh":
+        return torch.tanh(h)
     if activation == "prelu":
         alpha = alphas[layer]
         return torch.where(h >= 0, h, alpha * h)

@@ -36,7 +36,7 @@ def args():
     (dict(lengths=torch.tensor([5, 0])), ValueError, "lengths"),
     (dict(weights="w1"), TypeError, r"weights\[0\]"),
     (dict(form="inner"), ValueError, "form"),
-    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(activation="swish"), ValueError, "activation"),
     (dict(normalize="sum"), ValueError, "normalize"),
     (dict(scale=float("nan")), ValueError, "scale"),
     (dict(activation="prelu"), ValueError, "alphas"),

@@ -139,6 +139,17 @@ def test_matches_reference(form, activation, normalize, scale, path):
     assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=scale), path=path)
 
 
+@pytest.mark.parametrize("path", ["chunked", "small"])
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+@pytest.mark.parametrize("form", FORMS)
+def test_an_activation_without_fused_kernels_runs_on_the_composite_paths(form, normalize, path):
+    # tanh: a registry entry without a kernel code, so only the composite paths take it
+    problem = make_problem(6, 9, 5, (8, 4), form=form, activation="tanh", lengths=[9, 0, 3, 1, 7, 9])
+    assert_matches(problem, dict(form=form, activation="tanh", normalize=normalize, scale=None), path=path)
+    with pytest.raises(ValueError, match="no C\\+\\+ kernel"):
+        cpp(*problem, torch.randn(6, 5), form=form, activation="tanh", normalize=normalize, scale=None)
+
+
 @pytest.mark.parametrize("batch,seq_len,dim,hidden,lengths", [
     (1, 1, 1, (2,), [1]),                    # smallest everything
     (1, 1, 3, (4, 3), [0]),                  # a single empty history
@@ -328,7 +339,7 @@ def test_launcher_rejects_bad_options():
         return at.attention_torch_forward(query, keys, lengths, weights, alphas, dice_eval, 1e-8,
                                           **{**options, **change})
 
-    for change, match in [(dict(activation="tanh"), "activation"), (dict(form="dot"), "form"),
+    for change, match in [(dict(activation="swish"), "activation"), (dict(form="dot"), "form"),
                           (dict(normalize="sum"), "normalize"), (dict(activation="prelu"), "alphas"),
                           (dict(activation="dice", alphas=(torch.zeros(3),)), "dice_eval"),
                           (dict(weights=weights[-2:]), "hidden layer")]:

@@ -182,13 +182,14 @@ def test_numpy_integers_are_accepted():
         AttentionSequencePoolingLayer(embedding_dim=True)
 
 
+@pytest.mark.parametrize("module_class", [torch.nn.Tanh, torch.nn.SiLU])  # din_attention's "tanh"; composite
 @pytest.mark.parametrize("weight_normalization", [False, True])
-def test_module_class_activation_matches_deepctr(weight_normalization):
-    theirs, ours = pair(att_hidden_units=(8, 4), att_activation=torch.nn.Tanh,
+def test_module_class_activation_matches_deepctr(weight_normalization, module_class):
+    theirs, ours = pair(att_hidden_units=(8, 4), att_activation=module_class,
                         weight_normalization=weight_normalization)
-    assert isinstance(ours.local_att.dnn.activation_layers[0], torch.nn.Tanh)
+    assert isinstance(ours.local_att.dnn.activation_layers[0], module_class)
     assert_same(theirs, ours, *inputs())
-    direct = AttentionSequencePoolingLayer(att_hidden_units=(8, 4), att_activation=torch.nn.Tanh,
+    direct = AttentionSequencePoolingLayer(att_hidden_units=(8, 4), att_activation=module_class,
                                            weight_normalization=weight_normalization, embedding_dim=EMB)
     direct.load_state_dict(theirs.state_dict())
     assert_same(theirs, direct, *inputs())

@@ -55,7 +55,7 @@ def test_default_init_is_normal_1e4_on_every_table_mba_included():
 
 @pytest.mark.parametrize("field, value", [("embedding_init", "xavier"), ("embedding_init_std", 0.0),
                                           ("embedding_init_std", float("nan")), ("hidden_units", ()),
-                                          ("attention_units", (80, 0)), ("attention_activation", "tanh"),
+                                          ("attention_units", (80, 0)), ("attention_activation", "swish"),
                                           ("user_dim", 0)])
 def test_bad_model_shape_or_init_raises(field, value):
     with pytest.raises(ValueError, match=field):

@@ -26,8 +26,8 @@
 // recomputes the others. Weight gradients are summed per block, then over blocks in block
 // order, so results do not depend on the number of threads or on which thread took which block.
 //
-// Activations (codes shared with attention_cpu.py): 0 identity, 1 sigmoid, 2 relu, 3 prelu, 4 dice (eval:
-// running statistics, f(z) = z (a + (1 - a) p), p = sigmoid((z - mean) rstd)).
+// Activations (codes: ActivationSpec.code in din_kernels/activations.py): 0 identity, 1 sigmoid, 2 relu, 3 prelu,
+// 4 dice (eval: running statistics, f(z) = z (a + (1 - a) p), p = sigmoid((z - mean) rstd)).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
