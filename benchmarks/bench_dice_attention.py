@@ -64,8 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     dk.set_cpu_threads(args.threads)
-    print(f"| threads | case | din_kernels ms | reference ms | deepctr ms | reference / din_kernels | "
-          f"deepctr / din_kernels |\n|" + " --- |" * 7)
+    print("| threads | case | din_kernels ms | reference ms | deepctr ms | reference / din_kernels | "
+          "deepctr / din_kernels |\n|" + " --- |" * 7)
     for name in args.cases.split(","):
         case = Case.parse(name)
         calls = steps(Problem(case))

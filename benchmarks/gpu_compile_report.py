@@ -24,7 +24,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import importlib  # noqa: E402
 import itertools  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -41,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from din_kernels import attention as A  # noqa: E402
+from din_kernels.testing import attention_fused as A  # noqa: E402
 
 # per SM: registers, shared memory a block may use, resident threads, resident blocks
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
@@ -192,7 +191,7 @@ def other_kernels(arch: int, quick: bool) -> List[Row]:
     without a padding mask, merge, forward, both backward kernels) and the MBA kernels (lookup and update in
     each mode, D=18 and 64), at the launch configurations their launchers pick on a 132-SM GPU."""
     # (by module path: the package's ``dice`` and ``mba`` names are its functions)
-    Dice, MBA = importlib.import_module("din_kernels.dice"), importlib.import_module("din_kernels.mba")
+    from din_kernels.testing import dice_module as Dice, mba_module as MBA
 
     rows = []
     dice_sizes = [(2048, 200)] if quick else [(2048, 200), (2048, 80)]

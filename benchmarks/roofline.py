@@ -2,7 +2,7 @@
 
     python benchmarks/roofline.py [--batch 2048 --seq-len 200 --dim 64 --hidden 80,40 --fill 1.0]
 
-No GPU is involved: the counts follow the kernels in ``din_kernels/attention.py`` (the tiles
+No GPU is involved: the counts follow the kernels in ``din_kernels/attention/fused.py`` (the tiles
 ``_block_sizes`` picks, padded to powers of two as ``tl.dot`` runs them, and the useful work inside
 them; the backward's passes as ``_backward_passes`` launches them, with torch's TF32 switch off for
 "fp32"), over ``fill * T`` valid positions per row. Floors: bytes over 4.3 TB/s (an H200's HBM3e is 4.8 TB/s
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from din_kernels import attention as A  # noqa: E402
+from din_kernels.testing import attention_fused as A  # noqa: E402
 
 BANDWIDTH = 4.3e12  # bytes/s
 PEAK = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}  # FLOP/s, dense

@@ -115,7 +115,8 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_positive_float, default=1e-3,
                         help="learning rate of every optimiser (the MBA tables' included)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                        help="dense optimiser; with --mba-lambda the tables' MBA update follows it")
+                        help="dense optimiser; with --mba-lambda the tables' MBA update follows it (sgd, "
+                             "adagrad: fused into the tables' backward, row-wise; adam: SparseAdam)")
     parser.add_argument("--attention-normalize", choices=("softmax", "none"), default="softmax",
                         help="'softmax' (default) over the valid positions with scale D**-0.5, as the official "
                              "code; 'none' keeps the weights' sum as interest intensity, as the paper's text. "

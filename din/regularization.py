@@ -34,7 +34,7 @@ class EmbeddingSetup:
 
 
 def _mba_table(counts, dim: int, lam: float, optimizer: str, lr: float) -> dk.MBAEmbedding:
-    fused = optimizer if optimizer in ("sgd", "adagrad") else None
+    fused = optimizer if optimizer in dk.MBA_OPTIMIZERS else None  # (adam: SparseAdam on the sparse gradient)
     return dk.MBAEmbedding(len(counts), dim, torch.as_tensor(counts), lam, optimizer=fused, lr=lr, padding_idx=0)
 
 

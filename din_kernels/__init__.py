@@ -4,7 +4,8 @@ Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local a
 ``dice`` / ``Dice``, the MBA regularisation ops, ``set_backend``, and for the C++ CPU ops (local
 activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``;
 ``set_length_check("device")`` checks lengths without a host sync (CUDA graphs); ``explain(...)`` says which
-path a ``din_attention`` call takes and why; ``ACTIVATIONS`` names the local activation unit's activations.
+path a ``din_attention`` call takes and why; ``ACTIVATIONS`` names the local activation unit's activations,
+``MBA_OPTIMIZERS`` the optimizers ``MBAEmbedding`` fuses into its backward.
 """
 from ._backend import get_backend, set_backend
 from .activations import ACTIVATIONS
@@ -14,12 +15,13 @@ from .cpu_extension import available as cpu_op_available
 from .cpu_extension import get_num_threads as get_cpu_threads
 from .cpu_extension import set_num_threads as set_cpu_threads
 from .dice import Dice, dice
-from .mba import MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
+from .mba import MBA_OPTIMIZERS, MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "MBA_OPTIMIZERS",
     "Dice",
     "LocalActivationUnit",
     "MBAEmbedding",

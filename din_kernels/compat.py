@@ -31,11 +31,11 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .dice import dice as dice_op
 from .attention import din_attention
+from .attention.first_layer import FirstLayer
 from .reference import valid_mask
 
 Tensor = torch.Tensor
@@ -236,12 +236,9 @@ class AttentionSequencePoolingLayer(nn.Module):
         """Autograd composite of the same algebra (z1 = u_b + k M_b), any mask, DeepCTR's modules for the
         activations (Dice included). query [B, E], keys [B, T, E], valid [B, T] bool."""
         dnn = self.local_att.dnn
-        dim = self.embedding_dim
-        first = dnn.linears[0]
-        wa, wb, wc, wd = first.weight.split(dim, dim=1)  # [H1, E] each
-        u = F.linear(query, wa + wc, first.bias)  # [B, H1]
-        m = torch.addcmul((wb - wc).t(), query[:, :, None], wd.t())  # [B, E, H1]
-        h = torch.baddbmm(u[:, None, :], keys, m)  # [B, T, H1]
+        linear = dnn.linears[0]
+        first = FirstLayer(linear.weight, linear.bias, self.embedding_dim, "concat", linear.weight.dtype)
+        h = torch.baddbmm(first.u(query)[:, None, :], keys, first.m(query))  # [B, T, H1]
         h = dnn.activation_layers[0](h)
         for linear, act in zip(list(dnn.linears)[1:], list(dnn.activation_layers)[1:]):
             h = act(linear(h))

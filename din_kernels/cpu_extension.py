@@ -6,7 +6,7 @@ headers, no ninja: one ``c++`` command) into a cache folder, then loaded with ``
 ``make setup`` builds it (``python -m din_kernels.build``); elsewhere the first CPU call builds it
 (10-60 s, said on stderr) and every later process loads the cached file. Where it cannot be built
 (no compiler, a torch without the BLAS symbols it calls, a build error), din_kernels warns once and runs
-the Python composite path (``attention_torch.py``) instead: same results, slower under load.
+the Python composite path (``attention/composite.py``) instead: same results, slower under load.
 
 Environment:
     DIN_KERNELS_CPU_EXTENSION=0   never build or load it (the Python composite path runs)

@@ -33,7 +33,8 @@ would silently write someone else's memory.
 from __future__ import annotations
 
 import types
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -60,7 +61,26 @@ except ImportError:  # triton is optional (setup.py): without it only the torch 
 Tensor = torch.Tensor
 
 _MODE_VALUES, _MODE_SGD, _MODE_ADAGRAD = 0, 1, 2  # the update kernel's MODE constexpr
-OPTIMIZERS = (None, "sgd", "adagrad")
+
+
+@dataclass(frozen=True)
+class MBAOptimizerSpec:
+    """A row-wise optimizer the MBA update runs fused inside backward. As FBGEMM's TBE separates the optimizer
+    type from the weight-decay mode, the spec names the type: its kernel ``mode`` and its state (``row_state``:
+    one accumulator per row, [N] in the table's accumulation dtype); the weight decay is MBA's
+    frequency-scaled L2, ``g'_j = g_j + lam * inv_freq[j] * w_j``, the same for every type. Adding one: an
+    entry here, a ``MODE`` branch in ``_mba_update_kernel`` and ``mba_update_``'s torch path."""
+    name: str
+    mode: int
+    row_state: bool
+
+
+#: the fused optimizers of ``MBAEmbedding(optimizer=...)``, by name
+MBA_OPTIMIZERS: Dict[str, MBAOptimizerSpec] = {spec.name: spec for spec in (
+    MBAOptimizerSpec("sgd", _MODE_SGD, row_state=False),
+    MBAOptimizerSpec("adagrad", _MODE_ADAGRAD, row_state=True),
+)}
+OPTIMIZERS = (None, *MBA_OPTIMIZERS)  # None: no fused optimizer, a sparse gradient instead
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,7 +470,8 @@ class MBAEmbedding(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be None, 'sgd' or 'adagrad', got {optimizer!r}")
+            raise ValueError(f"optimizer must be None or one of {', '.join(map(repr, MBA_OPTIMIZERS))}, "
+                             f"got {optimizer!r}")
         if isinstance(padding_idx, int) and not isinstance(padding_idx, bool) and padding_idx < 0:
             padding_idx += num_embeddings  # nn.Embedding's convention
         self.padding_idx = _check_padding_idx(padding_idx, num_embeddings)
@@ -464,7 +485,7 @@ class MBAEmbedding(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(frequencies).to(self.weight.device))
         # the Adagrad state in the table's accumulation dtype (fp32; fp64 for an fp64 table)
         state = (torch.zeros(num_embeddings, device=device, dtype=accumulation_dtype(self.weight.dtype))
-                 if optimizer == "adagrad" else None)
+                 if optimizer is not None and MBA_OPTIMIZERS[optimizer].row_state else None)
         self.register_buffer("state", state)
         self.reset_parameters()
 

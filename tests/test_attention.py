@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import din_kernels as dk
-from din_kernels import attention_torch, reference
+from din_kernels import reference
+from din_kernels.testing import ATTENTION_LAUNCHERS, attention_function, attention_plan, attention_small
+from din_kernels.testing import attention_small_module
 
 from conftest import BACKENDS
 
@@ -210,7 +212,7 @@ def test_opcheck(backend, activation, normalize):
 def test_eager_function_matches_the_custom_op(monkeypatch, backend, activation, normalize):
     """Eager calls go through DinAttentionFunction, compiled ones through the custom op: same launchers, so
     the same outputs and gradients, bit for bit."""
-    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 0)  # not the small-problem path
+    monkeypatch.setattr(attention_small_module, "SMALL_POSITIONS", 0)  # not the small-problem path
     torch.manual_seed(2)
     dim, hidden = 5, (8, 4)
     query = torch.randn(3, dim, requires_grad=True)
@@ -238,17 +240,17 @@ def test_eager_function_matches_the_custom_op(monkeypatch, backend, activation, 
 def test_activations_kept_only_when_a_backward_follows(monkeypatch):
     """Inference (no_grad, or inputs without grad) keeps nothing for a backward that never comes; training
     keeps the composite forward's activations in the autograd context."""
-    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 0)  # not the small-problem path
+    monkeypatch.setattr(attention_small_module, "SMALL_POSITIONS", 0)  # not the small-problem path
     previous = dk.get_backend()
     dk.set_backend("torch")
     calls = []
-    forward = attention_torch.attention_torch_forward
+    forward = ATTENTION_LAUNCHERS["composite"][0]
 
     def spy(*args, kept=None, **options):
         calls.append(kept)
         return forward(*args, kept=kept, **options)
 
-    monkeypatch.setattr(dk.attention, "attention_torch_forward", spy)
+    monkeypatch.setattr(attention_plan, "attention_torch_forward", spy)
     try:
         unit = dk.LocalActivationUnit(6, (8, 4))
         query, keys, lengths = torch.randn(3, 6), torch.randn(3, 5, 6), torch.tensor([5, 2, 0])
@@ -270,14 +272,14 @@ def test_small_problems_take_the_autograd_path(monkeypatch):
     """On the composite path, eager calls with B x T <= SMALL_POSITIONS run attention_torch_small (autograd,
     no chunks); larger ones DinAttentionFunction; the Triton path never the small one."""
     used = []
-    small = attention_torch.attention_torch_small
+    small = attention_small
 
     def spy(*args, **options):
         used.append(args[1].shape)
         return small(*args, **options)
 
-    monkeypatch.setattr(dk.attention, "attention_torch_small", spy)
-    monkeypatch.setattr(attention_torch, "SMALL_POSITIONS", 12)
+    monkeypatch.setattr(attention_function, "attention_torch_small", spy)
+    monkeypatch.setattr(attention_small_module, "SMALL_POSITIONS", 12)
     previous = dk.get_backend()
     try:
         unit = dk.LocalActivationUnit(4, (8,), normalize="softmax")
@@ -298,16 +300,14 @@ def test_small_problems_take_the_autograd_path(monkeypatch):
 
 def test_one_plan_per_eager_call_kept_for_the_backward(monkeypatch):
     """The eager forward + backward decides its path once; the backward reuses the forward's plan."""
-    from din_kernels import attention
-
     made = []
-    original = attention.plan_attention
+    original = attention_function.plan_attention
 
     def counting(*args, **kwargs):
         made.append(original(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(attention, "plan_attention", counting)
+    monkeypatch.setattr(attention_function, "plan_attention", counting)
     unit = dk.LocalActivationUnit(4, (8,))
     query, keys = torch.randn(40, 4, requires_grad=True), torch.randn(40, 130, 4)
     unit(query, keys, torch.randint(0, 131, (40,))).sum().backward()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import din_kernels as dk
-import din_kernels.attention_cpu as ac
+from din_kernels.testing import attention_cpu as ac
+from din_kernels.testing import attention_plan
 from din_kernels import cpu_extension
 from din_kernels._backend import use_cpu_extension
 from test_attention_torch import assert_matches, cpp, make_problem
@@ -113,7 +114,7 @@ def test_the_public_op_runs_it_and_reuses_the_kept_buffer(monkeypatch):
         calls.append(kept)
         return forward(*args, kept=kept, **options)
 
-    monkeypatch.setattr(dk.attention, "attention_cpu_forward", spy)
+    monkeypatch.setattr(attention_plan, "attention_cpu_forward", spy)
     unit = dk.LocalActivationUnit(6, (8, 4))
     query, keys, lengths = torch.randn(50, 6), torch.randn(50, 100, 6), torch.randint(0, 101, (50,))
     pointers = []
@@ -138,14 +139,14 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 CHECK = """
 import torch, din_kernels as dk
-from din_kernels import attention, reference
-from din_kernels.attention_torch import attention_torch_forward
+from din_kernels import reference
+from din_kernels.testing import ATTENTION_LAUNCHERS, attention_launchers
 q, k, l = torch.randn(8, 4, requires_grad=True), torch.randn(8, 70, 4), torch.randint(0, 71, (8,))
 unit = dk.LocalActivationUnit(4, (6,))
 out = unit(q, k, l)
 torch.testing.assert_close(out, reference.din_attention(q, k, l, unit.weights()))
 out.sum().backward()
-print(attention._launchers(k, unit.weights())[0] is attention_torch_forward)
+print(attention_launchers(k, unit.weights())[0] is ATTENTION_LAUNCHERS["composite"][0])
 """
 
 

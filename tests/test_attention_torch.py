@@ -1,6 +1,6 @@
 """The CPU paths of the local activation unit, launcher by launcher, against ``reference.din_attention``: the
-torch composite path (``din_kernels.attention_torch``: chunked, and its small autograd variant) and the C++
-op (``din_kernels.attention_cpu``, with and without kept activations): forward, the [B, T] weights, the
+torch composite path (``din_kernels/attention/composite.py``: chunked, and its small autograd variant,
+``small.py``) and the C++ op (``cpu.py``, with and without kept activations): forward, the [B, T] weights, the
 softmax log-sum-exp and every gradient (query, keys, each weight and bias, the prelu/dice slopes), fp32 and
 low precision; fp64 gradcheck through a test-local autograd.Function; chunking (several chunks, lengths
 unsorted) and edge shapes. C++-only behaviour (blocks, threads, build and fallback): test_attention_cpu.py."""
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-import din_kernels.attention_cpu as ac
-import din_kernels.attention_torch as at
 from din_kernels import reference
+from din_kernels.testing import attention_composite as at
+from din_kernels.testing import attention_cpu as ac
+from din_kernels.testing import attention_first_layer, attention_small
 
 FORMS = ("concat", "outer")
 ACTIVATIONS = ("sigmoid", "relu", "identity", "prelu", "dice")
@@ -52,7 +53,7 @@ def small(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options)
     """``attention_torch_small`` (autograd) in the shape of ``composite``'s results; lse is None."""
     leaves = [t.detach().clone().requires_grad_() for t in [query, keys, *weights, *(alphas or [])]]
     q, k, ws, als = leaves[0], leaves[1], leaves[2:2 + len(weights)], leaves[2 + len(weights):]
-    out, attn = at.attention_torch_small(q, k, lengths, tuple(ws), tuple(als) if alphas is not None else None,
+    out, attn = attention_small(q, k, lengths, tuple(ws), tuple(als) if alphas is not None else None,
                                          dice_eval, 1e-8, **options)
     grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]  # e.g. B=0 or T=0
@@ -185,15 +186,15 @@ def test_both_first_layer_strategies(monkeypatch, normalize):
     """concat applies M_b per row (bmm) for long chunks and per position (one GEMM over [k, k*q]) for chunks
     with Tc <= PER_POSITION_MAX_LEN; one call with chunks of every length takes both."""
     monkeypatch.setattr(at, "CHUNK_FLOATS", 400)
-    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 6)
+    monkeypatch.setattr(attention_first_layer, "PER_POSITION_MAX_LEN", 6)
     used = []
-    per_position = at._FirstLayer.per_position
+    per_position = attention_first_layer.FirstLayer.per_position
 
     def spy(self, length):
         used.append(per_position(self, length))
         return used[-1]
 
-    monkeypatch.setattr(at._FirstLayer, "per_position", spy)
+    monkeypatch.setattr(attention_first_layer.FirstLayer, "per_position", spy)
     problem = make_problem(14, 12, 8, (9, 5), lengths=list(range(13)) + [12])
     assert_matches(problem, dict(form="concat", activation="sigmoid", normalize=normalize, scale=None))
     assert True in used and False in used
@@ -320,7 +321,7 @@ def test_gradcheck_fp64_small_path(form, activation, normalize, scale):
 
     def fn(q, k, *p):
         ws, als = p[:len(weights)], p[len(weights):]
-        return at.attention_torch_small(q, k, lengths, ws, als or None, dice_eval, 1e-8, form=form,
+        return attention_small(q, k, lengths, ws, als or None, dice_eval, 1e-8, form=form,
                                         activation=activation, normalize=normalize, scale=scale)[0]
 
     inputs = (query.requires_grad_(), keys.requires_grad_(), *params)
@@ -352,9 +353,9 @@ def test_workspace_sized_once_for_the_largest_chunk(monkeypatch, form):
     """Chunks grow in rows as the sorted histories get shorter; each scratch buffer is still allocated once
     per call (a buffer grown chunk by chunk faults in fresh pages every time)."""
     monkeypatch.setattr(at, "CHUNK_FLOATS", 3000)
-    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 3)
+    monkeypatch.setattr(attention_first_layer, "PER_POSITION_MAX_LEN", 3)
     storages = {}
-    take = at._Workspace.take
+    take = at.Workspace.take
 
     def spy(self, name, *shape):
         buffer = take(self, name, *shape)
@@ -362,7 +363,7 @@ def test_workspace_sized_once_for_the_largest_chunk(monkeypatch, form):
         storages.setdefault((self, name), set()).add(buffer.untyped_storage().data_ptr())
         return buffer
 
-    monkeypatch.setattr(at._Workspace, "take", spy)
+    monkeypatch.setattr(at.Workspace, "take", spy)
     problem = make_problem(40, 12, 6, (7, 5), form=form, lengths=torch.randint(0, 13, (40,)))
     assert_matches(problem, dict(form=form, activation="sigmoid", normalize="none", scale=None))
     assert storages and all(len(pointers) == 1 for pointers in storages.values())
@@ -404,7 +405,7 @@ def test_kept_activations_skip_the_recompute_with_the_same_results(monkeypatch, 
     """The forward keeps its first chunks' activations (none, some, all); the backward uses them instead of
     recomputing: the same numbers bit for bit, within the budget, and reusable (a second backward)."""
     monkeypatch.setattr(at, "CHUNK_FLOATS", 2500)  # several chunks, both first-layer strategies for concat
-    monkeypatch.setattr(at, "PER_POSITION_MAX_LEN", 5)
+    monkeypatch.setattr(attention_first_layer, "PER_POSITION_MAX_LEN", 5)
     monkeypatch.setattr(at, "KEEP_FLOATS", keep_floats)
     query, keys, lengths, weights, alphas, dice_eval = make_problem(
         30, 11, 6, (7, 5), form=form, activation=activation, lengths=torch.randint(0, 12, (30,)))

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 import din_kernels as dk
-from din_kernels import attention, reference
-from din_kernels.attention_cpu import attention_cpu_forward
-from din_kernels.attention_torch import attention_torch_forward
+from din_kernels import reference
+from din_kernels.testing import ATTENTION_LAUNCHERS, attention_launchers, fused_supported
+
+attention_forward, attention_backward = ATTENTION_LAUNCHERS["triton"]
+attention_torch_forward, attention_torch_backward = ATTENTION_LAUNCHERS["composite"]
+attention_cpu_forward = ATTENTION_LAUNCHERS["cpp"][0]
 
 FORMS = ["concat", "outer"]
 ACTIVATIONS = ["sigmoid", "relu", "identity", "prelu", "dice"]
@@ -87,8 +90,8 @@ def assert_matches_reference(problem, **options):
 
 def fused_path_runs(problem):
     """True when this problem runs on the Triton kernels (not silently on the composite path)."""
-    forward, _ = attention._launchers(problem["keys"], problem["weights"])
-    return forward is attention.attention_forward
+    forward, _ = attention_launchers(problem["keys"], problem["weights"])
+    return forward is attention_forward
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def test_no_hidden_layer(backend, form):
 def test_fp64_runs_a_cpu_path(backend):
     """The kernels take no fp64: on CPU it runs the C++ op, or the composite path under backend "torch"."""
     problem = make_problem(2, 5, 4, (16,), lengths=[5, 2], dtype=torch.float64)
-    forward, _ = attention._launchers(problem["keys"], problem["weights"])
+    forward, _ = attention_launchers(problem["keys"], problem["weights"])
     assert forward is (attention_torch_forward if backend == "torch" else attention_cpu_forward)
     assert_matches_reference(problem, normalize="softmax")
 
@@ -249,7 +252,7 @@ def test_low_precision(backend, dtype, factor, atol, activation, normalize):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The launcher contract both paths implement (attention.py / attention_torch.py)
+# The launcher contract both paths implement (din_kernels/attention: fused.py, composite.py)
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
@@ -257,13 +260,11 @@ def test_low_precision(backend, dtype, factor, atol, activation, normalize):
 def test_launchers_agree(activation, normalize):
     """Triton and composite launchers return the same (out, attn, lse) and the same gradients; lse is the
     log-sum-exp of the scaled scores over the valid positions, finite for an empty row."""
-    from din_kernels.attention_torch import attention_torch_backward
-
     problem = make_problem(3, 13, 7, (20, 12), activation=activation, lengths=[13, 0, 6])
     args = (problem["query"], problem["keys"], problem["lengths"], problem["weights"], problem["alphas"],
             problem["dice_stats"], 1e-8)
     options = dict(form="concat", activation=activation, normalize=normalize, scale=0.5)
-    fused = attention.attention_forward(*args, **options)
+    fused = attention_forward(*args, **options)
     composite = attention_torch_forward(*args, **options)
     for name, a, b in zip(("out", "attn", "lse"), fused, composite):
         assert a.dtype == b.dtype, name
@@ -278,7 +279,7 @@ def test_launchers_agree(activation, normalize):
     else:
         assert fused[2].numel() == 0
     grad_out = torch.randn(3, 7)
-    grads_fused = attention.attention_backward(grad_out, *args, *fused, **options)
+    grads_fused = attention_backward(grad_out, *args, *fused, **options)
     grads_composite = attention_torch_backward(grad_out, *args, *composite, **options)
     flat = lambda g: [g[0], g[1], *g[2], *(g[3] or ())]  # noqa: E731
     for index, (a, b) in enumerate(zip(flat(grads_fused), flat(grads_composite))):
@@ -296,8 +297,8 @@ def test_launchers_agree(activation, normalize):
 def test_fused_coverage(dim, hidden, fused):
     keys = torch.empty(1, 1, dim)
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
-    assert attention.fused_supported(keys, weights) == fused
-    assert not attention.fused_supported(keys.double(), weights)
+    assert fused_supported(keys, weights) == fused
+    assert not fused_supported(keys.double(), weights)
 
 
 COMPILE_FOR_HOPPER = r"""
@@ -306,7 +307,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from din_kernels import attention as A
+from din_kernels.testing import attention_fused as A
 
 target = GPUTarget("cuda", 90, 32)  # H100 / H200
 ints = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
@@ -314,7 +315,7 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
     for fn, backward in ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True)):
         block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(100, 36, (80, 40), backward=backward,
                                                                          dot_precision=precision)
-        consts = dict(ACT=4, TWO_LAYERS=True, SOFTMAX=True, DOT_PRECISION=precision, BLOCK_T=block_t,
+        consts = dict(**A._activation_constexprs("dice"), TWO_LAYERS=True, SOFTMAX=True, DOT_PRECISION=precision, BLOCK_T=block_t,
                       BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, INTERPRETED=False)
         if backward:
             consts["PASS"] = 0

@@ -4,9 +4,9 @@ The op (``csrc/attention_cpu.cpp``, built by ``cpu_extension``) runs a whole for
 one queue of row blocks that the caller and helper threads drain (``csrc/cpu_runtime.h``), with direct BLAS
 calls inside and no barrier waiting for a descheduled thread: beside a busy neighbour process it slows down
 like the eager reference or less at large calls, where the Python composite path (one OpenMP region per
-torch op) collapsed. Same algebra and the same
-launcher contract as ``attention_torch`` (and the Triton launchers); the first-layer split and the
-activation parameters come from ``attention_torch._FirstLayer`` and ``_Activation``, so each lives once:
+torch op) collapsed. Same algebra and the same launcher contract as the composite path (``composite.py``)
+and the Triton launchers; the first-layer split and the activation parameters come from
+``first_layer.FirstLayer`` and ``composite._Activation``, so each lives once:
 
     attention_cpu_forward(query, keys, lengths, weights, alphas, dice_eval, eps, *, form, activation,
                           normalize, scale) -> (out [B, D], attn [B, T], lse [B] or empty)
@@ -25,9 +25,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import cpu_extension
-from ._dtypes import accumulation_dtype
-from .attention_torch import _Activation, _FirstLayer, _check_launcher_args
+from .. import cpu_extension
+from .._dtypes import accumulation_dtype
+from .composite import _Activation, _check_launcher_args
+from .first_layer import FirstLayer
 
 Tensor = torch.Tensor
 
@@ -74,13 +75,13 @@ _NOTHING_KEPT = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32,
 
 
 class _Arguments:
-    """The op's network arguments, in the compute dtype: the first layer split as ``_FirstLayer`` does."""
+    """The op's network arguments, in the compute dtype: the first layer split as ``FirstLayer`` does."""
 
     def __init__(self, keys: Tensor, weights: Sequence[Tensor], alphas, dice_eval, eps: float, form: str,
                  activation: str):
         dim = keys.shape[2]
         self.dtype = dtype = accumulation_dtype(keys.dtype)
-        self.first = _FirstLayer(weights[0], weights[1], dim, form, dtype)
+        self.first = FirstLayer(weights[0], weights[1], dim, form, dtype)
         widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
         self.act = _Activation(activation, alphas, dice_eval, eps, widths, dtype, keys.device)
         if not self.act.spec.fused:  # (the plan sends it to the composite path)
@@ -103,7 +104,7 @@ def attention_cpu_forward(
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
     *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Local activation unit, forward (contract: ``attention_torch.attention_torch_forward``). ``kept``: a
+    """Local activation unit, forward (contract: ``composite.attention_torch_forward``). ``kept``: a
     list to append the buffer of kept activations and the op's arguments to, for
     ``attention_cpu_backward(..., kept=)`` (which then builds neither again)."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
@@ -132,7 +133,7 @@ def attention_cpu_backward(
     out: Tensor, attn: Tensor, lse: Tensor,
     *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ):
-    """Local activation unit, backward (contract: ``attention_torch.attention_torch_backward``); recomputes
+    """Local activation unit, backward (contract: ``composite.attention_torch_backward``); recomputes
     the MLP block by block inside the op, except for the blocks whose activations the forward kept
     (``kept``, handed back to the buffer pool here). ``out`` and ``lse`` are part of the shared contract,
     unused here."""

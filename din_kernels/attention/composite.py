@@ -1,28 +1,22 @@
-"""Torch composite path of the local activation unit: what runs where the Triton kernels do not (CPU).
+"""Torch composite path of the local activation unit: the chunked launchers, for what the Triton kernels and
+the C++ op do not run (no C++ build, ``set_backend("torch")``, CUDA problems outside the kernels' coverage,
+activations without kernels).
 
-Same algebra as the kernels (DESIGN.md, "Kernel design"): split the first layer ``W1`` by input block,
-
-    concat ([q, k, q-k, q*k], W1 = [Wa|Wb|Wc|Wd]):
-        z1[b,t] = u_b + k[b,t] @ M_b,   u_b = q_b (Wa + Wc)^T + b1,   M_b = (Wb - Wc)^T + diag(q_b) Wd^T
-    outer  ([q, k, vec(q outer k)] with (a, c) at a*D + c, W1 = [Wq|Wk|Wo]):
-        z1[b,t] = u_b + k[b,t] @ M_b,   u_b = q_b Wq^T + b1,          M_b = Wk^T + sum_a q_b[a] Wo[:, a*D:(a+1)*D]^T
-
-so the ``[B, T, 4D]`` (or ``[B, T, D^2]``) feature tensor never exists: each batch row costs one
-``[T, D] x [D, H1]`` product (``bmm``), or, for "concat" and short histories, ``k M_b`` is one GEMM over
-``[k, k * q_b]`` (see ``_FirstLayer``); the other layers are plain GEMMs over the positions.
+Same algebra as the kernels (``first_layer.py``: ``z1[b, t] = u_b + k[b, t] @ M_b``, so the ``[B, T, 4D]``
+feature tensor never exists); the other layers are plain GEMMs over the positions.
 
 The backward is written by hand. Nothing of size ``[B, T, H]`` is kept between forward and backward
 (only ``out``, the ``[B, T]`` weights and the ``[B]`` log-sum-exp): the backward recomputes the MLP and
-fuses the activation derivatives into in-place passes. The one exception is bounded: a caller may let the
-forward keep the first chunks' activations, up to ``KEEP_FLOATS`` per call whatever B and T, so that those
-chunks skip the recompute (``kept=``; ``DinAttentionFunction`` does in eager training). Work is done in
-chunks of batch rows, sorted by history length, each chunk cut to its longest history: padded positions
-(weight 0, gradient 0) are never scored, and a chunk's intermediates stay small enough to live in the CPU
-caches, which also bounds the extra memory by the chunk size instead of ``B * T``. fp16/bf16 inputs are
-computed in fp32 (fp64 in fp64, for gradcheck). Small problems have a plain-autograd variant of the same
-algebra, ``attention_torch_small`` (``SMALL_POSITIONS``).
+fuses the activation derivatives into in-place passes (``activations.ActivationSpec.backward_``). The one
+exception is bounded: a caller may let the forward keep the first chunks' activations, up to
+``KEEP_FLOATS`` per call whatever B and T, so that those chunks skip the recompute (``kept=``;
+``DinAttentionFunction`` does in eager training). Work is done in chunks of batch rows, sorted by history
+length, each chunk cut to its longest history: padded positions (weight 0, gradient 0) are never scored,
+and a chunk's intermediates stay small enough to live in the CPU caches, which also bounds the extra memory
+by the chunk size instead of ``B * T``. fp16/bf16 inputs are computed in fp32 (fp64 in fp64, for
+gradcheck). Small problems have a plain-autograd variant of the same algebra (``small.py``).
 
-Launchers (the same contract as the Triton launchers in ``attention.py``):
+Launchers (the contract of the Triton launchers in ``fused.py`` and the C++ ones in ``cpu.py``)::
 
     attention_torch_forward(query, keys, lengths, weights, alphas, dice_eval, eps, *, form, activation,
                             normalize, scale) -> (out [B, D], attn [B, T], lse [B] or empty)
@@ -34,29 +28,20 @@ Launchers (the same contract as the Triton launchers in ``attention.py``):
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_choice
-from .activations import activation_spec
-from ._dtypes import accumulation_dtype
-from .dice import dice as dice_op
+from .._checks import ACTIVATIONS, FORMS, NORMALIZATIONS, check_choice
+from .._dtypes import accumulation_dtype
+from ..activations import activation_spec
+from .first_layer import FirstLayer
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_torch_forward", "attention_torch_backward", "attention_torch_small"]
-
-# The first layer of "concat" runs per position (one GEMM over [k, k * q_b]) for chunks whose longest history is
-# at most this, per row (bmm against M_b) above: see ``_FirstLayer``. Measured on the 2-core CPU (forward +
-# backward, ~16k positions, full histories, 20 interleaved runs): the two break even at T = 24-32 for D = 16,
-# 36 and 64 alike (per position 1.1x-1.6x faster at T = 8-16, per row 1.1x-1.3x faster at T >= 48). The break
-# even does not depend on D: per position adds ~T * D * H1 multiply-adds per row, per row adds ~D * H1.
-PER_POSITION_MAX_LEN = 24
+__all__ = ["attention_torch_forward", "attention_torch_backward"]
 
 # Workspace per chunk, in floats: a chunk takes as many rows as fit (``_MLP.chunk_floats``). Large enough that
 # every GEMM is efficient, small enough that a chunk's intermediates stay in the CPU caches (and the extra
@@ -79,14 +64,6 @@ KEEP_FLOATS = 3 * 2 ** 20
 # histories (cut at 50, median 8) run 1.5x-1.75x faster. A chunk ends early where the histories get shorter
 # when the padding that saves is worth more (``_padding_cut``).
 CHUNK_OVERHEAD_MACS = 24_000_000
-
-
-# Problems of at most this many positions (B x T, padding included) run ``attention_torch_small`` in eager
-# mode: a dozen torch ops under autograd, without chunks, sorting or a hand-written backward, whose fixed
-# Python cost (~1 ms a forward + backward) dominates there. Measured on the 2-core CPU (forward + backward,
-# medians): B=16, T=10: 2.0x faster than the chunked path; B=64, T=20: 1.45x; B=128, T=20: 1.15x; B=256,
-# T=20 (5,120): 1.05x; B=256, T=50 (12,800): 0.66x, and with short histories 0.41x (it scores the padding).
-SMALL_POSITIONS = 4096
 
 
 def _row_chunks(lengths: Tensor, max_len: int, batch: int, chunk_floats: Callable[[int], Tuple[int, int]],
@@ -141,119 +118,6 @@ def _padding_cut(sorted_len: np.ndarray, start: int, stop: int, position_macs: i
 
 def _row_count(rows: Union[slice, Tensor]) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
-
-
-class _FirstLayer:
-    """The first layer as ``z1[b, t] = u_b + k[b, t] @ M_b`` (module docstring), forward and backward per chunk.
-
-    Two ways to apply ``M_b``, chosen per chunk by its longest history Tc:
-    - per row (``bmm``): build ``M_b`` [D, H1] for each row, then ``[Tc, D] x [D, H1]`` products.
-          dM_b = k_b^T dz1_b;  dk = dz1 @ M_b^T;  dq_b and dW1 from dM_b and du_b = sum_t dz1[b, t]
-      Always for "outer" (its D^2 features are far larger than M_b); for "concat" when
-      Tc > ``PER_POSITION_MAX_LEN``.
-    - per position (one GEMM, "concat" with Tc <= ``PER_POSITION_MAX_LEN``):
-      ``k M_b = k (Wb - Wc)^T + (k * q_b) Wd^T = [k, k * q_b] @ W_k`` with ``W_k = [(Wb - Wc)^T; Wd^T]``
-      [2D, H1]. Twice the multiply-adds, but no D * H1 of per-row work (build M_b, dM_b and its
-      reductions), which dominates short histories.
-          G = dz1 @ W_k^T [n, 2D];  dk = G[:, :D] + G[:, D:] * q_b;  dq_b = sum_t G[:, D:] * k + du_b Wu
-          dW_k = [k, k * q]^T dz1
-    Where they break even: see ``PER_POSITION_MAX_LEN``.
-    """
-
-    def __init__(self, w1: Tensor, b1: Tensor, dim: int, form: str, dtype: torch.dtype):
-        w1 = w1.to(dtype)
-        self.form = form
-        self.dim = dim
-        self.hidden = w1.shape[0]
-        self.b1 = b1.to(dtype)
-        if form == "concat":
-            wa, wb, wc, wd = w1.split(dim, dim=1)  # [H1, D] each
-            self.w_u = wa + wc  # [H1, D]
-            self.w_k = torch.cat([wb - wc, wd], dim=1).t().contiguous()  # [2D, H1] = [(Wb-Wc)^T; Wd^T]
-            self.m_base, self.wd_t = self.w_k[:dim], self.w_k[dim:]  # [D, H1] each
-        else:
-            self.w_u = w1[:, :dim].contiguous()  # Wq [H1, D]
-            self.m_base = w1[:, dim:2 * dim].t().contiguous()  # Wk^T [D, H1]
-            # Wo[h, a*D + c] -> wo_p[a, c*H1 + h], so that M_b = Wk^T + q_b @ wo_p viewed [D, H1]
-            wo = w1[:, 2 * dim:].reshape(self.hidden, dim, dim)  # [h, a, c]
-            self.wo_p = wo.permute(1, 2, 0).reshape(dim, dim * self.hidden)
-
-    def per_position(self, length: int) -> bool:
-        return self.form == "concat" and length <= PER_POSITION_MAX_LEN
-
-    def forward(self, q: Tensor, k: Tensor, work: "_Workspace") -> Tuple[Tensor, Tensor]:
-        """q [r, D], k [r, Tc, D] -> (z1 [r, Tc, H1] in the workspace, what ``backward`` needs)."""
-        rows, length, dim = k.shape
-        u = torch.addmm(self.b1, q, self.w_u.t())  # [r, H1]
-        z = work.take("z0", rows, length, self.hidden)
-        if self.per_position(length):
-            kq = work.take("kq", rows, length, 2 * dim)  # [k, k * q_b]
-            kq[..., :dim] = k
-            torch.mul(k, q[:, None, :], out=kq[..., dim:])
-            torch.mm(kq.view(-1, 2 * dim), self.w_k, out=z.view(-1, self.hidden))
-            cache = kq
-        else:
-            m = work.take_per_row("m", rows, dim, self.hidden)  # M_b [r, D, H1]
-            if self.form == "concat":
-                torch.addcmul(self.m_base, q[:, :, None], self.wd_t, out=m)  # (Wb-Wc)^T + diag(q_b) Wd^T
-            else:
-                torch.addmm(self.m_base.reshape(1, -1), q, self.wo_p, out=m.view(rows, -1))
-            torch.bmm(k, m, out=z)  # [r, Tc, H1]
-            cache = m
-        return z.add_(u[:, None, :]), cache  # bmm/mm then an in-place add: baddbmm would copy u into z first
-
-    def start_backward(self) -> None:
-        zeros = functools.partial(torch.zeros, dtype=self.b1.dtype, device=self.b1.device)
-        self.d_wu = zeros(self.hidden, self.dim)
-        self.d_b1 = zeros(self.hidden)
-        if self.form == "concat":
-            self.d_wk = zeros(2 * self.dim, self.hidden)  # [d(Wb-Wc)^T; dWd^T]
-        else:
-            self.d_mbase = zeros(self.dim, self.hidden)
-            self.d_wo_p = zeros(self.dim, self.dim * self.hidden)
-
-    def backward(self, q: Tensor, k: Tensor, dz: Tensor, cache: Tensor, dk_out: Tensor,
-                 work: "_Workspace") -> Tensor:
-        """dz1 [r, Tc, H1] -> dq [r, D]; writes dk [r, Tc, D] into ``dk_out``; accumulates dW1, db1."""
-        rows, length, dim = k.shape
-        du = dz.sum(1)  # [r, H1]
-        self.d_wu.addmm_(du.t(), q)
-        self.d_b1 += du.sum(0)
-        dq = du @ self.w_u  # [r, D]
-        dz_flat = dz.view(-1, self.hidden)
-        if self.per_position(length):
-            kq = cache
-            self.d_wk.addmm_(kq.view(-1, 2 * dim).t(), dz_flat)
-            g = torch.mm(dz_flat, self.w_k.t(), out=work.take("g", rows * length, 2 * dim)).view(rows, length, -1)
-            g_k, g_kq = g[..., :dim], g[..., dim:]  # [r, Tc, D] each
-            torch.addcmul(g_k, g_kq, q[:, None, :], out=dk_out)
-            dq += g_kq.mul_(k).sum(1)
-            return dq
-        m = cache
-        dm = torch.bmm(k.transpose(1, 2), dz, out=work.take_per_row("dm", rows, dim, self.hidden))  # [r, D, H1]
-        torch.bmm(dz, m.transpose(1, 2), out=dk_out)
-        if self.form == "concat":
-            # M[r, d, h] = base[d, h] + q[r, d] * WdT[d, h] (a product and a sum: faster here than the
-            # matrix-vector products batched over d, which torch runs as a loop over d)
-            self.d_wk[:dim] += dm.sum(0)
-            self.d_wk[dim:] += (dm * q[:, :, None]).sum(0)  # sum_r q[r, d] dm[r, d, :]
-            dq += (dm * self.wd_t).sum(-1)  # sum_h dm[r, d, h] WdT[d, h]
-        else:
-            self.d_mbase += dm.sum(0)
-            dm_flat = dm.view(rows, -1)  # [r, D*H1]
-            self.d_wo_p.addmm_(q.t(), dm_flat)
-            dq.addmm_(dm_flat, self.wo_p.t())
-        return dq
-
-    def weight_grads(self, w1: Tensor, b1: Tensor) -> Tuple[Tensor, Tensor]:
-        if self.form == "concat":
-            d_wb_minus_wc, d_wd = self.d_wk.t().split(self.dim, dim=1)  # [H1, D] each
-            dw1 = torch.cat([self.d_wu, d_wb_minus_wc, self.d_wu - d_wb_minus_wc, d_wd], dim=1)
-        else:
-            dim, hidden = self.dim, self.hidden
-            d_wo = self.d_wo_p.view(dim, dim, hidden).permute(2, 0, 1).reshape(hidden, dim * dim)
-            dw1 = torch.cat([self.d_wu, self.d_mbase.t(), d_wo], dim=1)
-        return dw1.to(w1.dtype), self.d_b1.to(b1.dtype)
 
 
 class _Activation:
@@ -311,7 +175,7 @@ class _Activation:
         return tuple(grads)
 
 
-class _Workspace:
+class Workspace:
     """Scratch buffers shared by the chunks of one call. Every chunk writes its intermediates (``out=``) into
     the same memory: the pages are faulted in once and stay warm in cache, where a fresh multi-MB tensor per
     chunk and op costs page faults (measured: ~0.3 ms per MB touched here) and cache misses.
@@ -354,7 +218,7 @@ class _Workspace:
 
 
 class _FreshBuffers:
-    """The ``_Workspace`` interface with a new tensor per request: for the chunks whose activations are kept
+    """The ``Workspace`` interface with a new tensor per request: for the chunks whose activations are kept
     for the backward (they must outlive the next chunk)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
@@ -371,14 +235,14 @@ class _MLP:
 
     def __init__(self, weights: Sequence[Tensor], dim: int, form: str, activation: str, alphas, dice_eval,
                  eps: float, dtype: torch.dtype, device: torch.device):
-        self.first = _FirstLayer(weights[0], weights[1], dim, form, dtype)
+        self.first = FirstLayer(weights[0], weights[1], dim, form, dtype)
         self.layers = [(weights[i].to(dtype), weights[i + 1].to(dtype)) for i in range(2, len(weights) - 2, 2)]
         self.w_out = weights[-2].to(dtype).reshape(-1)  # [H_L]
         self.b_out = weights[-1].to(dtype)  # [1]
         self.widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
         self.act = _Activation(activation, alphas, dice_eval, eps, self.widths, dtype, device)
         self.dtype, self.device = dtype, device
-        self.work: Optional[_Workspace] = None  # set by ``plan``
+        self.work: Optional[Workspace] = None  # set by ``plan``
 
     def chunk_floats(self, length: int) -> Tuple[int, int]:
         """Workspace floats a chunk whose longest history is ``length`` needs: (per position, per row)."""
@@ -397,7 +261,7 @@ class _MLP:
     def plan(self, lengths: Tensor, max_len: int, batch: int) -> List[Tuple[Union[slice, Tensor], int]]:
         """The chunks of this call (``_row_chunks``), and a workspace sized for the largest."""
         chunks = _row_chunks(lengths, max_len, batch, self.chunk_floats, self.position_macs)
-        self.work = _Workspace(self.dtype, self.device, chunks)
+        self.work = Workspace(self.dtype, self.device, chunks)
         return chunks
 
     def kept_floats(self, rows: int, length: int) -> int:
@@ -463,7 +327,7 @@ class _MLP:
         return tuple(grads)
 
 
-def _gather_keys(keys: Tensor, rows: Union[slice, Tensor], length: int, work: _Workspace) -> Tensor:
+def _gather_keys(keys: Tensor, rows: Union[slice, Tensor], length: int, work: Workspace) -> Tensor:
     """keys[rows, :length] in the compute dtype: a view when possible, else one copy into the workspace."""
     if isinstance(rows, slice):
         k = keys[rows, :length]
@@ -489,92 +353,6 @@ def _normalize_(scores: Tensor, lengths: Tensor, normalize: str, scale: Optional
     lse = torch.logsumexp(scores, dim=1)  # [r]; -inf for a row with no valid position
     lse.masked_fill_(lengths == 0, 0.0)  # finite, and exp(-inf - 0) = 0 weights that row out
     return scores.sub_(lse[:, None]).exp_(), lse
-
-
-def attention_torch_small(
-    query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
-    alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
-    *, form: str, activation: str, normalize: str, scale: Optional[float],
-    dice_training: Optional[float] = None,
-) -> Tuple[Tensor, Tensor]:
-    """Local activation unit for small problems (``SMALL_POSITIONS``), differentiable by autograd:
-    query [B, D], keys [B, T, D], lengths [B] -> (out [B, D] in the query's dtype, attn [B, T]).
-
-    The same algebra as the chunked path, over the whole padded batch at once: "concat" scores every
-    position with one GEMM over ``[k, k * q_b]``, "outer" with ``bmm(k, M_b)``; the padding is scored and
-    masked out. Autograd keeps the activations (small here) and runs the backward in C++. Same dtypes as
-    the launchers: fp16/bf16 computed in fp32, attn in fp32 (fp64 for fp64 inputs).
-
-    ``dice_training=momentum``: Dice in training mode (``din_attention(activation="dice", training=True)``,
-    any size): every hidden layer through ``din_kernels.dice`` with the valid positions as its mask, so
-    the batch statistics cover those only and ``dice_eval``'s running statistics are updated in place;
-    gradients flow through the statistics (the Dice op's backward). ``dice_eval`` may then be None (no
-    running statistics to update). With "concat" and under 3/4 of the positions valid, only the valid
-    positions are scored (packed [P, H] activations: measured 1.3-1.5x at B=256-1024 with lengths uniform in
-    [1, T]); the statistics are the same either way.
-    """
-    if dice_training is not None and dice_eval is None:
-        dice_eval = [(None, None)] * (len(weights) // 2 - 1)  # one per hidden layer
-    _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    batch, max_len, dim = keys.shape
-    dtype = accumulation_dtype(keys.dtype)
-    q, k = query.to(dtype), keys.to(dtype)  # [B, D], [B, T, D]
-    w1, b1 = weights[0].to(dtype), weights[1].to(dtype)
-    invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
-    packed = None  # the flat indices of the valid positions, when only those are scored
-    if dice_training is not None and form == "concat" and batch * max_len:
-        valid_count = int(lengths.clamp(0, max_len).sum())  # (Dice training runs eagerly: one read)
-        if valid_count < 0.75 * batch * max_len:
-            packed = (~invalid).reshape(-1).nonzero().squeeze(1)  # [P]
-    if form == "concat":
-        wa, wb, wc, wd = w1.split(dim, dim=1)  # [H1, D] each
-        u = torch.addmm(b1, q, (wa + wc).t())  # [B, H1]
-        w_k = torch.cat([wb - wc, wd], dim=1).t()  # [2D, H1]
-        if packed is not None:
-            rows = packed // max_len
-            k_p = k.reshape(-1, dim).index_select(0, packed)  # [P, D]
-            z = torch.cat([k_p, k_p * q.index_select(0, rows)], dim=1) @ w_k  # [P, H1]
-            u = u.index_select(0, rows)[:, None, :]  # [P, 1, H1]: added as the padded form adds it
-            z = z[:, None, :]
-        else:
-            kq = torch.cat([k, k * q[:, None, :]], dim=2)  # [B, T, 2D]
-            z = torch.matmul(kq, w_k)  # [B, T, H1]
-    else:
-        hidden = w1.shape[0]
-        u = torch.addmm(b1, q, w1[:, :dim].t())  # [B, H1]
-        wo = w1[:, 2 * dim:].reshape(hidden, dim, dim)  # Wo[h, a, c]
-        m = w1[:, dim:2 * dim].t() + torch.einsum("ba,hac->bch", q, wo)  # M_b [B, D, H1]
-        z = torch.bmm(k, m)  # [B, T, H1]
-    widths = [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
-    spec = activation_spec(activation)
-    h = z + u[:, None, :] if packed is None else (z + u)[:, 0]  # [B, T, H1] or [P, H1]
-    for layer in range(len(widths)):
-        if layer:
-            h = F.linear(h, weights[2 * layer].to(dtype), weights[2 * layer + 1].to(dtype))
-        alpha = alphas[layer].to(dtype) if spec.has_alpha else None
-        if dice_training is not None:
-            running_mean, running_var = dice_eval[layer]
-            h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
-                        mask=~invalid if packed is None else None)
-            continue
-        mean, rstd = (None, None)
-        if spec.has_stats:
-            mean, var = (t.to(dtype) for t in dice_eval[layer])
-            rstd = torch.rsqrt(var + eps)
-        h = spec.apply(h, alpha, mean, rstd)  # [B, T, H_l]
-    scores = F.linear(h, weights[-2].to(dtype), weights[-1].to(dtype)).squeeze(-1)  # [B, T] (or [P])
-    if packed is not None:
-        scores = scores.new_zeros(batch * max_len).index_copy(0, packed, scores).view(batch, max_len)
-    if scale is not None:
-        scores = scores * scale
-    if normalize == "none":
-        attn = scores.masked_fill(invalid, 0.0)
-    else:
-        # an empty row gets finite (uniform) scores, zeroed below: no NaN in the softmax or its gradient
-        filled = scores.masked_fill(invalid, -math.inf).masked_fill((lengths == 0)[:, None], 0.0)
-        attn = torch.softmax(filled, dim=1).masked_fill(invalid, 0.0)
-    out = torch.bmm(attn[:, None, :], k).squeeze(1)  # sum_t w * k
-    return out.to(query.dtype), attn
 
 
 def _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize):
@@ -646,7 +424,7 @@ def attention_torch_backward(
 
     dattn[b, t] = grad_out_b . k[b, t];  softmax: ds = attn * (dattn - sum_t attn * dattn), else ds = dattn at
     valid positions; the scores' gradient is ds * scale. dk = attn * grad_out + dz1 @ M_b^T; dq, dW from
-    du_b = sum_t dz1 and dM_b = k_b^T dz1 (see ``_FirstLayerGrad``).
+    du_b = sum_t dz1 and dM_b = k_b^T dz1 (``FirstLayer.backward``).
     Returns (dquery [B, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None).
     ``out`` and ``lse`` are not needed here (the saved weights carry the softmax) but are part of the
     launcher contract shared with the Triton path.

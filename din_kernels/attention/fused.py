@@ -1,0 +1,566 @@
+"""The local activation unit's fused Triton kernels and their launchers (CUDA, or CPU tensors under
+``TRITON_INTERPRET=1``).
+
+``out_b = sum_t w[b, t] * k[b, t]``, ``w`` scored by the MLP over (``q_b``, ``k[b, t]``) whose first layer
+is ``z1[b, t] = u_b + k[b, t] @ M_b`` (``first_layer.py``). ``u`` and ``M`` (``O(B*D*H1)``) come from torch;
+the kernels do the ``O(B*T*D*H)`` work: one program per batch row loops over its valid positions in tiles,
+recomputes the MLP, and never stores anything of size ``[B, T, H]``. The backward kernel recomputes the
+activations and returns per-row ``dM_b``/``du_b`` and per-row weight-gradient partials that torch reduces
+afterwards (deterministic, no atomics). Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
+``activations.ACTIVATION_SPECS``.
+
+Launchers (the contract every path honours, ``composite.py``)::
+
+    attention_forward(query, keys, lengths, weights, alphas, dice_eval, eps, *, form, activation,
+                      normalize, scale) -> (out [B, D], attn [B, T] fp32, lse [B] fp32 or empty)
+    attention_backward(grad_out, query, keys, lengths, weights, alphas, dice_eval, eps, out, attn, lse,
+                       *, form, activation, normalize, scale) -> (dquery, dkeys, dweights, dalphas)
+
+for 1 or 2 hidden layers of width <= 256 and ``D <= 256`` whose resident tiles fit (``fused_supported``),
+fp32/fp16/bf16; ``plan.py`` sends every other problem elsewhere.
+"""
+from __future__ import annotations
+
+import types
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .._backend import interpreter_enabled
+from ..activations import activation_spec
+from .first_layer import FirstLayer
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional (setup.py): without it only the composite path runs
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = None
+
+Tensor = torch.Tensor
+
+_MAX_FUSED_WIDTH = 256  # hidden widths and D the kernels hold in registers
+# M_b [BD, BH1] and W2 [BH2, BH1] stay resident in a program, with same-sized gradient accumulators in the
+# backward, whose tl.dot operands are staged through shared memory. Compiled for sm_90a (ptxas, no GPU
+# run), the backward's shared memory grew ~9 bytes per resident element: 151 KB at DIN's 64x128 + 128x64,
+# 197 KB at 20480 elements, 295 KB (over the 227 KB a Hopper block may use) at 128x128 + 128x128.
+_MAX_RESIDENT_ELEMENTS = 20 * 1024
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _act_fwd(z, alpha, mean, rstd, ACT: tl.constexpr):
+    """h = act(z) for ``ACT = ActivationSpec.code`` (``activations.py``: 0 identity, 1 sigmoid, 2 relu,
+    3 prelu ``where(z >= 0, z, alpha z)``, 4 dice (eval) ``z (alpha + (1 - alpha) p)``,
+    ``p = sigmoid((z - mean) rstd)``). ``alpha``/``mean``/``rstd`` are [1, H] rows."""
+    if ACT == 0:
+        h = z
+    elif ACT == 1:
+        h = tl.sigmoid(z)
+    elif ACT == 2:
+        h = tl.maximum(z, 0.0)
+    elif ACT == 3:
+        h = tl.where(z >= 0, z, alpha * z)
+    else:
+        p = tl.sigmoid((z - mean) * rstd)
+        h = z * (alpha + (1.0 - alpha) * p)
+    return h
+
+
+@triton.jit
+def _act_bwd(z, dh, alpha, mean, rstd, ACT: tl.constexpr):
+    """(dz, dalpha elementwise) for h = act(z):
+    sigmoid: ``dz = dh s (1 - s)``; relu: ``dz = dh [z > 0]``; prelu: ``dz = dh where(z >= 0, 1, alpha)``,
+    ``dalpha = dh where(z >= 0, 0, z)``; dice: ``dz = dh (alpha + (1 - alpha) (p + z p (1 - p) rstd))``,
+    ``dalpha = dh z (1 - p)``. Only prelu and dice have a meaningful ``dalpha`` (zeros otherwise)."""
+    if ACT == 0:
+        dz = dh
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 1:
+        s = tl.sigmoid(z)
+        dz = dh * s * (1.0 - s)
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 2:
+        dz = tl.where(z > 0, dh, 0.0)
+        dalpha = tl.zeros_like(dh)
+    elif ACT == 3:
+        dz = tl.where(z >= 0, dh, alpha * dh)
+        dalpha = tl.where(z >= 0, 0.0, dh * z)
+    else:
+        p = tl.sigmoid((z - mean) * rstd)
+        dz = dh * (alpha + (1.0 - alpha) * (p + z * p * (1.0 - p) * rstd))
+        dalpha = dh * z * (1.0 - p)
+    return dz, dalpha
+
+
+@triton.jit
+def _load_act_params(A, MU, RS, offs_h, mask_h, BLOCK_H: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                     HAS_STATS: tl.constexpr):
+    """[1, H] rows of the activation's parameters (zeros where the activation has none)."""
+    if HAS_ALPHA:
+        alpha = tl.load(A + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        alpha = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_STATS:
+        mean = tl.load(MU + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        rstd = tl.load(RS + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        mean = tl.zeros([BLOCK_H], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_H], dtype=tl.float32)
+    return alpha[None, :], mean[None, :], rstd[None, :]
+
+
+@triton.jit
+def _dot_operand(x, OPERAND: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``x`` rounded to the ``tl.dot`` operand dtype (the keys': fp32, or bf16/fp16 for 16-bit MMAs with fp32
+    accumulation). Under the interpreter, whose bf16 dot is wrong (numpy has no bf16), the rounded values go
+    back to fp32: the same products, since a product of two 16-bit values is exact in fp32."""
+    y = x.to(OPERAND)
+    if INTERPRETED:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _din_attention_fwd_kernel(
+    K,            # [B, T, D] keys
+    M,            # [B, D, H1] fp32, M_b
+    U,            # [B, H1] fp32, u_b (b1 included)
+    W2, B2,       # [H2, H1], [H2] (second hidden layer; unused with one layer)
+    WO, BO,       # [HL] (output layer row), [1]
+    A1, MU1, RS1,  # [H1] alpha, dice running mean, dice rsqrt(running var + eps)
+    A2, MU2, RS2,  # [H2]
+    LENGTHS,      # [B] int64
+    OUT,          # [B, D] pooled output (query dtype)
+    ATTN,         # [B, T] fp32 final weights, zero-initialised
+    LSE,          # [B] fp32 (softmax only)
+    T, D, H1, H2, scale,
+    stride_kb, stride_kt,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """One program per batch row b, looping over its valid positions t < L_b in tiles:
+
+        z1 = k @ M_b + u_b,  h1 = act(z1),  [z2 = h1 @ W2^T + b2,  h2 = act(z2)],
+        s_t = (h_last @ w_out + b_out) * scale
+        none:    w_t = s_t,                        out_b = sum_t w_t k_t
+        softmax: w_t = exp(s_t - lse_b),           out_b = sum_t w_t k_t   (online softmax, base 2)
+    ATTN holds w (0 at padding); LSE holds lse_b = log sum_{t < L_b} exp(s_t) (0 for an empty row).
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    b = tl.program_id(0).to(tl.int64)
+    # Clamped so that a bad length can never send a load or store outside the row.
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h1 = tl.arange(0, BLOCK_H1)
+    mask_d = offs_d < D
+    mask_h1 = offs_h1 < H1
+    OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``)
+    # Padded hidden units read 0 from M, u and every weight touching them, so the 0.5 a padded
+    # sigmoid unit produces never reaches a score.
+    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :],
+                 mask=mask_d[:, None] & mask_h1[None, :], other=0.0)
+    m1 = _dot_operand(m1, OPERAND, INTERPRETED)  # [BD, BH1]
+    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
+    if TWO_LAYERS:
+        offs_h2 = tl.arange(0, BLOCK_H2)
+        mask_h2 = offs_h2 < H2
+        w2t = tl.load(W2 + offs_h2[None, :] * H1 + offs_h1[:, None],
+                      mask=mask_h1[:, None] & mask_h2[None, :], other=0.0)
+        w2t = _dot_operand(w2t, OPERAND, INTERPRETED)  # [BH1, BH2]
+        b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, HAS_ALPHA, HAS_STATS)
+        wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)  # [BH2]
+    else:
+        wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)  # [BH1]
+    bo = tl.load(BO).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([], float("-inf"), tl.float32)  # running max of the base-2 scores
+    l_i = tl.full([], 0.0, tl.float32)  # running sum of exp2(s2 - m_i)
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BT, BD], keys' dtype
+        k = k_in.to(tl.float32)
+        z1 = tl.dot(_dot_operand(k_in, OPERAND, INTERPRETED), m1, input_precision=DOT_PRECISION)
+        z1 += u1[None, :]  # [BT, BH1] fp32
+        h = _act_fwd(z1, a1, mu1, rs1, ACT)
+        if TWO_LAYERS:
+            z2 = tl.dot(_dot_operand(h, OPERAND, INTERPRETED), w2t, input_precision=DOT_PRECISION)
+            z2 += b2[None, :]  # [BT, BH2]
+            h = _act_fwd(z2, a2, mu2, rs2, ACT)
+        s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
+        if SOFTMAX:
+            s2 = tl.where(valid, s * LOG2E, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s2, axis=0))
+            p = tl.exp2(s2 - m_new)
+            correction = tl.exp2(m_i - m_new)
+            l_i = l_i * correction + tl.sum(p, axis=0)
+            acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
+            m_i = m_new
+            # raw scores for now; normalised by the second pass below
+            tl.store(ATTN + b * T + offs, s, mask=valid)
+        else:
+            w = tl.where(valid, s, 0.0)
+            acc += tl.sum(w[:, None] * k, axis=0)
+            tl.store(ATTN + b * T + offs, w, mask=valid)
+
+    if SOFTMAX:
+        has_any = L > 0
+        l_safe = tl.where(has_any, l_i, 1.0)
+        m_safe = tl.where(has_any, m_i, 0.0)
+        acc = acc / l_safe
+        tl.store(LSE + b, (m_safe + tl.log2(l_safe)) * LN2)
+        # the scores written above are re-read by (possibly) other threads of this program
+        tl.debug_barrier()
+        for t0 in range(0, L, BLOCK_T):
+            offs = t0 + offs_t
+            valid = offs < L
+            s = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)
+            tl.store(ATTN + b * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
+    tl.store(OUT + b * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _din_attention_bwd_kernel(
+    K, M, U, W2, B2, WO, A1, MU1, RS1, A2, MU2, RS2, LENGTHS,
+    ATTN,         # [B, T] fp32 final weights from the forward
+    DOUT,         # [B, D] upstream gradient
+    DELTA,        # [B] fp32, dout_b . out_b (softmax only)
+    DK,           # [B, T, D] keys gradient (keys dtype)
+    DM, DU,       # [B, D, H1], [B, H1] fp32: gradients of M_b and u_b
+    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-row partials
+    DWO, DBO,     # [B, HL], [B] fp32 per-row partials
+    DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
+    T, D, H1, H2, scale,
+    stride_kb, stride_kt,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    INTERPRETED: tl.constexpr, PASS: tl.constexpr,
+):
+    """Recompute the tile's activations and backpropagate, for t < L_b:
+
+        dw_t = dout_b . k_t
+        ds_t = scale * dw_t                          (none)
+        ds_t = scale * w_t (dw_t - delta_b)          (softmax; delta_b = dout_b . out_b = sum_t w_t dw_t)
+        dh_last = ds_t w_out,  [dz2 = act'(z2) dh2,  dW2 += dz2^T h1,  dh1 = dz2 @ W2],  dz1 = act'(z1) dh1
+        dk_t = w_t dout_b + dz1_t @ M_b^T,   dM_b = sum_t k_t^T dz1_t,   du_b = sum_t dz1_t
+    dk is 0 at padding. Weight and alpha gradients are written per row and summed by the launcher.
+    ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's gradients
+    (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each holds three
+    [64, 128]-sized tiles instead of four (resident M_b and W2, one accumulator): fp32 without TF32 runs
+    its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h1 = tl.arange(0, BLOCK_H1)
+    mask_d = offs_d < D
+    mask_h1 = offs_h1 < H1
+    mask_dh1 = mask_d[:, None] & mask_h1[None, :]
+    OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``), fp32 accumulators
+    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    m1 = _dot_operand(m1, OPERAND, INTERPRETED)
+    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
+    if TWO_LAYERS:
+        offs_h2 = tl.arange(0, BLOCK_H2)
+        mask_h2 = offs_h2 < H2
+        mask_h21 = mask_h2[:, None] & mask_h1[None, :]
+        w2 = tl.load(W2 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21, other=0.0)
+        w2 = _dot_operand(w2, OPERAND, INTERPRETED)
+        w2t = tl.trans(w2)  # [BH1, BH2]
+        b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, HAS_ALPHA, HAS_STATS)
+        wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        if PASS != 2:
+            dw2 = tl.zeros([BLOCK_H2, BLOCK_H1], dtype=tl.float32)
+        db2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        da2 = tl.zeros([BLOCK_H2], dtype=tl.float32)
+        dwo = tl.zeros([BLOCK_H2], dtype=tl.float32)
+    else:
+        wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)
+        dwo = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dout = tl.load(DOUT + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+    if SOFTMAX:
+        delta = tl.load(DELTA + b)
+
+    if PASS != 1:
+        dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    du = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dbo = tl.full([], 0.0, tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        mask_k = valid[:, None] & mask_d[None, :]
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
+        k = k_in.to(tl.float32)
+        k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
+        w = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)  # [BT]
+        dw = tl.sum(k * dout[None, :], axis=1)
+        if SOFTMAX:
+            ds = w * (dw - delta)
+        else:
+            ds = dw
+        # zero at padding: every gradient below is then zero there too
+        ds = tl.where(valid, ds, 0.0) * scale
+
+        z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
+        if TWO_LAYERS:
+            h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
+            z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
+            dwo += tl.sum(ds[:, None] * h2, axis=0)
+            dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
+            da2 += tl.sum(dalpha2, axis=0)
+            db2 += tl.sum(dz2, axis=0)
+            dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
+            if PASS != 2:
+                dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
+            if PASS != 1:
+                dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
+        else:
+            dwo += tl.sum(ds[:, None] * h1, axis=0)
+            dh1 = ds[:, None] * wo[None, :]
+        dbo += tl.sum(ds, axis=0)
+        if PASS != 1:
+            dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
+            da1 += tl.sum(dalpha1, axis=0)
+            du += tl.sum(dz1, axis=0)
+            dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
+            dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
+            dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
+            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                     dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
+    if PASS != 1:
+        # padding past the last tile touched above
+        for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+            offs = t0 + offs_t
+            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                     tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
+                     mask=(offs[:, None] < T) & mask_d[None, :])
+        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
+        if HAS_ALPHA:
+            tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
+    if PASS != 2:
+        tl.store(DBO + b, dbo)
+        if TWO_LAYERS:
+            tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
+            tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
+            tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
+            if HAS_ALPHA:
+                tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
+        else:
+            tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _hidden_widths(weights: Sequence[Tensor]) -> List[int]:
+    return [weights[i].shape[0] for i in range(0, len(weights) - 2, 2)]
+
+
+def _block(n: int) -> int:
+    """Padded tile extent: a power of two >= 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
+    """True when the Triton kernels cover this problem: 1 or 2 hidden layers of width <= 256, D <= 256,
+    fp32/fp16/bf16 keys, and padded resident tiles ``D x H1 + H1 x H2`` of at most 20480 elements (DIN's
+    D=36, (80, 40): 64x128 + 128x64 = 16384). Everything else runs the composite path (same API and results)."""
+    widths = _hidden_widths(weights)
+    dim = keys.shape[2]
+    if len(widths) not in (1, 2) or max(widths) > _MAX_FUSED_WIDTH or keys.dtype not in _FUSED_DTYPES:
+        return False
+    if not 0 < dim <= _MAX_FUSED_WIDTH:
+        return False
+    resident = _block(dim) * _block(widths[0])
+    if len(widths) == 2:
+        resident += _block(widths[0]) * _block(widths[1])
+    return resident <= _MAX_RESIDENT_ELEMENTS
+
+
+def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False,
+                 dot_precision: str = "tf32"):
+    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem, chosen from compiles for
+    sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``): autotuning needs a GPU to measure."""
+    block_d, block_h1 = _block(dim), _block(widths[0])
+    block_h2 = _block(widths[1]) if len(widths) == 2 else 16
+    widest = max(block_d, block_h1, block_h2)
+    # [BT, BH] activation tiles live beside the resident ones; the backward keeps about twice as many
+    # (activations and their gradients), so its position tile is halved (sm_90a compile: smem 164 KB at
+    # BT=32 -> 151 KB at BT=16 for DIN's shape, fewer spilled registers).
+    block_t = 64 if widest <= 64 else 32
+    if backward or dot_precision == "ieee":
+        # fp32 without TF32 multiplies on FMA units: its forward at 32 positions x 8 warps spilled 15-16 KB
+        # on Triton 3.6 (ptxas fell back to 32 registers), none at 16 on 3.6 or 3.9
+        block_t //= 2
+    block_t = max(16, min(block_t, _block(seq_len)))
+    # 8 warps from DIN's 64 x 128 tiles up: compiled for sm_90 / sm_80 (benchmarks/gpu_compile_report.py,
+    # RESULTS.md section 9), 4 warps there left ptxas at 32 registers with 35-68 KB spilled for fp32 without
+    # TF32 and at 255 registers with 0.3-1.8 KB spilled in every backward; 8 warps spill nothing in the
+    # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB)
+    num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
+    return block_t, block_d, block_h1, block_h2, num_warps
+
+
+def _backward_passes(dtype: torch.dtype, widths: Sequence[int]) -> Tuple[int, ...]:
+    """The backward kernel's ``PASS`` values, launched in order: two passes over the positions (each
+    recomputing the forward) for fp32 without TF32 and two hidden layers, whose one-pass form spilled
+    2.2-2.8 KB per thread on sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``); one pass otherwise."""
+    return (1, 2) if _dot_precision(dtype) == "ieee" and len(widths) == 2 else (0,)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 problems follow torch's own TF32 switch (off by default): the kernel then matches an fp32
+    # reference to 1e-5. 16-bit inputs reach tl.dot as they are (bf16/fp16 MMAs, fp32 accumulation; the
+    # fp32 activations are rounded to the keys' dtype before each product), where the setting is moot.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _activation_constexprs(activation: str) -> dict:
+    """The kernels' activation constexprs: ``ACT`` (which formula), ``HAS_ALPHA``, ``HAS_STATS``."""
+    spec = activation_spec(activation)
+    if not spec.fused:  # (the plan sends it to the composite path)
+        raise ValueError(f"activation={activation!r} has no Triton kernel (activations.ACTIVATION_SPECS)")
+    return dict(ACT=spec.code, HAS_ALPHA=spec.has_alpha, HAS_STATS=spec.has_stats)
+
+
+def _act_params(alphas, dice_eval, eps: float, widths: Sequence[int], dummy: Tensor):
+    """Per-layer (alpha [H], mean [H], rsqrt(var + eps) [H]) as contiguous tensors the kernel reads."""
+    params = []
+    for layer, width in enumerate(widths):
+        alpha = alphas[layer].reshape(-1).expand(width).contiguous() if alphas is not None else dummy
+        if dice_eval is not None:
+            mean, var = dice_eval[layer]
+            mean = mean.float().contiguous()
+            rstd = torch.rsqrt(var.float() + eps).contiguous()
+        else:
+            mean = rstd = dummy
+        params.append((alpha, mean, rstd))
+    if len(params) == 1:
+        params.append((dummy, dummy, dummy))
+    return params
+
+
+def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+                      alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
+                      eps: float, *, form: str, activation: str, normalize: str, scale: Optional[float]):
+    """Fused forward. query [B, D], keys [B, T, D], lengths [B], validated arguments (``fused_supported``).
+    Returns (out [B, D] query dtype, attn [B, T] fp32, lse [B] fp32 or empty)."""
+    if not fused_supported(keys, weights):
+        raise ValueError("attention_forward: problem outside the fused kernels' coverage (fused_supported)")
+    keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()  # no-ops from din_attention
+    batch, seq_len, dim = keys.shape
+    widths = _hidden_widths(weights)
+    softmax = normalize == "softmax"
+    out = torch.empty(batch, dim, dtype=query.dtype, device=keys.device)
+    attn = torch.zeros(batch, seq_len, dtype=torch.float32, device=keys.device)
+    lse = torch.zeros(batch if softmax else 0, dtype=torch.float32, device=keys.device)
+    if batch == 0:
+        return out, attn, lse
+    first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
+    u, m = first.u(q), first.m(q)  # [B, H1], [B, D, H1] row-major (the layout the kernels read)
+    weights = [w.contiguous() for w in weights]
+    (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
+    two = len(widths) == 2
+    w2, b2 = (weights[2], weights[3]) if two else (u, u)
+    block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths,
+                                                                   dot_precision=_dot_precision(keys.dtype))
+    _din_attention_fwd_kernel[(batch,)](
+        keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
+        out, attn, lse,
+        seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
+        keys.stride(0), keys.stride(1),
+        **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
+        DOT_PRECISION=_dot_precision(keys.dtype),
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
+        INTERPRETED=interpreter_enabled(), num_warps=num_warps,
+    )
+    return out, attn, lse
+
+
+def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+                       alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
+                       eps: float, out: Tensor, attn: Tensor, lse: Tensor, *, form: str, activation: str,
+                       normalize: str, scale: Optional[float]):
+    """Fused backward: (dquery [B, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None)."""
+    if not fused_supported(keys, weights):
+        raise ValueError("attention_backward: problem outside the fused kernels' coverage (fused_supported)")
+    keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()
+    batch, seq_len, dim = keys.shape
+    widths = _hidden_widths(weights)
+    two = len(widths) == 2
+    softmax = normalize == "softmax"
+    device, f32 = keys.device, torch.float32
+    h1, h2 = widths[0], (widths[1] if two else 1)
+    width_last = widths[-1]
+    dkeys = torch.empty_like(keys)
+    dm = torch.empty(batch, dim, h1, dtype=f32, device=device)
+    du = torch.empty(batch, h1, dtype=f32, device=device)
+    dw2 = torch.empty(batch, h2, h1, dtype=f32, device=device) if two else du
+    db2 = torch.empty(batch, h2, dtype=f32, device=device) if two else du
+    dwo = torch.empty(batch, width_last, dtype=f32, device=device)
+    dbo = torch.empty(batch, dtype=f32, device=device)
+    has_alpha = activation_spec(activation).has_alpha
+    da1 = torch.empty(batch, h1, dtype=f32, device=device) if has_alpha else du
+    da2 = torch.empty(batch, h2, dtype=f32, device=device) if has_alpha and two else du
+    first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
+    if batch > 0:
+        grad_out = grad_out.contiguous()
+        u, m = first.u(q), first.m(q)
+        weights = [w.contiguous() for w in weights]
+        (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
+        w2, b2 = (weights[2], weights[3]) if two else (u, u)
+        delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [B]
+        block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True,
+                                                                       dot_precision=_dot_precision(keys.dtype))
+        for backward_pass in _backward_passes(keys.dtype, widths):
+            _din_attention_bwd_kernel[(batch,)](
+                keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
+                attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
+                seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
+                keys.stride(0), keys.stride(1),
+                **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
+                DOT_PRECISION=_dot_precision(keys.dtype),
+                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
+                INTERPRETED=interpreter_enabled(), PASS=backward_pass, num_warps=num_warps,
+            )
+    else:
+        for buffer in (dm, du, dw2, db2, dwo, dbo, da1, da2):
+            buffer.zero_()
+    dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1])
+    grads = [dw1, db1]
+    if two:
+        grads += [dw2.sum(0), db2.sum(0)]
+    grads += [dwo.sum(0)[None, :], dbo.sum(0, keepdim=True)]
+    dweights = tuple(g.to(w.dtype) for g, w in zip(grads, weights))
+    dalphas = None
+    if has_alpha:
+        partials = [da1, da2][:len(widths)]
+        # a shared slope (one entry) gets the sum over its units
+        dalphas = tuple((p.sum(0) if a.numel() > 1 else p.sum()).reshape(a.shape).to(a.dtype)
+                        for p, a in zip(partials, alphas))
+    return dquery.to(query.dtype), dkeys, dweights, dalphas

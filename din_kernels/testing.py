@@ -1,0 +1,57 @@
+"""What the test suite and the benchmarks use of din_kernels' internals, in one documented place.
+
+Users need none of this (the public API is ``din_kernels``' ``__all__``); tests and benchmarks that check
+one path or one piece directly import it from here, so that moving an internal touches this file, not
+every test.
+
+Local activation unit (``din_kernels.attention``), one launcher contract on every path::
+
+    forward(query, keys, lengths, weights, alphas, dice_eval, eps, *, form, activation, normalize, scale)
+        -> (out, attn, lse)
+    backward(grad_out, query, keys, lengths, weights, alphas, dice_eval, eps, out, attn, lse, *, form,
+             activation, normalize, scale) -> (dquery, dkeys, dweights, dalphas)
+
+- ``ATTENTION_LAUNCHERS``: ``{"triton": ..., "cpp": ..., "composite": ...}``, (forward, backward) each;
+  ``attention_small``: the small-problem autograd path (returns ``(out, attn)``);
+  ``attention_launchers(keys, weights, activation)``: the (forward, backward) a call's plan picks;
+  ``fused_supported(keys, weights)``: whether the Triton kernels cover a problem.
+- The modules, for tests of one piece's internals (chunk planning, workspaces, kept-activation buffers,
+  tile and warp choices, the kernels themselves): ``attention_composite``, ``attention_small_module``,
+  ``attention_cpu``, ``attention_fused``, ``attention_first_layer``, ``attention_plan`` and
+  ``attention_function`` (the op, Function and functional: where a test spies on what a call runs).
+
+Dice (``din_kernels.dice``) and MBA (``din_kernels.mba``): ``dice_module`` and ``mba_module``, whose
+kernels and mode constants the GPU compile report reads.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .attention import composite as attention_composite
+from .attention import cpu as attention_cpu
+from .attention import first_layer as attention_first_layer
+from .attention import function as attention_function
+from .attention import fused as attention_fused
+from .attention import plan as attention_plan
+from .attention import small as attention_small_module
+
+dice_module = importlib.import_module("din_kernels.dice")  # (the package re-exports the function ``dice``)
+mba_module = importlib.import_module("din_kernels.mba")
+
+ATTENTION_LAUNCHERS = {
+    "triton": (attention_fused.attention_forward, attention_fused.attention_backward),
+    "cpp": (attention_cpu.attention_cpu_forward, attention_cpu.attention_cpu_backward),
+    "composite": (attention_composite.attention_torch_forward, attention_composite.attention_torch_backward),
+}
+attention_small = attention_small_module.attention_torch_small
+fused_supported = attention_fused.fused_supported
+
+
+def attention_launchers(keys, weights, activation: str = "sigmoid"):
+    """(forward, backward) of the path a call with these keys, weights and activation takes."""
+    return attention_plan._launchers(keys, weights, activation)
+
+
+__all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
+           "attention_function", "attention_fused", "attention_launchers", "attention_plan", "attention_small",
+           "attention_small_module", "dice_module", "fused_supported", "mba_module"]
