@@ -48,8 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import din_kernels as dk  # noqa: E402
 from din_kernels import reference  # noqa: E402
-from din_kernels import cpu_extension  # noqa: E402
-from din_kernels._backend import interpreter_enabled  # noqa: E402
+from din_kernels.testing import cpu_extension, interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row, synced,  # noqa: E402

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import din_kernels as dk
-from din_kernels._backend import use_triton
+from din_kernels.testing import use_triton
 
 BATCH, DIM, LAM, LR = 1024, 64, 1e-4, 0.05
 DEFAULT_ROWS = (10_000, 100_000, 1_000_000, 10_000_000)

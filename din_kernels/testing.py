@@ -22,11 +22,17 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
 
 Dice (``din_kernels.dice``) and MBA (``din_kernels.mba``): ``dice_module`` and ``mba_module``, whose
 kernels and mode constants the GPU compile report reads.
+
+Backends: ``select_path(tensor, cpp=)`` (the rule every op follows), ``use_triton``,
+``use_cpu_extension``, ``interpreter_enabled``; ``cpu_extension``, the C++ ops' build and loader (its
+cache, threads and fallbacks are tested directly).
 """
 from __future__ import annotations
 
 import importlib
 
+from . import cpu_extension
+from ._backend import interpreter_enabled, select_path, use_cpu_extension, use_triton
 from .attention import composite as attention_composite
 from .attention import cpu as attention_cpu
 from .attention import first_layer as attention_first_layer
@@ -54,4 +60,5 @@ def attention_launchers(keys, weights, activation: str = "sigmoid"):
 
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
            "attention_function", "attention_fused", "attention_launchers", "attention_plan", "attention_small",
-           "attention_small_module", "dice_module", "fused_supported", "mba_module"]
+           "attention_small_module", "cpu_extension", "dice_module", "fused_supported", "interpreter_enabled",
+           "mba_module", "select_path", "use_cpu_extension", "use_triton"]

@@ -15,8 +15,7 @@ import torch
 import din_kernels as dk
 from din_kernels.testing import attention_cpu as ac
 from din_kernels.testing import attention_plan
-from din_kernels import cpu_extension
-from din_kernels._backend import use_cpu_extension
+from din_kernels.testing import cpu_extension, use_cpu_extension
 from test_attention_torch import assert_matches, cpp, make_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,12 +169,12 @@ def test_built_once_into_the_cache_then_loaded(tmp_path):
     """A fresh cache builds (saying so on stderr), the next process loads the same file silently, and the
     build leaves no temporary file behind."""
     env = dict(DIN_KERNELS_CACHE=str(tmp_path))
-    first = _run("from din_kernels import cpu_extension as c; print(c.available(), c.library_path())", **env)
+    first = _run("from din_kernels.testing import cpu_extension as c; print(c.available(), c.library_path())", **env)
     assert first.returncode == 0, first.stderr
     assert "building the C++ CPU op" in first.stderr
     available, path = first.stdout.split()
     assert available == "True" and Path(path).is_file()
-    second = _run("from din_kernels import cpu_extension as c; print(c.available(), c.library_path())", **env)
+    second = _run("from din_kernels.testing import cpu_extension as c; print(c.available(), c.library_path())", **env)
     assert second.returncode == 0 and "building" not in second.stderr
     assert second.stdout.split() == first.stdout.split()
     assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import din_kernels as dk
-from din_kernels._backend import select_path
+from din_kernels.testing import select_path
 
 from conftest import BACKENDS
 
