@@ -15,6 +15,9 @@ batched into :class:`Batch` tensors.
   ``taobao:FILE`` (UserBehavior.csv), ``movielens:DIR``. ``seed`` seeds the negative items (the
   user split for MovieLens); ``None`` means 0, so that the cache applies.
 
+Your own interaction log (:mod:`din.data.interactions`, ``din prepare csv``) has no ``SOURCE:PATH`` form:
+its column names are options, so it is prepared into a folder first and that folder is the spec.
+
 New sources register a builder in ``SOURCES`` (a name), a preparer in ``PREPARERS`` (a
 ``name:path`` spec) and/or a detector in ``_PATH_LOADERS`` (a directory layout).
 """
@@ -27,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .amazon import amazon_files, load_amazon, load_amazon_csv, prepare_amazon, prepare_amazon_csv
 from .cache import Prepared, default_cache_dir
 from .dataset import VALIDATION_PROTOCOLS, Batch, InteractionData, Split, carve_validation, split_by_user
+from .interactions import load_interaction_log, prepare_interaction_log
 from .movielens import BUNDLED_MOVIELENS, load_movielens, prepare_movielens
 from .synthetic import make_synthetic
 from .taobao import load_taobao, prepare_taobao
@@ -43,10 +47,12 @@ __all__ = [
     "load_amazon",
     "load_amazon_csv",
     "load_taobao",
+    "load_interaction_log",
     "prepare_amazon",
     "prepare_amazon_csv",
     "prepare_taobao",
     "prepare_movielens",
+    "prepare_interaction_log",
     "Prepared",
     "default_cache_dir",
     "load_data",

@@ -11,6 +11,9 @@
   order of their raw ids (genres: of their names); 0 stays the padding id.
 * Train and test are split BY USER with a seeded permutation: no user is in both.
 
+:func:`row_samples` builds these samples from any rows; ``din prepare csv`` (:mod:`.interactions`) uses it
+for a labelled log of your own, with the label-1 rows as the behaviours.
+
 Two layouts load: the CSV one of ml-latest-small / ml-20m / ml-25m (``ratings.csv``
 ``userId,movieId,rating,timestamp`` and ``movies.csv`` ``movieId,title,genres``, UTF-8) and the ``::``
 one of ml-1m / ml-10m (``ratings.dat`` ``UserID::MovieID::Rating::Timestamp`` and ``movies.dat``
@@ -36,8 +39,8 @@ from ._io import PathLike
 from .cache import Log, Prepared, prepare_cached
 from .dataset import InteractionData, Split, _positive_int, split_by_user
 
-__all__ = ["load_movielens", "prepare_movielens", "read_ratings", "read_first_genres", "read_ratings_dat",
-           "read_first_genres_dat", "movielens_files", "BUNDLED_MOVIELENS", "NO_GENRE"]
+__all__ = ["load_movielens", "prepare_movielens", "read_ratings", "row_samples", "read_first_genres",
+           "read_ratings_dat", "read_first_genres_dat", "movielens_files", "BUNDLED_MOVIELENS", "NO_GENRE"]
 
 BUNDLED_MOVIELENS = Path(__file__).resolve().parent / "bundled" / "ml-latest-small"
 NO_GENRE = "(no genres listed)"
@@ -158,6 +161,52 @@ def read_first_genres_dat(path: PathLike) -> Tuple[np.ndarray, list]:
     return movie_ids, genres
 
 
+def row_samples(user: np.ndarray, goods: np.ndarray, cate: np.ndarray, timestamp: np.ndarray, label: np.ndarray, *,
+                num_users: int, num_goods: int, num_cates: int, name: str,
+                behaviour: Optional[np.ndarray] = None) -> Tuple[InteractionData, np.ndarray]:
+    """Every row a sample (the MovieLens protocol of the module doc): its candidate is the row's goods and
+    category, its label the row's, its history the same user's earlier behaviour rows in time order.
+
+    Args:
+        user, goods, cate: ``[n]`` 1-based ids of each row, in file order.
+        timestamp: ``[n]`` numbers; rows of one user with equal timestamps keep their file order, so
+            "earlier" is "earlier in time, or same time and earlier in the file".
+        label: ``[n]`` 0/1 (or bool) label of each row.
+        behaviour: ``[n]`` bool, which rows are behaviours that later samples see in their history
+            (default: every row, as MovieLens, where each earlier rating is a behaviour).
+        num_users, num_goods, num_cates, name: as :class:`InteractionData`.
+
+    Returns:
+        ``(data, order)``: the samples ordered by user, then time, then file position, and that order
+        (``data``'s sample ``k`` is row ``order[k]``).
+    """
+    # one flat, time-ordered array: by user, then time, then file position (stable ties)
+    order = np.lexsort((np.arange(len(user)), timestamp, user))
+    user_sorted = user[order]
+    goods, cate = goods[order], cate[order]
+    if behaviour is None:  # every row a behaviour: the sample at p has the history [first row of its user, p)
+        kept, before = slice(None), np.arange(len(order), dtype=np.int64)
+    else:  # the history is the user's behaviours before p: count them in the flat behaviour array
+        kept = np.asarray(behaviour, dtype=bool)[order]
+        before = np.cumsum(kept, dtype=np.int64) - kept
+    first_row = np.searchsorted(user_sorted, user_sorted, side="left")
+    data = InteractionData(
+        behaviour_goods=goods[kept],
+        behaviour_cates=cate[kept],
+        user=user_sorted,
+        hist_start=before[first_row],
+        hist_end=before,
+        goods=goods,
+        cate=cate,
+        label=np.asarray(label)[order].astype(np.float32),
+        num_users=num_users,
+        num_goods=num_goods,
+        num_cates=num_cates,
+        name=name,
+    )
+    return data, order
+
+
 def load_movielens(
     path_or_dir: Optional[PathLike] = None,
     max_len: Optional[int] = None,
@@ -205,28 +254,9 @@ def load_movielens(
     user = user.reshape(-1) + 1
     movie = movie + 1
 
-    # one flat, time-ordered behaviour array: by user, then time, then file position (stable ties)
-    order = np.lexsort((np.arange(len(user)), timestamp, user))
-    user_sorted = user[order]
-    goods = movie[order]
-    cate = movie_cate[goods - 1]
-    # sample at flat position p has the history [first position of its user, p)
-    hist_start = np.searchsorted(user_sorted, user_sorted, side="left")
-    hist_end = np.arange(len(order), dtype=np.int64)
-    data = InteractionData(
-        behaviour_goods=goods,
-        behaviour_cates=cate,
-        user=user_sorted,
-        hist_start=hist_start,
-        hist_end=hist_end,
-        goods=goods,
-        cate=cate,
-        label=(rating[order] >= positive_threshold).astype(np.float32),
-        num_users=len(user_values) + 1,
-        num_goods=len(movie_sorted) + 1,
-        num_cates=len(genre_names) + 1,
-        name="movielens",
-    )
+    data, order = row_samples(user, movie, movie_cate[movie - 1], timestamp, rating >= positive_threshold,
+                              num_users=len(user_values) + 1, num_goods=len(movie_sorted) + 1,
+                              num_cates=len(genre_names) + 1, name="movielens")
     if max_len is not None:
         data = data.truncated(max_len)
     return split_by_user(data, test_fraction, seed)

@@ -24,11 +24,14 @@ user has a test pair and the evaluation is the same as Amazon's):
 the user's earlier clicks), every earlier one a training target. No training sample then looks at the
 test period. A quantile rather than "the last day" because the published file has a few clicks with
 timestamps far outside its nine days.
+
+:func:`click_log_split` is this protocol on decoded columns; ``din prepare csv`` (:mod:`.interactions`)
+applies it to a log of your own without a label column.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -38,7 +41,8 @@ from .amazon import next_item_split
 from .cache import Log, Prepared, prepare_cached
 from .dataset import SeedLike, Split
 
-__all__ = ["BEHAVIOURS", "load_taobao", "prepare_taobao", "read_taobao_clicks"]
+__all__ = ["BEHAVIOURS", "check_split", "click_log_split", "dense_log_ids", "load_taobao", "prepare_taobao",
+           "read_taobao_clicks", "time_cutoff"]
 
 #: behaviour word -> code in the parsed table
 BEHAVIOURS = {"pv": 0, "buy": 1, "cart": 2, "fav": 3}
@@ -99,48 +103,91 @@ def read_taobao_clicks(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str,
     return columns, counts
 
 
-def _check_split(split: str, test_fraction: float) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+def check_split(split: str, test_fraction: float, splits: Tuple[str, ...] = SPLITS) -> None:
+    """Raise ``ValueError`` naming ``split`` or ``test_fraction`` if it is not one of ``splits`` / in (0, 1)."""
+    if split not in splits:
+        raise ValueError(f"split must be one of {splits}, got {split!r}")
     if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
 
 
+def time_cutoff(timestamps: np.ndarray, test_fraction: float) -> Union[int, float]:
+    """The ``1 - test_fraction`` quantile of ``timestamps``, as one of its values (``method="higher"``):
+    the rows at or after it are the test period of a time split."""
+    return np.quantile(np.asarray(timestamps), 1.0 - test_fraction, method="higher").item()
+
+
+def dense_log_ids(user: np.ndarray, item: np.ndarray, category: np.ndarray) -> Dict[str, Any]:
+    """Dense 1-based ids of a log's raw user, item and category ids (integers, any range), in sorted order
+    of the raw ids, and each item's one category: the one of its first row.
+
+    Returns:
+        ``{"user": [n], "item": [n], "item_cate": [num_items + 1] (entry 0: padding), "num_users",
+        "num_items", "num_cates", "items_with_several_categories"}`` (ids int64).
+    """
+    user_keys, user = np.unique(user, return_inverse=True)
+    item_keys, first_row, item = np.unique(item, return_index=True, return_inverse=True)
+    user, item = user.reshape(-1) + 1, item.reshape(-1) + 1
+    cate_keys, item_cate = np.unique(category[first_row], return_inverse=True)
+    item_cate = np.concatenate(([0], item_cate.reshape(-1) + 1))
+    pairs = np.unique(item * (np.int64(category.max(initial=0)) + 1) + category)
+    return {"user": user, "item": item, "item_cate": item_cate, "num_users": len(user_keys),
+            "num_items": len(item_keys), "num_cates": len(cate_keys),
+            "items_with_several_categories": int(len(pairs) - len(item_keys))}
+
+
+def click_log_split(user: np.ndarray, item: np.ndarray, category: np.ndarray, timestamp: np.ndarray, *,
+                    seed: SeedLike, split: str = "last", test_fraction: float = 0.1, name: str = "taobao",
+                    where: str = "the log", clicks: str = "pv clicks") -> Tuple[Split, Dict[str, Any]]:
+    """The protocol of the module doc on the clicks of a log, given as columns in file order.
+
+    Args:
+        user, item, category: ``[n]`` raw integer ids (remapped by :func:`dense_log_ids`).
+        timestamp: ``[n]`` numbers; ties keep file order.
+        seed, split, test_fraction: as :func:`load_taobao`.
+        name: the data set's name; ``where``: the input, for error messages; ``clicks``: what the
+            behaviours are, for the ``protocol`` entry of the stats.
+
+    Raises:
+        ValueError: for a bad ``split``/``test_fraction``, no click, or a split that leaves a part empty.
+    """
+    check_split(split, test_fraction)
+    if len(user) == 0:
+        raise ValueError(f"{where} holds no clicks")
+    ids = dense_log_ids(user, item, category)
+    user = ids["user"]
+    by_time = np.lexsort((np.arange(len(user)), timestamp, user))  # user, time, file order
+    test_target, cutoff = None, None
+    if split == "time":
+        timestamps = timestamp[by_time]
+        cutoff = time_cutoff(timestamps, test_fraction)
+        test_target = timestamps >= cutoff
+    parts, stats = next_item_split(user[by_time], ids["item"][by_time], ids["item_cate"], num_users=ids["num_users"],
+                                   num_items=ids["num_items"], num_cates=ids["num_cates"], seed=seed, name=name,
+                                   test_target=test_target)
+    if len(parts.test) == 0 or len(parts.train) == 0:
+        raise ValueError(f"split {split!r} of {where} leaves an empty {'test' if len(parts.test) == 0 else 'train'} "
+                         "part: too few clicks (or a test_fraction too small or too large)")
+    stats.update(items_with_several_categories=ids["items_with_several_categories"], split=split,
+                 first_timestamp=timestamp.min().item(), last_timestamp=timestamp.max().item())
+    stats["protocol"] = f"{clicks}; " + stats["protocol"].replace("never-reviewed", "never-clicked")
+    if split == "time":
+        stats.update(test_fraction=test_fraction, test_from_timestamp=cutoff)
+        stats["protocol"] = (f"{clicks}; the official build_dataset pairs (history, next click, 1) and (history, "
+                             f"random never-clicked item, 0) for every click after a user's first; clicks at "
+                             f"or after timestamp {cutoff} (the {1 - test_fraction:g} quantile) are test targets")
+    return parts, stats
+
+
 def _build_taobao(path: PathLike, seed: SeedLike, split: str = "last",
                   test_fraction: float = 0.1) -> Tuple[Split, Dict[str, Any]]:
-    _check_split(split, test_fraction)
+    check_split(split, test_fraction)
     clicks, counts = read_taobao_clicks(path)
     if len(clicks["user"]) == 0:
         raise ValueError(f"{path} holds no 'pv' (click) events")
-    user_keys, user = np.unique(clicks["user"], return_inverse=True)
-    item_keys, first_click, item = np.unique(clicks["item"], return_index=True, return_inverse=True)
-    user, item = user.reshape(-1) + 1, item.reshape(-1) + 1
-    # one category per item: the one of its first click in the file
-    cate_keys, item_cate = np.unique(clicks["category"][first_click], return_inverse=True)
-    item_cate = np.concatenate(([0], item_cate.reshape(-1) + 1))
-    pairs = np.unique(item * (np.int64(clicks["category"].max()) + 1) + clicks["category"])
-    several = int(len(pairs) - len(item_keys))
-
-    by_time = np.lexsort((np.arange(len(user)), clicks["timestamp"], user))  # user, time, file order
-    test_target, cutoff = None, None
-    if split == "time":
-        timestamps = clicks["timestamp"][by_time]
-        cutoff = int(np.quantile(timestamps, 1.0 - test_fraction, method="higher"))
-        test_target = timestamps >= cutoff
-    parts, stats = next_item_split(user[by_time], item[by_time], item_cate, num_users=len(user_keys),
-                                   num_items=len(item_keys), num_cates=len(cate_keys), seed=seed, name="taobao",
-                                   test_target=test_target)
-    if len(parts.test) == 0 or len(parts.train) == 0:
-        raise ValueError(f"split {split!r} of {path} leaves an empty {'test' if len(parts.test) == 0 else 'train'} "
-                         "part: too few clicks (or a test_fraction too small or too large)")
-    stats.update(counts, items_with_several_categories=several, split=split,
-                 first_timestamp=int(clicks["timestamp"].min()), last_timestamp=int(clicks["timestamp"].max()))
-    stats["protocol"] = "pv clicks; " + stats["protocol"].replace("never-reviewed", "never-clicked")
-    if split == "time":
-        stats.update(test_fraction=test_fraction, test_from_timestamp=cutoff)
-        stats["protocol"] = (f"pv clicks; the official build_dataset pairs (history, next click, 1) and (history, "
-                             f"random never-clicked item, 0) for every click after a user's first; clicks at "
-                             f"or after timestamp {cutoff} (the {1 - test_fraction:g} quantile) are test targets")
+    parts, stats = click_log_split(clicks["user"], clicks["item"], clicks["category"], clicks["timestamp"], seed=seed,
+                                   split=split, test_fraction=test_fraction, name="taobao", where=str(path))
+    stats.update(counts)
     return parts, stats
 
 
@@ -166,7 +213,7 @@ def prepare_taobao(path: PathLike, *, seed: int = 0, split: str = "last", test_f
                    out: Optional[PathLike] = None, overwrite: bool = False, cache_dir: Optional[PathLike] = None,
                    log: Optional[Log] = None) -> Prepared:
     """:func:`load_taobao`, saved to ``out`` (or the cache) and reused while input and options are unchanged."""
-    _check_split(split, test_fraction)  # before any work, and before the cache is touched
+    check_split(split, test_fraction)  # before any work, and before the cache is touched
     options: Dict[str, Any] = {"seed": seed}
     if split != "last":  # the default keeps the key of folders prepared before the option existed
         options.update(split=split, test_fraction=test_fraction)
