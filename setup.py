@@ -17,7 +17,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "pyarrow"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["din = din.cli:main"]},
