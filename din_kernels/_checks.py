@@ -103,15 +103,19 @@ def check_lengths(lengths: Tensor, batch: int, max_len: int, device: torch.devic
 def check_attention_args(query, keys, lengths, weights, form, activation, normalize, scale,
                          alphas, dice_stats):
     """Validate ``din_attention``'s arguments; returns (lengths as [B], weights as a tuple)."""
-    check_tensor("query", query, ndim=2, floating=True)
+    check_tensor("query", query, floating=True)
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be [B, D] (one candidate per history) or [B, C, D] (C candidates), got "
+                         f"shape {tuple(query.shape)}")
     check_tensor("keys", keys, ndim=3, floating=True)
     check_choice("form", form, FORMS)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("normalize", normalize, NORMALIZATIONS)
     batch, max_len, dim = keys.shape
-    if query.shape != (batch, dim):
-        raise ValueError(f"query must have shape [B, D]=[{batch}, {dim}] to match keys {tuple(keys.shape)}, "
-                         f"got {tuple(query.shape)}")
+    if query.shape[0] != batch or query.shape[-1] != dim:
+        form_ = "[B, D]" if query.dim() == 2 else "[B, C, D]"
+        raise ValueError(f"query must have shape {form_} with B={batch}, D={dim} to match keys "
+                         f"{tuple(keys.shape)}, got {tuple(query.shape)}")
     if query.dtype != keys.dtype:
         raise TypeError(f"query and keys must share a dtype, got {query.dtype} and {keys.dtype}")
     check_same_device(query=query, keys=keys)

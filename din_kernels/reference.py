@@ -153,8 +153,19 @@ def din_attention(
     intensity). ``"softmax"``: softmax over the valid positions only (official code). A row of length 0
     gets weights 0, output 0 and finite gradients. ``alphas``: one [H_l] tensor per hidden layer (prelu
     slope or dice alpha); ``dice_stats``: one (running_mean, running_var) pair per hidden layer.
-    Returns ``out`` [B, D], or ``(out, weights [B, T])`` with ``return_scores``.
+    Returns ``out`` [B, D], or ``(out, weights [B, T])`` with ``return_scores``. ``query`` [B, C, D] scores C
+    candidates against each history: per candidate exactly the above (out [B, C, D], weights [B, C, T]);
+    Dice's batch statistics in training then span every candidate's valid positions.
     """
+    if query.dim() == 3:
+        batch, candidates, dim = query.shape
+        result = din_attention(
+            query.reshape(batch * candidates, dim), keys.repeat_interleave(candidates, 0),
+            lengths.reshape(-1).repeat_interleave(candidates), weights, form=form, activation=activation,
+            normalize=normalize, scale=scale, return_scores=True, alphas=alphas, dice_stats=dice_stats,
+            training=training, momentum=momentum, eps=eps)
+        out, attn = result[0].view(batch, candidates, dim), result[1].view(batch, candidates, keys.shape[1])
+        return (out, attn) if return_scores else out
     batch, seq_len, _ = keys.shape
     mask = valid_mask(lengths, seq_len)  # [B, T]
     h = attention_features(query, keys, form)  # [B, T, F]

@@ -338,6 +338,26 @@ def _gather_keys(keys: Tensor, rows: Union[slice, Tensor], length: int, work: Wo
     return out.copy_(keys[rows, :length])
 
 
+def candidates_per_history(query: Tensor, keys: Tensor) -> int:
+    """C, for query [R, D] holding C candidate rows per history of keys [B, T, D] (R = B * C; 1 when B = 0)."""
+    batch = keys.shape[0]
+    return query.shape[0] // batch if batch else 1
+
+
+def _key_rows(rows: Union[slice, Tensor], candidates: int, device) -> Union[slice, Tensor]:
+    """The histories of candidate rows ``rows``: row r scores history r // C."""
+    if candidates == 1:
+        return rows
+    if isinstance(rows, slice):
+        rows = torch.arange(rows.start, rows.stop, device=device)
+    return torch.div(rows, candidates, rounding_mode="floor")
+
+
+def _row_lengths(lengths: Tensor, candidates: int) -> Tensor:
+    """lengths [B] -> [B * C], each history's length once per candidate row."""
+    return lengths if candidates == 1 else lengths.repeat_interleave(candidates)
+
+
 def _valid(lengths: Tensor, length: int) -> Tensor:
     return torch.arange(length, device=lengths.device) < lengths[:, None]  # [r, Tc] bool
 
@@ -376,27 +396,31 @@ def attention_torch_forward(
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
     *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Local activation unit, forward. query [B, D], keys [B, T, D], lengths [B] ->
-    (out [B, D] in the query's dtype, attn [B, T] final weights (0 at padding), lse [B] (softmax) or empty).
+    """Local activation unit, forward. query [R, D] (R = B * C: C candidate rows per history, row r scoring
+    history r // C), keys [B, T, D], lengths [B] -> (out [R, D] in the query's dtype, attn [R, T] final
+    weights (0 at padding), lse [R] (softmax) or empty). The chunks are of candidate rows; a chunk gathers
+    the keys of its rows' histories (bounded by the chunk, never the C-fold history).
 
     attn and lse are fp32 (fp64 for fp64 inputs). Arguments are assumed validated by the caller
     (``_checks.check_attention_args``). ``kept``: a list to append the first chunks' activations to, up to
     ``KEEP_FLOATS`` in all, for ``attention_torch_backward(..., kept=)`` (which then skips their recompute).
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    batch, max_len, dim = keys.shape
+    _, max_len, dim = keys.shape
+    num_rows, candidates = query.shape[0], candidates_per_history(query, keys)
+    lengths = _row_lengths(lengths, candidates)  # [R]
     dtype, device = accumulation_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
-    chunks = mlp.plan(lengths, max_len, batch)
-    out = torch.zeros(batch, dim, dtype=query.dtype, device=device)
-    attn = torch.zeros(batch, max_len, dtype=dtype, device=device)
-    lse = torch.zeros(batch if normalize == "softmax" else 0, dtype=dtype, device=device)
+    chunks = mlp.plan(lengths, max_len, num_rows)
+    out = torch.zeros(num_rows, dim, dtype=query.dtype, device=device)
+    attn = torch.zeros(num_rows, max_len, dtype=dtype, device=device)
+    lse = torch.zeros(num_rows if normalize == "softmax" else 0, dtype=dtype, device=device)
     budget = KEEP_FLOATS if kept is not None else 0
     with torch.no_grad():
         for rows, length in chunks:
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
-            k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
+            k = _gather_keys(keys, _key_rows(rows, candidates, device), length, mlp.work)  # [r, Tc, D]
             row_lengths = lengths[rows]
             # keep the first chunks while they fit: kept[i] belongs to chunk i
             need = mlp.kept_floats(_row_count(rows), length)
@@ -425,31 +449,35 @@ def attention_torch_backward(
     dattn[b, t] = grad_out_b . k[b, t];  softmax: ds = attn * (dattn - sum_t attn * dattn), else ds = dattn at
     valid positions; the scores' gradient is ds * scale. dk = attn * grad_out + dz1 @ M_b^T; dq, dW from
     du_b = sum_t dz1 and dM_b = k_b^T dz1 (``FirstLayer.backward``).
-    Returns (dquery [B, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None).
+    Returns (dquery [R, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None); with C > 1
+    candidate rows per history, dkeys sums over them (``index_add_``).
     ``out`` and ``lse`` are not needed here (the saved weights carry the softmax) but are part of the
     launcher contract shared with the Triton path.
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
+    num_rows, candidates = query.shape[0], candidates_per_history(query, keys)
+    lengths = _row_lengths(lengths, candidates)  # [R]
     dtype, device = accumulation_dtype(keys.dtype), keys.device
     mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
-    chunks = mlp.plan(lengths, max_len, batch)
+    chunks = mlp.plan(lengths, max_len, num_rows)
     mlp.start_backward()
-    d_query = torch.zeros(batch, dim, dtype=query.dtype, device=device)
+    d_query = torch.zeros(num_rows, dim, dtype=query.dtype, device=device)
 
     def direct(rows, length: int) -> bool:
-        """Full-length rows in order, in the compute dtype: dk is written straight into d_keys."""
-        return isinstance(rows, slice) and length == max_len and keys.dtype == dtype
+        """Full-length rows in order, one candidate each, in the compute dtype: dk goes straight into d_keys."""
+        return isinstance(rows, slice) and length == max_len and keys.dtype == dtype and candidates == 1
 
-    # Every row of d_keys written by a chunk, or zeros first (padding tails, empty rows; cheaper than
-    # zeroing the tails chunk by chunk).
+    # Every row of d_keys written by a chunk, or zeros first (padding tails, empty rows, sums over
+    # candidates; cheaper than zeroing the tails chunk by chunk).
     written = sum(_row_count(rows) for rows, length in chunks if direct(rows, length)) == batch
     d_keys = (torch.empty if written else torch.zeros)(batch, max_len, dim, dtype=keys.dtype, device=device)
     with torch.no_grad():
         for index, (rows, length) in enumerate(chunks):
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
-            k = _gather_keys(keys, rows, length, mlp.work)  # [r, Tc, D]
+            key_rows = _key_rows(rows, candidates, device)
+            k = _gather_keys(keys, key_rows, length, mlp.work)  # [r, Tc, D]
             g_out = grad_out[rows].to(dtype)  # [r, D]
             w = attn[rows, :length].to(dtype)  # [r, Tc]
             # g_out^T k^T rather than k g_out: bmm runs a matrix-vector product 5x faster this way round here
@@ -466,7 +494,9 @@ def attention_torch_backward(
             dq = mlp.backward(q, k, d_scores, cache, dk)
             dk.addcmul_(w[:, :, None], g_out[:, None, :])  # pooling: d(sum_t w k)/dk = w * grad_out
             d_query[rows] = dq.to(d_query.dtype)
-            if not in_place:
+            if candidates > 1:
+                d_keys[:, :length].index_add_(0, key_rows, dk.to(d_keys.dtype))
+            elif not in_place:
                 d_keys[rows, :length] = dk.to(d_keys.dtype)
     d_alphas = mlp.act.alpha_grads_like(alphas) if alphas is not None else None
     return d_query, d_keys, mlp.weight_grads(weights), d_alphas

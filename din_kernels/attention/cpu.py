@@ -27,7 +27,7 @@ import torch
 
 from .. import cpu_extension
 from .._dtypes import accumulation_dtype
-from .composite import _Activation, _check_launcher_args
+from .composite import _Activation, _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 
 Tensor = torch.Tensor
@@ -108,11 +108,16 @@ def attention_cpu_forward(
     list to append the buffer of kept activations and the op's arguments to, for
     ``attention_cpu_backward(..., kept=)`` (which then builds neither again)."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
+    candidates = candidates_per_history(query, keys)
+    if candidates != 1 and kept is not None:  # (the plan sends training with candidates to the composite)
+        raise ValueError(f"the C++ op's backward scores one candidate per history, got {candidates}")
     ops = cpu_extension.ops()
     args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
     q = query.to(args.dtype).contiguous()
     k = keys.to(args.dtype).contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
+    # the op takes one length per query row: [B * C]
+    lengths = lengths.to(torch.int64)
+    lengths = (lengths if candidates == 1 else lengths.repeat_interleave(candidates)).contiguous()
     saved = _NOTHING_KEPT[args.dtype]
     if kept is not None:
         needed = ops.attention_saved_floats(lengths, keys.shape[2], form == "outer", args.widths,
@@ -138,6 +143,9 @@ def attention_cpu_backward(
     (``kept``, handed back to the buffer pool here). ``out`` and ``lse`` are part of the shared contract,
     unused here."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
+    if query.shape[0] != keys.shape[0]:
+        raise ValueError(f"the C++ op's backward scores one candidate per history: query has {query.shape[0]} "
+                         f"rows for {keys.shape[0]} histories (the composite path takes several)")
     ops = cpu_extension.ops()
     if kept:
         saved, args = kept.pop()

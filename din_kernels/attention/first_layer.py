@@ -154,7 +154,7 @@ class FirstLayer:
             dq += (dm * self.wd_t).sum(-1)  # sum_h dm[r, d, h] WdT[d, h]
         else:
             self.d_mbase += dm.sum(0)
-            dm_flat = dm.view(q.shape[0], -1)  # [r, D*H1]
+            dm_flat = dm.view(q.shape[0], self.dim * self.hidden)  # [r, D*H1]
             self.d_wo_p.addmm_(q.t(), dm_flat)
             dq.addmm_(dm_flat, self.wo_p.t())
         return dq

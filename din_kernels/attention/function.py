@@ -13,6 +13,7 @@ from .. import reference
 from .._checks import check_attention_args
 from .._dtypes import accumulation_dtype
 from ..activations import activation_spec
+from .composite import candidates_per_history
 from .plan import AttentionPlan, _plan, plan_attention
 from .small import attention_torch_small
 
@@ -28,19 +29,19 @@ def _din_attention_op(
     dice_means: List[Tensor], dice_vars: List[Tensor], eps: float, form: str, activation: str, normalize: str,
     scale: Optional[float],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    # The schema has no optional tensor lists: an empty list stands for "none".
+    # The schema has no optional tensor lists: an empty list stands for "none". query [R, D], R = B * C.
     forward, _, weights, alphas, dice_eval, activation = _plan(keys, weights, alphas, dice_means, dice_vars,
-                                                               activation)
+                                                               activation, candidates_per_history(query, keys))
     return forward(query, keys, lengths, weights, alphas, dice_eval, eps, form=form, activation=activation,
                    normalize=normalize, scale=scale)
 
 
 @_din_attention_op.register_fake
 def _(query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, activation, normalize, scale):
-    batch, seq_len, dim = keys.shape
-    out = query.new_empty(batch, dim)
-    attn = keys.new_empty(batch, seq_len, dtype=accumulation_dtype(keys.dtype))
-    lse = keys.new_empty(batch if normalize == "softmax" else 0, dtype=accumulation_dtype(keys.dtype))
+    rows, (_, seq_len, dim) = query.shape[0], keys.shape
+    out = query.new_empty(rows, dim)
+    attn = keys.new_empty(rows, seq_len, dtype=accumulation_dtype(keys.dtype))
+    lse = keys.new_empty(rows if normalize == "softmax" else 0, dtype=accumulation_dtype(keys.dtype))
     return out, attn, lse
 
 
@@ -62,7 +63,8 @@ def _attention_grads(grad_out, query, keys, lengths, weights, alphas, dice_means
     forward kept (``attention_torch_forward(kept=)``), if any."""
     n_weights = len(weights)
     if plan is None:
-        plan = plan_attention(keys, weights, alphas, dice_means, dice_vars, activation)
+        plan = plan_attention(keys, weights, alphas, dice_means, dice_vars, activation,
+                              candidates=candidates_per_history(query, keys))
     backward, weights, alphas, dice_eval, activation = (plan.backward, plan.weights, plan.alphas, plan.dice_eval,
                                                         plan.activation)
     options = dict(form=form, activation=activation, normalize=normalize, scale=scale)
@@ -186,8 +188,15 @@ def explain(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tens
     nothing. The same line is logged at DEBUG level by every call (logger ``din_kernels``)."""
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
                                                               normalize, scale, alphas, dice_stats, training)
+    candidates = query.shape[1] if query.dim() == 3 else 1
     return str(plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
-                              eager=True))
+                              eager=True, candidates=candidates,
+                              backward=_needs_backward([query, keys, *weights, *alpha_list])))
+
+
+def _needs_backward(differentiable: Sequence[Tensor]) -> bool:
+    """Whether autograd will ask this call for a backward."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
 
 
 def din_attention(
@@ -209,6 +218,9 @@ def din_attention(
 ):
     """Local activation unit. query [B, D], keys [B, T, D], lengths [B] (or [B, 1]) -> pooled [B, D]
     (and the [B, T] weights with ``return_scores=True``). Semantics: ``reference.din_attention``.
+    Several candidates per history: query [B, C, D] -> [B, C, D] (weights [B, C, T]), each candidate
+    scored against its row's history, which is never copied C times (the kernels and the composite path
+    read it per candidate row; gradients to keys sum over the candidates).
 
     ``weights = (w1, b1, ..., w_out, b_out)`` in ``nn.Linear`` layout; ``alphas``: one [H] (or [1]) tensor
     per hidden layer for prelu / dice; ``dice_stats``: one (running_mean, running_var) pair per hidden layer
@@ -228,37 +240,47 @@ def din_attention(
     """
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
                                                               normalize, scale, alphas, dice_stats, training)
+    batch, seq_len, dim = keys.shape
+    candidates = query.shape[1] if query.dim() == 3 else 1
+    rows = query.reshape(batch * candidates, dim)  # [R, D], R = B * C: the launchers' query (a view)
+    scale = None if scale is None else float(scale)
+    keep = _needs_backward([query, keys, *weights, *alpha_list])  # (then the forward keeps activations)
     if torch.compiler.is_compiling():
         if activation_spec(activation).has_stats and training:
-            plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=True)
+            plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=True,
+                                  candidates=candidates)
         else:
-            scale = None if scale is None else float(scale)
-            out, attn, _ = _din_attention_op(query.contiguous(), keys.contiguous(), lengths, list(weights),
+            out, attn, _ = _din_attention_op(rows.contiguous(), keys.contiguous(), lengths, list(weights),
                                              alpha_list, means, variances, float(eps), form, activation,
                                              normalize, scale)
-            return (out, attn) if return_scores else out
+            return _shaped(query, out, attn, return_scores)
     else:
         plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
-                              eager=True)
+                              eager=True, candidates=candidates, backward=keep)
     if _log.isEnabledFor(logging.DEBUG):
-        _log.debug("din_attention B=%d T=%d D=%d: %s", *keys.shape, plan)
+        _log.debug("din_attention B=%d C=%d T=%d D=%d: %s", batch, candidates, seq_len, dim, plan)
     if plan.path == "reference":
         out, attn = reference.din_attention(
             query, keys, lengths, weights, form=form, activation=activation, normalize=normalize, scale=scale,
             return_scores=True, alphas=alphas, dice_stats=dice_stats, training=True, momentum=momentum, eps=eps)
         return (out, attn.detach()) if return_scores else out
-    query, keys = query.contiguous(), keys.contiguous()
-    scale = None if scale is None else float(scale)
+    rows, keys = rows.contiguous(), keys.contiguous()
     if plan.path in ("composite-small", "composite-autograd"):
-        out, attn = attention_torch_small(query, keys, lengths, plan.weights, plan.alphas, plan.dice_eval,
+        out, attn = attention_torch_small(rows, keys, lengths, plan.weights, plan.alphas, plan.dice_eval,
                                           float(eps), form=form, activation=plan.activation, normalize=normalize,
                                           scale=scale,
                                           dice_training=momentum if plan.path == "composite-autograd" else None)
         attn = attn.detach()
     else:
-        differentiable = [query, keys, *weights, *alpha_list]
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
         out, attn = DinAttentionFunction.apply(
-            query, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, plan, normalize,
+            rows, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, plan, normalize,
             scale, keep, *weights, *alpha_list, *means, *variances)
+    return _shaped(query, out, attn, return_scores)
+
+
+def _shaped(query: Tensor, out: Tensor, attn: Tensor, return_scores: bool):
+    """The launchers' out [R, D] and attn [R, T] in the query's layout: [B, D] / [B, T], or [B, C, D] /
+    [B, C, T] for a query of C candidates per history."""
+    if query.dim() == 3:
+        out, attn = out.view(query.shape), attn.view(*query.shape[:2], attn.shape[-1])
     return (out, attn) if return_scores else out

@@ -3,8 +3,9 @@
 
 ``out_b = sum_t w[b, t] * k[b, t]``, ``w`` scored by the MLP over (``q_b``, ``k[b, t]``) whose first layer
 is ``z1[b, t] = u_b + k[b, t] @ M_b`` (``first_layer.py``). ``u`` and ``M`` (``O(B*D*H1)``) come from torch;
-the kernels do the ``O(B*T*D*H)`` work: one program per batch row loops over its valid positions in tiles,
-recomputes the MLP, and never stores anything of size ``[B, T, H]``. The backward kernel recomputes the
+the kernels do the ``O(B*T*D*H)`` work: one program per candidate row (forward; per history with its
+candidates in turn in the backward) loops over the valid positions in tiles, recomputes the MLP, and never
+stores anything of size ``[B, T, H]``. The backward kernel recomputes the
 activations and returns per-row ``dM_b``/``du_b`` and per-row weight-gradient partials that torch reduces
 afterwards (deterministic, no atomics). Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
 ``activations.ACTIVATION_SPECS``.
@@ -28,6 +29,7 @@ import torch
 
 from .._backend import interpreter_enabled
 from ..activations import activation_spec
+from .composite import candidates_per_history
 from .first_layer import FirstLayer
 
 try:
@@ -128,33 +130,36 @@ def _dot_operand(x, OPERAND: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _din_attention_fwd_kernel(
     K,            # [B, T, D] keys
-    M,            # [B, D, H1] fp32, M_b
-    U,            # [B, H1] fp32, u_b (b1 included)
+    M,            # [R, D, H1] fp32, M_r (R = B * C candidate rows; row r scores history r // C)
+    U,            # [R, H1] fp32, u_r (b1 included)
     W2, B2,       # [H2, H1], [H2] (second hidden layer; unused with one layer)
     WO, BO,       # [HL] (output layer row), [1]
     A1, MU1, RS1,  # [H1] alpha, dice running mean, dice rsqrt(running var + eps)
     A2, MU2, RS2,  # [H2]
     LENGTHS,      # [B] int64
-    OUT,          # [B, D] pooled output (query dtype)
-    ATTN,         # [B, T] fp32 final weights, zero-initialised
-    LSE,          # [B] fp32 (softmax only)
-    T, D, H1, H2, scale,
+    OUT,          # [R, D] pooled output (query dtype)
+    ATTN,         # [R, T] fp32 final weights, zero-initialised
+    LSE,          # [R] fp32 (softmax only)
+    C, T, D, H1, H2, scale,
     stride_kb, stride_kt,
-    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    """One program per batch row b, looping over its valid positions t < L_b in tiles:
+    """One program per candidate row r (history b = r // C), looping over the valid positions t < L_b in tiles:
 
-        z1 = k @ M_b + u_b,  h1 = act(z1),  [z2 = h1 @ W2^T + b2,  h2 = act(z2)],
+        z1 = k @ M_r + u_r,  h1 = act(z1),  [z2 = h1 @ W2^T + b2,  h2 = act(z2)],
         s_t = (h_last @ w_out + b_out) * scale
-        none:    w_t = s_t,                        out_b = sum_t w_t k_t
-        softmax: w_t = exp(s_t - lse_b),           out_b = sum_t w_t k_t   (online softmax, base 2)
-    ATTN holds w (0 at padding); LSE holds lse_b = log sum_{t < L_b} exp(s_t) (0 for an empty row).
+        none:    w_t = s_t,                        out_r = sum_t w_t k_t
+        softmax: w_t = exp(s_t - lse_r),           out_r = sum_t w_t k_t   (online softmax, base 2)
+    ATTN holds w (0 at padding); LSE holds lse_r = log sum_{t < L_b} exp(s_t) (0 for an empty row). The C
+    programs of one history are adjacent in the grid, so after the first its key tiles mostly come from L2.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
-    b = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64)
+    b = r // C
     # Clamped so that a bad length can never send a load or store outside the row.
     L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
 
@@ -166,10 +171,10 @@ def _din_attention_fwd_kernel(
     OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``)
     # Padded hidden units read 0 from M, u and every weight touching them, so the 0.5 a padded
     # sigmoid unit produces never reaches a score.
-    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :],
+    m1 = tl.load(M + r * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :],
                  mask=mask_d[:, None] & mask_h1[None, :], other=0.0)
     m1 = _dot_operand(m1, OPERAND, INTERPRETED)  # [BD, BH1]
-    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
+    u1 = tl.load(U + r * H1 + offs_h1, mask=mask_h1, other=0.0)  # [BH1]
     a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
@@ -210,57 +215,60 @@ def _din_attention_fwd_kernel(
             acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
             m_i = m_new
             # raw scores for now; normalised by the second pass below
-            tl.store(ATTN + b * T + offs, s, mask=valid)
+            tl.store(ATTN + r * T + offs, s, mask=valid)
         else:
             w = tl.where(valid, s, 0.0)
             acc += tl.sum(w[:, None] * k, axis=0)
-            tl.store(ATTN + b * T + offs, w, mask=valid)
+            tl.store(ATTN + r * T + offs, w, mask=valid)
 
     if SOFTMAX:
         has_any = L > 0
         l_safe = tl.where(has_any, l_i, 1.0)
         m_safe = tl.where(has_any, m_i, 0.0)
         acc = acc / l_safe
-        tl.store(LSE + b, (m_safe + tl.log2(l_safe)) * LN2)
+        tl.store(LSE + r, (m_safe + tl.log2(l_safe)) * LN2)
         # the scores written above are re-read by (possibly) other threads of this program
         tl.debug_barrier()
         for t0 in range(0, L, BLOCK_T):
             offs = t0 + offs_t
             valid = offs < L
-            s = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)
-            tl.store(ATTN + b * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
-    tl.store(OUT + b * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+            s = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)
+            tl.store(ATTN + r * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
+    tl.store(OUT + r * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
 def _din_attention_bwd_kernel(
     K, M, U, W2, B2, WO, A1, MU1, RS1, A2, MU2, RS2, LENGTHS,
-    ATTN,         # [B, T] fp32 final weights from the forward
-    DOUT,         # [B, D] upstream gradient
-    DELTA,        # [B] fp32, dout_b . out_b (softmax only)
+    ATTN,         # [R, T] fp32 final weights from the forward (R = B * C candidate rows)
+    DOUT,         # [R, D] upstream gradient
+    DELTA,        # [R] fp32, dout_r . out_r (softmax only)
     DK,           # [B, T, D] keys gradient (keys dtype)
-    DM, DU,       # [B, D, H1], [B, H1] fp32: gradients of M_b and u_b
-    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-row partials
-    DWO, DBO,     # [B, HL], [B] fp32 per-row partials
-    DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
-    T, D, H1, H2, scale,
+    DM, DU,       # [R, D, H1], [R, H1] fp32: gradients of M_r and u_r
+    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-history partials
+    DWO, DBO,     # [B, HL], [B] fp32 per-history partials
+    DA1, DA2,     # [B, H1], [B, H2] fp32 per-history partials of the prelu / dice alphas
+    C, T, D, H1, H2, scale,
     stride_kb, stride_kt,
-    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
     INTERPRETED: tl.constexpr, PASS: tl.constexpr,
 ):
-    """Recompute the tile's activations and backpropagate, for t < L_b:
+    """One program per history b, for each of its C candidate rows r = b C + c in turn: recompute the tile's
+    activations and backpropagate, for t < L_b:
 
-        dw_t = dout_b . k_t
+        dw_t = dout_r . k_t
         ds_t = scale * dw_t                          (none)
-        ds_t = scale * w_t (dw_t - delta_b)          (softmax; delta_b = dout_b . out_b = sum_t w_t dw_t)
+        ds_t = scale * w_t (dw_t - delta_r)          (softmax; delta_r = dout_r . out_r = sum_t w_t dw_t)
         dh_last = ds_t w_out,  [dz2 = act'(z2) dh2,  dW2 += dz2^T h1,  dh1 = dz2 @ W2],  dz1 = act'(z1) dh1
-        dk_t = w_t dout_b + dz1_t @ M_b^T,   dM_b = sum_t k_t^T dz1_t,   du_b = sum_t dz1_t
-    dk is 0 at padding. Weight and alpha gradients are written per row and summed by the launcher.
-    ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's gradients
-    (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each holds three
-    [64, 128]-sized tiles instead of four (resident M_b and W2, one accumulator): fp32 without TF32 runs
-    its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
+        dk_t += w_t dout_r + dz1_t @ M_r^T,   dM_r = sum_t k_t^T dz1_t,   du_r = sum_t dz1_t
+    dk sums over the candidates in the program (the first stores, the others add: no atomics, no [R, T, D]
+    buffer) and is 0 at padding. Weight and alpha gradients are written per history and summed by the
+    launcher. ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's
+    gradients (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each
+    holds three [64, 128]-sized tiles instead of four (resident M_r and W2, one accumulator): fp32 without
+    TF32 runs its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
     """
     b = tl.program_id(0).to(tl.int64)
     L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
@@ -272,9 +280,6 @@ def _din_attention_bwd_kernel(
     mask_h1 = offs_h1 < H1
     mask_dh1 = mask_d[:, None] & mask_h1[None, :]
     OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``), fp32 accumulators
-    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
-    m1 = _dot_operand(m1, OPERAND, INTERPRETED)
-    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
     a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
@@ -294,60 +299,73 @@ def _din_attention_bwd_kernel(
     else:
         wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)
         dwo = tl.zeros([BLOCK_H1], dtype=tl.float32)
-    dout = tl.load(DOUT + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
-    if SOFTMAX:
-        delta = tl.load(DELTA + b)
-
-    if PASS != 1:
-        dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-    du = tl.zeros([BLOCK_H1], dtype=tl.float32)
     da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
     dbo = tl.full([], 0.0, tl.float32)
-    for t0 in range(0, L, BLOCK_T):
-        offs = t0 + offs_t
-        valid = offs < L
-        mask_k = valid[:, None] & mask_d[None, :]
-        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                       mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
-        k = k_in.to(tl.float32)
-        k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
-        w = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)  # [BT]
-        dw = tl.sum(k * dout[None, :], axis=1)
-        if SOFTMAX:
-            ds = w * (dw - delta)
-        else:
-            ds = dw
-        # zero at padding: every gradient below is then zero there too
-        ds = tl.where(valid, ds, 0.0) * scale
 
-        z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
-        h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
-        if TWO_LAYERS:
-            h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
-            z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
-            h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
-            dwo += tl.sum(ds[:, None] * h2, axis=0)
-            dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
-            da2 += tl.sum(dalpha2, axis=0)
-            db2 += tl.sum(dz2, axis=0)
-            dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
-            if PASS != 2:
-                dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
-            if PASS != 1:
-                dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
-        else:
-            dwo += tl.sum(ds[:, None] * h1, axis=0)
-            dh1 = ds[:, None] * wo[None, :]
-        dbo += tl.sum(ds, axis=0)
+    for c in range(0, C):
+        r = b * C + c
+        m1 = tl.load(M + r * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+        m1 = _dot_operand(m1, OPERAND, INTERPRETED)
+        u1 = tl.load(U + r * H1 + offs_h1, mask=mask_h1, other=0.0)
+        dout = tl.load(DOUT + r * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+        if SOFTMAX:
+            delta = tl.load(DELTA + r)
         if PASS != 1:
-            dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
-            da1 += tl.sum(dalpha1, axis=0)
-            du += tl.sum(dz1, axis=0)
-            dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
-            dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
-            dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
-            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                     dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
+            dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+        du = tl.zeros([BLOCK_H1], dtype=tl.float32)
+        for t0 in range(0, L, BLOCK_T):
+            offs = t0 + offs_t
+            valid = offs < L
+            mask_k = valid[:, None] & mask_d[None, :]
+            k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                           mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
+            k = k_in.to(tl.float32)
+            k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
+            w = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)  # [BT]
+            dw = tl.sum(k * dout[None, :], axis=1)
+            if SOFTMAX:
+                ds = w * (dw - delta)
+            else:
+                ds = dw
+            # zero at padding: every gradient below is then zero there too
+            ds = tl.where(valid, ds, 0.0) * scale
+
+            z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+            h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
+            if TWO_LAYERS:
+                h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
+                z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+                h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
+                dwo += tl.sum(ds[:, None] * h2, axis=0)
+                dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
+                da2 += tl.sum(dalpha2, axis=0)
+                db2 += tl.sum(dz2, axis=0)
+                dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
+                if PASS != 2:
+                    dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
+                if PASS != 1:
+                    dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
+            else:
+                dwo += tl.sum(ds[:, None] * h1, axis=0)
+                dh1 = ds[:, None] * wo[None, :]
+            dbo += tl.sum(ds, axis=0)
+            if PASS != 1:
+                dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
+                da1 += tl.sum(dalpha1, axis=0)
+                du += tl.sum(dz1, axis=0)
+                dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
+                dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
+                dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
+                dk_ptrs = DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :]
+                mask_dk = (offs[:, None] < T) & mask_d[None, :]
+                # the earlier candidates' sum (a masked load reads nothing for the first)
+                dk += tl.load(dk_ptrs, mask=mask_dk & (c > 0), other=0.0).to(tl.float32)
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_dk)
+        if PASS != 1:
+            tl.store(DM + r * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+            tl.store(DU + r * H1 + offs_h1, du, mask=mask_h1)
+        # the next candidate reads back the dk tiles stored above, possibly from other threads
+        tl.debug_barrier()
     if PASS != 1:
         # padding past the last tile touched above
         for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
@@ -355,8 +373,6 @@ def _din_attention_bwd_kernel(
             tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
                      tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
                      mask=(offs[:, None] < T) & mask_d[None, :])
-        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
-        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
         if HAS_ALPHA:
             tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
     if PASS != 2:
@@ -468,18 +484,20 @@ def _act_params(alphas, dice_eval, eps: float, widths: Sequence[int], dummy: Ten
 def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
                       alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
                       eps: float, *, form: str, activation: str, normalize: str, scale: Optional[float]):
-    """Fused forward. query [B, D], keys [B, T, D], lengths [B], validated arguments (``fused_supported``).
-    Returns (out [B, D] query dtype, attn [B, T] fp32, lse [B] fp32 or empty)."""
+    """Fused forward. query [R, D] (R = B * C: C candidate rows per history, row r scoring history r // C),
+    keys [B, T, D], lengths [B], validated arguments (``fused_supported``).
+    Returns (out [R, D] query dtype, attn [R, T] fp32, lse [R] fp32 or empty)."""
     if not fused_supported(keys, weights):
         raise ValueError("attention_forward: problem outside the fused kernels' coverage (fused_supported)")
     keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()  # no-ops from din_attention
     batch, seq_len, dim = keys.shape
+    rows, candidates = query.shape[0], candidates_per_history(query, keys)
     widths = _hidden_widths(weights)
     softmax = normalize == "softmax"
-    out = torch.empty(batch, dim, dtype=query.dtype, device=keys.device)
-    attn = torch.zeros(batch, seq_len, dtype=torch.float32, device=keys.device)
-    lse = torch.zeros(batch if softmax else 0, dtype=torch.float32, device=keys.device)
-    if batch == 0:
+    out = torch.empty(rows, dim, dtype=query.dtype, device=keys.device)
+    attn = torch.zeros(rows, seq_len, dtype=torch.float32, device=keys.device)
+    lse = torch.zeros(rows if softmax else 0, dtype=torch.float32, device=keys.device)
+    if rows == 0:
         return out, attn, lse
     first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
     u, m = first.u(q), first.m(q)  # [B, H1], [B, D, H1] row-major (the layout the kernels read)
@@ -489,10 +507,10 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
     w2, b2 = (weights[2], weights[3]) if two else (u, u)
     block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths,
                                                                    dot_precision=_dot_precision(keys.dtype))
-    _din_attention_fwd_kernel[(batch,)](
+    _din_attention_fwd_kernel[(rows,)](
         keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
         out, attn, lse,
-        seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
+        candidates, seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
         keys.stride(0), keys.stride(1),
         **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
         DOT_PRECISION=_dot_precision(keys.dtype),
@@ -506,11 +524,12 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
                        alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]],
                        eps: float, out: Tensor, attn: Tensor, lse: Tensor, *, form: str, activation: str,
                        normalize: str, scale: Optional[float]):
-    """Fused backward: (dquery [B, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None)."""
+    """Fused backward: (dquery [R, D], dkeys [B, T, D], dweights like weights, dalphas like alphas or None)."""
     if not fused_supported(keys, weights):
         raise ValueError("attention_backward: problem outside the fused kernels' coverage (fused_supported)")
     keys, lengths = keys.contiguous(), lengths.to(torch.int64).contiguous()
     batch, seq_len, dim = keys.shape
+    rows, candidates = query.shape[0], candidates_per_history(query, keys)
     widths = _hidden_widths(weights)
     two = len(widths) == 2
     softmax = normalize == "softmax"
@@ -518,8 +537,8 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     h1, h2 = widths[0], (widths[1] if two else 1)
     width_last = widths[-1]
     dkeys = torch.empty_like(keys)
-    dm = torch.empty(batch, dim, h1, dtype=f32, device=device)
-    du = torch.empty(batch, h1, dtype=f32, device=device)
+    dm = torch.empty(rows, dim, h1, dtype=f32, device=device)
+    du = torch.empty(rows, h1, dtype=f32, device=device)
     dw2 = torch.empty(batch, h2, h1, dtype=f32, device=device) if two else du
     db2 = torch.empty(batch, h2, dtype=f32, device=device) if two else du
     dwo = torch.empty(batch, width_last, dtype=f32, device=device)
@@ -528,20 +547,20 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     da1 = torch.empty(batch, h1, dtype=f32, device=device) if has_alpha else du
     da2 = torch.empty(batch, h2, dtype=f32, device=device) if has_alpha and two else du
     first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
-    if batch > 0:
+    if rows > 0:
         grad_out = grad_out.contiguous()
         u, m = first.u(q), first.m(q)
         weights = [w.contiguous() for w in weights]
         (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
         w2, b2 = (weights[2], weights[3]) if two else (u, u)
-        delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [B]
+        delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [R]
         block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True,
                                                                        dot_precision=_dot_precision(keys.dtype))
         for backward_pass in _backward_passes(keys.dtype, widths):
             _din_attention_bwd_kernel[(batch,)](
                 keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
                 attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
-                seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
+                candidates, seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
                 keys.stride(0), keys.stride(1),
                 **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
                 DOT_PRECISION=_dot_precision(keys.dtype),
@@ -549,7 +568,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
                 INTERPRETED=interpreter_enabled(), PASS=backward_pass, num_warps=num_warps,
             )
     else:
-        for buffer in (dm, du, dw2, db2, dwo, dbo, da1, da2):
+        for buffer in (dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()
     dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1])
     grads = [dw1, db1]

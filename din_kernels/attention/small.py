@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .._dtypes import accumulation_dtype
 from ..activations import activation_spec
 from ..dice import dice as dice_op
-from .composite import _check_launcher_args
+from .composite import _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 
 Tensor = torch.Tensor
@@ -34,7 +34,8 @@ def attention_torch_small(
     dice_training: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Local activation unit for small problems (``SMALL_POSITIONS``), differentiable by autograd:
-    query [B, D], keys [B, T, D], lengths [B] -> (out [B, D] in the query's dtype, attn [B, T]).
+    query [R, D] (R = B * C candidate rows), keys [B, T, D], lengths [B] -> (out [R, D] in the query's dtype,
+    attn [R, T]).
 
     The same algebra as the chunked path, over the whole padded batch at once: "concat" scores every
     position with one GEMM over ``[k, k * q_b]``, "outer" with ``bmm(k, M_b)``; the padding is scored and
@@ -52,6 +53,11 @@ def attention_torch_small(
     if dice_training is not None and dice_eval is None:
         dice_eval = [(None, None)] * (len(weights) // 2 - 1)  # one per hidden layer
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
+    candidates = candidates_per_history(query, keys)
+    if candidates != 1:
+        # query [B * C, D]: each history once per candidate row. A copy, C x the keys: small problems (B x C x
+        # T <= SMALL_POSITIONS), and Dice in training mode, whose statistics span every candidate row
+        keys, lengths = keys.repeat_interleave(candidates, 0), lengths.repeat_interleave(candidates)
     batch, max_len, dim = keys.shape
     dtype = accumulation_dtype(keys.dtype)
     q, k = query.to(dtype), keys.to(dtype)  # [B, D], [B, T, D]

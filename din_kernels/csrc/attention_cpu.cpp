@@ -1,6 +1,6 @@
 // The local activation unit on the CPU as one C++ op: one parallel region per forward and one per backward.
 //
-// Why: the torch composite path (attention_torch.py) runs ~15 torch ops per chunk of rows forward and ~30
+// Why: the torch composite path (attention/composite.py) runs ~15 torch ops per chunk of rows forward and ~30
 // backward; each is its own OpenMP parallel region with a barrier at its end. When another process holds a
 // core, the thread the OS descheduled makes every one of those barriers wait (measured: 3-84x slower under
 // load at torch's default threads, against 1.2-4x for the eager reference). Here the work is cut into
@@ -10,7 +10,7 @@
 // thread that loses its core mid-call takes fewer blocks, and the caller waits only for blocks in flight.
 // Every per-block product is a direct BLAS call on one thread.
 //
-// Algebra (DESIGN.md, "Kernel design"; the same split as attention_torch._FirstLayer):
+// Algebra (DESIGN.md, "Kernel design"; the same split as attention/first_layer.py's FirstLayer):
 //     z1[b, t] = u_b + k[b, t] @ M_b,   u_b = W_u q_b + b1,
 //     concat: M_b = base + diag(q_b) mq    (base = (Wb - Wc)^T, mq = Wd^T, both [D, H1])
 //     outer:  M_b = base + q_b @ mq        (base = Wk^T [D, H1], mq [D, D * H1])
@@ -21,6 +21,8 @@
 //     du = sum_t dz1,  dM = k^T dz1,  dk = dz1 M^T + w g_out,
 //     dq = W_u^T du + (concat: sum_h dM * mq | outer: mq dM_flat),  dW_u += du q^T,  d_base += dM,
 //     d_mq += (concat: q * dM | outer: q dM_flat^T).
+// The forward also scores C candidate rows per history (query [B * C, D], row r against keys[r / C]: serving);
+// the backward takes one (training with several candidates runs the composite path).
 // Only valid positions are scored (padding costs nothing). The forward may keep the activations of its
 // leading blocks in a caller-given buffer (``saved``, bounded by the caller); the backward reads those and
 // recomputes the others. Weight gradients are summed per block, then over blocks in block
@@ -110,6 +112,7 @@ struct Net {
   T scale;
   bool has_scale;
   int64_t threads = 0;  // threads for the blocks; 0: torch's intra-op setting
+  int64_t candidates = 1;  // query rows per history (forward): row r scores keys[r / candidates]
 
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
   int64_t h1() const { return widths[0]; }
@@ -382,7 +385,8 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     T* u = ws.u.data() + r * h1;
     for (int64_t j = 0; j < h1; ++j) u[j] += net.b1[j];
     for (int64_t t = 0; t < length; ++t) std::copy(u, u + h1, z + t * h1);
-    mm<T>(false, false, length, h1, d, T(1), keys + row * net.seq_len * d, d, ws.m.data(), h1, T(1), z, h1);
+    mm<T>(false, false, length, h1, d, T(1), keys + (row / net.candidates) * net.seq_len * d, d, ws.m.data(), h1,
+          T(1), z, h1);
     offset += length;
   }
   for (int64_t l = 0; l < net.layers(); ++l) {
@@ -451,11 +455,17 @@ void check_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Ten
   for (const auto& t : params) {
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "din_kernels_cpu: inputs must be contiguous CPU tensors");
   }
+  // query [R, D] and lengths [R]: R = B * C rows, C candidates per history (C = 1 but in the forward)
+  const int64_t rows = query.size(0), batch = keys.size(0);
+  TORCH_CHECK(lengths.size(0) == rows && query.size(1) == keys.size(2) &&
+              (batch ? rows % batch == 0 : rows == 0),
+              "din_kernels_cpu: query [B * C, D], keys [B, T, D] and lengths [B * C] disagree");
+  const int64_t candidates = batch ? rows / batch : 1;
   const int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t i = 0; i < lengths.size(0); ++i)
+  for (int64_t i = 0; i < rows; ++i) {
     TORCH_CHECK(len[i] >= 0 && len[i] <= keys.size(1), "din_kernels_cpu: lengths must lie in [0, T]");
-  TORCH_CHECK(lengths.size(0) == keys.size(0) && query.size(0) == keys.size(0) && query.size(1) == keys.size(2),
-              "din_kernels_cpu: query [B, D], keys [B, T, D] and lengths [B] disagree");
+    TORCH_CHECK(len[i] == len[i - i % candidates], "din_kernels_cpu: the rows of one history must share its length");
+  }
   act_code_check(act);
   if (act == kPrelu || act == kDice) TORCH_CHECK(static_cast<int64_t>(alphas.size()) == layers, "din_kernels_cpu: alphas");
   if (act == kDice) TORCH_CHECK(static_cast<int64_t>(means.size()) == layers, "din_kernels_cpu: dice statistics");
@@ -505,7 +515,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, const at::Tensor& query,
                                                            const at::Tensor& keys, const at::Tensor& lengths,
                                                            at::Tensor& saved) {
-  const int64_t batch = keys.size(0), seq_len = keys.size(1), d = keys.size(2);
+  const int64_t batch = query.size(0), seq_len = keys.size(1), d = keys.size(2);  // batch: query rows
   // every entry is written by the block that owns its row (no separate zero-filling pass)
   at::Tensor out = at::empty({batch, d}, keys.options());
   at::Tensor attn = at::empty({batch, seq_len}, keys.options());
@@ -546,7 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
         l[row] = top + std::log(sum);
       }
       std::copy(s, s + length, wr);
-      mm<T>(false, false, 1, d, length, T(1), s, length, k + row * seq_len * d, d, T(0), o + row * d, d);
+      mm<T>(false, false, 1, d, length, T(1), s, length, k + (row / net.candidates) * seq_len * d, d, T(0),
+            o + row * d, d);
       offset += length;
     }
   });
@@ -726,6 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act, alphas,
                                   means, rstds, softmax, scale);
     net.threads = threads;
+    net.candidates = keys.size(0) ? query.size(0) / keys.size(0) : 1;
     result = forward_impl<scalar_t>(net, query, keys, lengths, saved);
   });
   return result;
@@ -740,6 +752,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
   for (const auto& t : {grad_out, attn, saved}) params.push_back(t);
   check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
+  TORCH_CHECK(query.size(0) == keys.size(0), "din_kernels_cpu: the backward takes one candidate per history");
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_bwd", [&] {
     auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act, alphas,

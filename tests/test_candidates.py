@@ -1,0 +1,167 @@
+"""Several candidates per history: ``din_attention(query [B, C, D], keys [B, T, D], lengths [B])`` against the
+reference applied per candidate (forward, weights, every gradient), on every path (Triton under the
+interpreter, the C++ backend, whose plan sends C > 1 to the composite path, and the composite path), the
+launchers' [R, D] contract directly, Dice in training mode, and bad shapes."""
+import pytest
+import torch
+
+import din_kernels as dk
+from din_kernels import reference
+from din_kernels.testing import ATTENTION_LAUNCHERS, attention_launchers
+
+
+def unit_and_args(activation, form="concat", normalize="softmax"):
+    unit = dk.LocalActivationUnit(5, (8, 4), activation=activation, form=form, normalize=normalize).eval()
+    with torch.no_grad():  # parameters away from their initial values (prelu 0.25, dice statistics 0 / 1)
+        for p in unit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        if unit.dice is not None:
+            for d in unit.dice:
+                d.running_mean.normal_(0, 0.2)
+                d.running_var.uniform_(0.5, 1.5)
+    options = dict(form=form, activation=activation, normalize=normalize)
+    if activation == "prelu":
+        options["alphas"] = list(unit.prelu_alphas)
+    if activation == "dice":
+        options["alphas"] = [d.alpha for d in unit.dice]
+        options["dice_stats"] = [(d.running_mean, d.running_var) for d in unit.dice]
+    return unit, options
+
+
+def grads_of(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad, allow_unused=True)
+
+
+def assert_matches_reference(unit, options, query, keys, lengths, atol=1e-5, rtol=1e-4):
+    out, attn = unit(query, keys, lengths, return_scores=True)
+    params = list(unit.weights()) + list(options.get("alphas", []))
+    grad = torch.randn_like(out)
+    got = grads_of(out, [query, keys, *params], grad)
+    q_ref, k_ref = query.detach().clone().requires_grad_(), keys.detach().clone().requires_grad_()
+    want_out, want_attn = reference.din_attention(q_ref, k_ref, lengths, unit.weights(), return_scores=True,
+                                                  **options)
+    want = grads_of(want_out, [q_ref, k_ref, *params], grad)
+    assert out.shape == query.shape and attn.shape == (*query.shape[:2], keys.shape[1])
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(attn, want_attn.detach(), atol=atol, rtol=rtol)
+    for index, (a, b) in enumerate(zip(got, want)):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, i=index: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("batch,candidates,seq_len,lengths", [
+    (3, 4, 7, [7, 0, 3]),        # an empty history among them
+    (1, 1, 1, [1]),              # one of everything
+    (2, 7, 13, [13, 5]),         # prime C and T
+    (40, 3, 30, None),           # beyond the small-problem path: chunked composite / C++ plan
+    (2, 0, 5, [5, 2]),           # no candidates
+    (0, 3, 5, []),               # no histories
+])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("form", ["concat", "outer"])
+def test_every_candidate_matches_the_reference(backend, form, activation, batch, candidates, seq_len, lengths):
+    unit, options = unit_and_args(activation, form)
+    query = torch.randn(batch, candidates, 5, requires_grad=True)
+    keys = torch.randn(batch, seq_len, 5, requires_grad=True)
+    lengths = torch.randint(0, seq_len + 1, (batch,)) if lengths is None else torch.tensor(lengths, dtype=torch.long)
+    assert_matches_reference(unit, options, query, keys, lengths)
+
+
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_launchers_take_candidate_rows(normalize):
+    """The launcher contract with query [R, D], R = B * C: Triton and composite agree, and the keys'
+    gradient sums over each history's candidates."""
+    batch, candidates, seq_len, dim = 3, 5, 11, 6
+    unit = dk.LocalActivationUnit(dim, (16, 8), normalize=normalize)
+    query, keys = torch.randn(batch * candidates, dim), torch.randn(batch, seq_len, dim)
+    lengths = torch.tensor([11, 0, 4])
+    args = (query, keys, lengths, list(unit.weights()), None, None, 1e-8)
+    kw = dict(form="concat", activation="sigmoid", normalize=normalize, scale=0.5)
+    results = {}
+    for path in ("triton", "composite"):
+        forward, backward = ATTENTION_LAUNCHERS[path]
+        out, attn, lse = forward(*args, **kw)
+        grads = backward(torch.ones_like(out), *args, out, attn, lse, **kw)
+        results[path] = (out, attn, lse, grads[0], grads[1], *grads[2])
+        assert out.shape == (batch * candidates, dim) and attn.shape == (batch * candidates, seq_len)
+        assert grads[1].shape == keys.shape
+    for a, b in zip(results["triton"], results["composite"]):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)
+    # one history scored once per candidate: the sum of C single-candidate keys gradients
+    forward, backward = ATTENTION_LAUNCHERS["composite"]
+    single = torch.zeros_like(keys)
+    for c in range(candidates):
+        q_c = query.view(batch, candidates, dim)[:, c]
+        out, attn, lse = forward(q_c, keys, lengths, list(unit.weights()), None, None, 1e-8, **kw)
+        single += backward(torch.ones_like(out), q_c, keys, lengths, list(unit.weights()), None, None, 1e-8,
+                           out, attn, lse, **kw)[1]
+    torch.testing.assert_close(results["composite"][4], single, atol=1e-5, rtol=1e-4)
+
+
+def test_the_plan_names_the_candidates():
+    keys, lengths = torch.randn(40, 130, 4), torch.randint(0, 131, (40,))
+    weights = dk.LocalActivationUnit(4, (8,)).weights()
+    previous = dk.get_backend()
+    try:
+        dk.set_backend("cpp")
+        assert dk.explain(torch.randn(40, 4), keys, lengths, weights).startswith("cpp:")
+        assert dk.explain(torch.randn(40, 1, 4), keys, lengths, weights).startswith("cpp:")
+        text = dk.explain(torch.randn(40, 3, 4), keys, lengths, weights)  # (the weights require gradients)
+        assert text.startswith("composite:") and "3 candidates per history with a backward" in text
+        assert attention_launchers(keys, weights, "sigmoid", 3)[0] is ATTENTION_LAUNCHERS["composite"][0]
+        with torch.no_grad():  # serving: the C++ op's forward takes the candidates
+            assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("cpp:")
+        assert attention_launchers(keys, weights, "sigmoid", 3, backward=False)[0] is ATTENTION_LAUNCHERS["cpp"][0]
+    finally:
+        dk.set_backend(previous)
+
+
+@pytest.mark.parametrize("batch,candidates,seq_len", [(1, 1000, 50), (3, 7, 13), (40, 3, 30), (2, 0, 4)])
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+def test_scoring_without_gradients_matches_the_reference(backend, activation, batch, candidates, seq_len):
+    """Serving: no gradient, so the C++ backend's plan runs the C++ op's forward with the candidates."""
+    unit, options = unit_and_args(activation)
+    query, keys = torch.randn(batch, candidates, 5), torch.randn(batch, seq_len, 5)
+    lengths = torch.randint(0, seq_len + 1, (batch,))
+    with torch.no_grad():
+        out, attn = unit(query, keys, lengths, return_scores=True)
+        want_out, want_attn = reference.din_attention(query, keys, lengths, unit.weights(), return_scores=True,
+                                                      **options)
+        path = dk.explain(query, keys, lengths, unit.weights(), **options).split(":")[0]
+    assert path == {"triton": "triton", "cpp": "cpp", "torch": "composite"}[backend] or (
+        backend == "torch" and path == "composite-small")
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(attn, want_attn, atol=1e-5, rtol=1e-4)
+
+
+def test_dice_training_statistics_span_every_candidate(backend):
+    unit = dk.LocalActivationUnit(5, (8, 4), activation="dice").train()
+    query, keys = torch.randn(4, 3, 5, requires_grad=True), torch.randn(4, 9, 5)
+    lengths = torch.tensor([9, 0, 2, 5])
+    twin = dk.LocalActivationUnit(5, (8, 4), activation="dice").train()
+    twin.load_state_dict(unit.state_dict())
+    out = unit(query, keys, lengths)
+    q_ref = query.detach().clone().requires_grad_()
+    want = reference.din_attention(q_ref, keys, lengths, twin.weights(), activation="dice", training=True,
+                                   alphas=[d.alpha for d in twin.dice],
+                                   dice_stats=[(d.running_mean, d.running_var) for d in twin.dice])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(grads_of(out, [query], grad)[0], grads_of(want, [q_ref], grad)[0],
+                               atol=1e-5, rtol=1e-4)
+    for ours, theirs in zip(unit.dice, twin.dice):  # the running statistics moved the same way
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("query,match", [
+    (torch.randn(3, 2, 2, 4), "query must be"),
+    (torch.randn(4, 2, 4), "B=3"),
+    (torch.randn(3, 2, 5), "D=4"),
+])
+def test_bad_candidate_shapes_raise(query, match):
+    weights = dk.LocalActivationUnit(4, (8,)).weights()
+    with pytest.raises(ValueError, match=match):
+        dk.din_attention(query, torch.randn(3, 6, 4), torch.tensor([6, 0, 2]), weights)
