@@ -252,7 +252,7 @@ def _regularizer(args) -> Tuple[str, float]:
 
 
 def _train_one(args, split, out: Optional[Path], *, model_name: str, activation: str, regularizer: str,
-               reg_lambda: float, seed: int, tag: str, resume: Optional[Dict] = None) -> Dict:
+               reg_lambda: float, seed: int, tag: str, resume: Optional[Dict] = None, distributed=None) -> Dict:
     import torch
 
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -269,8 +269,8 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
                for key, value in vars(args).items() if key not in ("handler", "explicit")}
     history = train(model, split, train_config, out_dir=out, extra_optimizers=setup.make_optimizers(model),
                     regularizer=setup.penalty, log=lambda line: print(f"[{tag}] {line}", file=sys.stderr),
-                    data_spec=args.data, resume=resume, command=command)
-    if out is not None:
+                    data_spec=args.data, resume=resume, command=command, distributed=distributed)
+    if out is not None and (distributed is None or distributed.is_main):
         write_json_atomic(out / "metrics.json", history)
     return history
 
@@ -295,18 +295,58 @@ def _resumed_args(args):
     return merged, payload
 
 
+@contextlib.contextmanager
+def _output_folder(out: Optional[Path], distributed=None):
+    """``--out`` checked and locked for the block (nothing without ``--out``). Under torchrun rank 0 alone checks
+    and locks it (a second rank would find the lock held by a live process) and tells the others the outcome,
+    so that a refused folder ends every process with the same one-line error instead of leaving them waiting
+    for rank 0 at the first collective."""
+    if out is None:
+        yield
+        return
+    if distributed is None:
+        check_output_dir(out)
+        with run_lock(out):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if distributed.is_main:
+            try:
+                check_output_dir(out)
+                stack.enter_context(run_lock(out))
+            except ValueError as refused:
+                error = str(refused)
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise ValueError(error)
+        yield
+
+
 def cmd_train(args) -> int:
+    from .distributed import from_environment
+
+    distributed = from_environment(args.device)  # None unless started by torchrun with several processes
+    try:
+        return _train_command(args, distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def _train_command(args, distributed) -> int:
     resume = None
     if getattr(args, "resume", None) is not None:
-        args, resume = _resumed_args(args)
-    if args.out is not None:
-        check_output_dir(args.out)
-    with run_lock(args.out) if args.out is not None else contextlib.nullcontext():
+        args, resume = _resumed_args(args)  # every process reads it
+    main = distributed is None or distributed.is_main
+    with _output_folder(args.out, distributed):
         regularizer, reg_lambda = _regularizer(args)
         split = _load_split(args)
         history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
                              regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model,
-                             resume=resume)
+                             resume=resume, distributed=distributed)
+    if not main:
+        return 0
     best = selected_epoch(history)
     chosen = f"epoch {best['epoch']}, best validation GAUC {best['valid_gauc']:.4f}" if "valid_gauc" in best \
         else f"epoch {best['epoch']}, the last"
@@ -458,12 +498,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "threads", None) is not None:
         configure_threads(args.threads, args.torch_threads)
         keep_freed_memory()
+    from .distributed import launched_rank, launched_world_size
+
+    # under torchrun every process prints its own failure (one may fail alone); ranks other than 0 say who
+    rank = launched_rank()
+    prefix = f"error (process {rank}): " if rank else "error: "
     try:
+        if launched_world_size() > 1 and args.command != "train":
+            raise ValueError(f"din {args.command} runs in one process; under torchrun only 'din train' does "
+                             "(data-parallel, see README, 'Several processes')")
         return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{prefix}{error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, no traceback
         print(f"din {args.command}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,7 +18,7 @@ import din_kernels as dk
 
 from . import metrics
 from .checkpoint import atomic_file, save_checkpoint, write_json_atomic
-from .data import InteractionData, Split, carve_validation
+from .data import InteractionData, Split, carve_validation, shard_bounds
 from .regularization import REGULARIZERS, table_parameters
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -109,9 +110,20 @@ def predict(model: nn.Module, data: InteractionData, max_len: int, batch_size: i
 
 
 def evaluate(model: nn.Module, data: InteractionData, max_len: int, batch_size: int = 4096,
-             device: str = "cpu") -> Dict[str, float]:
-    """AUC, user-weighted AUC (paper Eq. 10), per-user mean AUC (official GAUC) and logloss on ``data``."""
-    probs = predict(model, data, max_len, batch_size, device)
+             device: str = "cpu", distributed=None) -> Dict[str, float]:
+    """AUC, user-weighted AUC (paper Eq. 10), per-user mean AUC (official GAUC) and logloss on ``data``.
+
+    ``distributed`` (a :class:`din.distributed.Distributed`): each process predicts its contiguous share of
+    ``data`` and the predictions are gathered in order, so every process returns the metrics of the whole
+    set (in eval mode a sample's prediction does not depend on the others in its batch)."""
+    if distributed is not None:
+        from .distributed import gather_predictions
+
+        start, stop = shard_bounds(len(data), distributed.rank, distributed.world_size)
+        local = predict(model, data.subset(np.arange(start, stop)), max_len, batch_size, device)
+        probs = gather_predictions(local, distributed)
+    else:
+        probs = predict(model, data, max_len, batch_size, device)
     labels, users = np.asarray(data.label), np.asarray(data.user)
     return {
         "auc": metrics.auc(labels, probs),
@@ -229,6 +241,7 @@ def train(
     data_spec: Optional[str] = None,
     resume: Optional[Dict] = None,
     command: Optional[Dict] = None,
+    distributed=None,
 ) -> Dict:
     """Train ``model`` on ``split.train``, select the epoch on ``split.valid``, report ``split.test``.
 
@@ -250,9 +263,29 @@ def train(
     file, loaded by :func:`load_resume`) continues such a run after its last complete epoch, up to
     ``config.epochs``: an interrupted run resumed ends with the metrics and weights of an uninterrupted one
     (the batch order of an epoch is a function of the seed and the epoch).
+
+    ``distributed`` (a :class:`din.distributed.Distributed`, see that module): this process is one of
+    several training the same model on the same global batches of ``config.batch_size``, each on its part;
+    the model's BatchNorm / Dice layers are replaced by synchronised ones before the optimisers are built,
+    the dense parameters train under DistributedDataParallel, the MBA tables update from every process's
+    rows, metrics cover the whole sets, and only rank 0 logs and writes files. ``log`` is called on rank 0
+    only. A last batch with fewer samples than ``max(2, processes)`` is left out (one process would have
+    none; with one process: a last batch of one sample, see below).
     """
     if split.valid is None and config.valid_fraction > 0:
         split = carve_validation(split, config.valid_fraction, seed=config.seed)
+    world = distributed.world_size if distributed is not None else 1
+    main = distributed is None or distributed.is_main
+    if distributed is not None:
+        if config.batch_size < world:
+            raise ValueError(f"batch_size ({config.batch_size}) must be at least the number of processes "
+                             f"({world}): each process trains its part of every batch")
+        distributed.check_same_data(split)
+        from .distributed import synchronise_batch_statistics
+
+        synchronise_batch_statistics(model, distributed.group)
+    if not main:
+        log = lambda line: None  # noqa: E731 (rank 0 speaks for the run)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
@@ -267,6 +300,8 @@ def train(
                "epochs": []}
     if data_spec is not None:
         history["data_spec"] = data_spec
+    if distributed is not None:  # (not in ``train``: a run may be resumed on another number of processes)
+        history["distributed"] = {"processes": world, "backend": distributed.backend}
     if command is not None:  # the CLI's arguments, kept in metrics.json and resume.pt (``din train --resume``)
         history["command"] = command
     selection = EpochSelection(history, selects, config.patience, config.epochs)
@@ -274,6 +309,11 @@ def train(
     first_epoch = 1
     if resume is not None:
         first_epoch, best_state = _restore(resume, model, optimizers, history, selection, config)
+    step_model = model
+    if distributed is not None:
+        from .distributed import replicate
+
+        step_model = replicate(model, distributed)
     for epoch in range(first_epoch, config.epochs + 1):
         if selection.stop:  # (a resumed run that had stopped early)
             break
@@ -282,29 +322,44 @@ def train(
         started = time.perf_counter()
         seen, loss_sum = 0, 0.0
         # a last batch of one sample cannot train the head's BatchNorm (torch refuses one value per
-        # channel): then that one sample of the epoch's shuffled order is left out
-        drop_last = len(split.train) % config.batch_size == 1
-        num_batches = len(split.train) // config.batch_size if drop_last else \
-            math.ceil(len(split.train) / config.batch_size)
+        # channel): then that one sample of the epoch's shuffled order is left out; with several processes
+        # a last batch with fewer samples than processes too (a process would have nothing to train on)
+        remainder = len(split.train) % config.batch_size
+        drop_last = 0 < remainder < max(2, world)
+        stop = len(split.train) - remainder if drop_last else len(split.train)
+        num_batches = math.ceil(stop / config.batch_size)
         batches = split.train.batches(config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed * 1000 + epoch, drop_last=drop_last)
+                                      seed=config.seed * 1000 + epoch, drop_last=drop_last,
+                                      shard=distributed.shard() if distributed is not None else None)
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=not config.progress, leave=False)
-        for batch in bar:
+                   disable=not (config.progress and main), leave=False)
+        for step, batch in enumerate(bar):
             batch = batch.to(device)
-            logits = model(batch)
-            loss = loss_fn(logits, batch.label)
+            logits = step_model(batch)
+            if distributed is None:
+                loss = loss_fn(logits, batch.label)
+            else:
+                # DDP averages the processes' gradients: this part's summed loss times N / B makes that
+                # average the gradient of the global batch's mean loss (B = the global batch, parts unequal)
+                global_size = min(config.batch_size, stop - step * config.batch_size)
+                part_sum = F.binary_cross_entropy_with_logits(logits, batch.label, reduction="sum")
+                loss = part_sum * (world / global_size)
+            # (a penalty such as full L2 is added on every process alike: averaged, it counts once)
             total = loss + regularizer(model) if regularizer is not None else loss
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             total.backward()
             for opt in optimizers:
                 opt.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training diverged at epoch {epoch}: loss {loss.item()} "
+            if distributed is None:
+                batch_loss, batch_samples = loss.item(), len(batch.label)
+            else:  # the global batch's mean loss, the same number on every process (so is the check below)
+                batch_loss, batch_samples = distributed.sum(part_sum).item() / global_size, global_size
+            if not math.isfinite(batch_loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch}: loss {batch_loss} "
                                          f"(try a smaller --lr)")
-            seen += len(batch.label)
-            loss_sum += loss.item() * len(batch.label)
+            seen += batch_samples
+            loss_sum += batch_loss * batch_samples
             elapsed = time.perf_counter() - started
             # refresh=False: the bar redraws at its own pace (mininterval), not once per batch
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}",
@@ -312,30 +367,33 @@ def train(
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch, "lr": epoch_lr, "train_loss": loss_sum / max(seen, 1),
                   "train_seconds": train_seconds, "samples_per_second": seen / max(train_seconds, 1e-9)}
+        if distributed is not None:
+            distributed.check_replicas(model, epoch)
         if selects:
             record.update(prefixed("valid_", evaluate(model, split.valid, config.max_len,
-                                                       config.eval_batch_size, config.device)))
-        record.update(evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device))
+                                                       config.eval_batch_size, config.device, distributed)))
+        record.update(evaluate(model, split.test, config.max_len, config.eval_batch_size, config.device,
+                               distributed))
         history["epochs"].append(record)
         improved = selection.observe(record)
         if improved and selects:
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         elif not improved and config.lr_decay < 1:
             _scale_learning_rates(model, optimizers, config.lr_decay)
-        if out_dir is not None:
+        if out_dir is not None and main:
             _save_resume(Path(out_dir) / RESUME_FILE, epoch, model, optimizers, history, best_state)
         valid_text = f"valid GAUC {record['valid_gauc']:.4f}{' *' if improved else '  '}  " if selects else ""
         log(f"epoch {epoch}: loss {record['train_loss']:.4f}  {valid_text}test AUC {record['auc']:.4f}  "
             f"GAUC {record['gauc']:.4f}  logloss {record['logloss']:.4f}  "
             f"({record['samples_per_second']:,.0f} samples/s)")
-        if out_dir is not None:
+        if out_dir is not None and main:
             write_json_atomic(Path(out_dir) / "metrics.json", history)
         if selection.stop:
             log(selection.stop_message())
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    if out_dir is not None:
+    if out_dir is not None and main:
         # the data it was trained on, so that ``din evaluate`` defaults to it and can refuse data that does
         # not fit (``data_spec``: the ``--data`` spec; vocabulary sizes include the padding id)
         data = {"spec": data_spec, "name": split.name, "num_goods": split.num_goods,

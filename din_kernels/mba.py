@@ -330,6 +330,55 @@ def mba_update_(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor
     return weight
 
 
+def _local_row_sums(ids: Tensor, grad_out: Tensor, weight: Tensor, inv_freq: Tensor,
+                    padding_idx: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """This process's occurrences coalesced: (unique ids [U], summed gradient rows [U, D]), padding left out.
+    The Triton path's sums are the update kernel's own (``lam = 0``: deterministic order, table dtype); the
+    torch path sums in the accumulation dtype."""
+    dim = weight.shape[1]
+    grad_rows = grad_out.reshape(-1, dim)
+    if select_path(weight, cpp=False) == "triton":
+        return _launch_update(_MODE_VALUES, weight, ids, grad_rows, inv_freq, 0.0, 0.0, 0.0, None, padding_idx)
+    rows, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
+    sums = torch.zeros(rows.numel(), dim, dtype=accumulation_dtype(weight.dtype), device=weight.device)
+    sums.index_add_(0, inverse.reshape(-1), grad_rows.to(sums.dtype))
+    if padding_idx is not None:
+        keep = rows != padding_idx
+        rows, sums = rows[keep], sums[keep]
+    return rows, sums
+
+
+def _gather_rows(ids: Tensor, grad_out: Tensor, weight: Tensor, inv_freq: Tensor, padding_idx: Optional[int],
+                 group) -> Tuple[Tensor, Tensor]:
+    """Every process's coalesced ``(ids [U_r], gradient sums [U_r, D])`` of this step (:func:`_local_row_sums`),
+    concatenated in rank order, the sums divided by the number of processes (the mean over processes, as
+    DistributedDataParallel averages dense gradients). The backward then runs on the union as on one batch:
+    rows held by several processes are summed once more, and the MBA term and the update apply once per unique
+    row of the global batch, identically on every process (same inputs, same order). Coalescing first sends
+    U_r rows instead of every occurrence (a category table: tens of rows for 50k lookups). Three collectives:
+    the counts (they differ), then ids and sums padded to the largest."""
+    import torch.distributed as dist
+
+    rows, sums = _local_row_sums(ids, grad_out, weight, inv_freq, padding_idx)
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    sent_ids = rows.new_zeros(most)
+    sent_ids[:rows.numel()] = rows
+    sent_sums = sums.new_zeros(most, sums.shape[1])
+    sent_sums[:rows.numel()] = sums
+    all_ids = [torch.empty_like(sent_ids) for _ in range(world)]
+    all_sums = [torch.empty_like(sent_sums) for _ in range(world)]
+    dist.all_gather(all_ids, sent_ids, group=group)
+    dist.all_gather(all_sums, sent_sums, group=group)
+    gathered_ids = torch.cat([part[:n] for part, n in zip(all_ids, counts)])
+    gathered_sums = torch.cat([part[:n] for part, n in zip(all_sums, counts)]).div_(world)
+    return gathered_ids, gathered_sums
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Autograd function, functional API
 # ----------------------------------------------------------------------------------------------------------
@@ -347,12 +396,15 @@ def _check_padding_idx(padding_idx, num_rows: int) -> Optional[int]:
 class MBAEmbeddingFunction(torch.autograd.Function):
     """``weight[ids]`` whose backward either returns the sparse MBA gradient for ``weight``
     (``optimizer=None``) or applies the MBA SGD / row-wise Adagrad step to ``weight`` in place and returns no
-    weight gradient at all (optimizer in backward, as FBGEMM's TBE and torchrec's fused embeddings)."""
+    weight gradient at all (optimizer in backward, as FBGEMM's TBE and torchrec's fused embeddings). With a
+    ``process_group`` both run on every process's rows at once (:func:`_gather_rows`)."""
 
     @staticmethod
     def forward(ctx, ids: Tensor, weight: Tensor, inv_freq: Tensor, lam: float, padding_idx: Optional[int],
-                optimizer: Optional[str], lr: float, eps: float, state: Optional[Tensor]) -> Tensor:
+                optimizer: Optional[str], lr: float, eps: float, state: Optional[Tensor],
+                process_group=None) -> Tensor:
         ctx.lam, ctx.padding_idx, ctx.optimizer, ctx.lr, ctx.eps = lam, padding_idx, optimizer, lr, eps
+        ctx.process_group = process_group
         if optimizer is None:
             ctx.save_for_backward(ids, weight, inv_freq)
         else:
@@ -365,9 +417,11 @@ class MBAEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        nones = (None,) * 7
+        nones = (None,) * 8
         if ctx.optimizer is None:
             ids, weight, inv_freq = ctx.saved_tensors
+            if ctx.process_group is not None:
+                ids, grad_out = _gather_rows(ids, grad_out, weight, inv_freq, ctx.padding_idx, ctx.process_group)
             grad_weight = mba_embedding_backward(grad_out, ids, weight, inv_freq, ctx.lam, ctx.padding_idx)
             return (None, grad_weight) + nones
         ids, inv_freq = ctx.saved_tensors
@@ -377,6 +431,8 @@ class MBAEmbeddingFunction(torch.autograd.Function):
                 "MBAEmbedding: the table was modified between this lookup and its backward (called twice in one "
                 "graph, or stepped in between). With a fused optimizer, look up all of a table's ids for the "
                 "step in one call (e.g. torch.cat candidate and history ids), then split the output.")
+        if ctx.process_group is not None:
+            ids, grad_out = _gather_rows(ids, grad_out, weight, inv_freq, ctx.padding_idx, ctx.process_group)
         mba_update_(weight, ids, grad_out, inv_freq, ctx.lr, ctx.lam, state=ctx.state, eps=ctx.eps,
                     padding_idx=ctx.padding_idx)
         return (None, None) + nones
@@ -394,7 +450,7 @@ def mba_embedding(ids: Tensor, weight: Tensor, inv_freq: Tensor, lam: float, *,
     check_same_device(ids=ids, weight=weight, inv_freq=inv_freq)
     lam = check_nonnegative_finite("lam", lam)
     padding_idx = _check_padding_idx(padding_idx, weight.shape[0])
-    return MBAEmbeddingFunction.apply(ids, weight, inv_freq, lam, padding_idx, None, 0.0, 0.0, None)
+    return MBAEmbeddingFunction.apply(ids, weight, inv_freq, lam, padding_idx, None, 0.0, 0.0, None, None)
 
 
 def mba_sgd_(weight: Tensor, ids: Tensor, grad_rows: Tensor, inv_freq: Tensor, lr: float, lam: float, *,
@@ -459,6 +515,15 @@ class MBAEmbedding(nn.Module):
 
     ``padding_idx`` (default 0, None for none): as ``nn.Embedding``, the row is looked up as stored (zeros
     at initialisation) and never updated. Initialisation: ``N(0, 1)`` as ``nn.Embedding``.
+
+    ``process_group`` (default None; settable): data-parallel training where every process holds the whole
+    table and looks up its own share of each batch. Backward then gathers every process's rows (its unique
+    ids and their gradient sums), averages the gradients over the processes (as DistributedDataParallel
+    averages dense ones: scale each process's loss so that the mean is the gradient you want) and applies the
+    MBA term and the step once per unique row of the union, so every process applies the identical update (fused), or holds
+    the identical sparse gradient (``optimizer=None``). Every process must run each backward (a collective);
+    keep the table out of DistributedDataParallel (its gradient is not dense, and with a fused optimizer
+    there is none). The frequencies must count the whole training set on every process.
     ids [...] int -> [..., D]
     """
 
@@ -487,6 +552,7 @@ class MBAEmbedding(nn.Module):
         state = (torch.zeros(num_embeddings, device=device, dtype=accumulation_dtype(self.weight.dtype))
                  if optimizer is not None and MBA_OPTIMIZERS[optimizer].row_state else None)
         self.register_buffer("state", state)
+        self.process_group = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -504,6 +570,20 @@ class MBAEmbedding(nn.Module):
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = check_nonnegative_finite("lr", value)
+
+    @property
+    def process_group(self):
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        if group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(group, dist.ProcessGroup):
+                raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                                f"got {type(group).__name__}")
+        self._process_group = group
 
     @property
     def lam(self) -> float:
@@ -537,7 +617,7 @@ class MBAEmbedding(nn.Module):
                 raise ValueError(f"ids contains {bad}, whose training frequency is 0: frequencies must count every "
                                  "id the table is trained on (e.g. row_frequencies over all training ids)")
         return MBAEmbeddingFunction.apply(ids, weight, self.inv_freq, self.lam, self.padding_idx, self.optimizer,
-                                          self.lr, self.eps, self.state)
+                                          self.lr, self.eps, self.state, self.process_group)
 
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}, lam={self.lam}"

@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .amazon import amazon_files, load_amazon, load_amazon_csv, prepare_amazon, prepare_amazon_csv
 from .cache import Prepared, default_cache_dir
-from .dataset import VALIDATION_PROTOCOLS, Batch, InteractionData, Split, carve_validation, split_by_user
+from .dataset import (VALIDATION_PROTOCOLS, Batch, InteractionData, Split, carve_validation, shard_bounds,
+                      split_by_user)
 from .interactions import load_interaction_log, prepare_interaction_log
 from .movielens import BUNDLED_MOVIELENS, load_movielens, prepare_movielens
 from .synthetic import make_synthetic
@@ -41,6 +42,7 @@ __all__ = [
     "Split",
     "split_by_user",
     "carve_validation",
+    "shard_bounds",
     "VALIDATION_PROTOCOLS",
     "make_synthetic",
     "load_movielens",

@@ -23,14 +23,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ._io import PathLike, atomic_directory, read_json, write_json
 
-__all__ = ["Batch", "InteractionData", "Split", "VALIDATION_PROTOCOLS", "carve_validation", "split_by_user"]
+__all__ = ["Batch", "InteractionData", "Split", "VALIDATION_PROTOCOLS", "carve_validation", "shard_bounds",
+           "split_by_user"]
 
 FORMAT = "din-kernels/interactions"
 SPLIT_FORMAT = "din-kernels/split"
@@ -149,6 +150,22 @@ def _index(index: Any, n: int, name: str = "index") -> np.ndarray:
 
 def _rng(seed: SeedLike) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """``[start, stop)`` of part ``rank`` when ``n`` items are cut into ``world_size`` contiguous parts whose
+    sizes differ by at most one, the larger ones first (``numpy.array_split``'s rule). Contiguous parts in
+    rank order concatenate back to the whole, which is what lets a data-parallel step see exactly the
+    single-process batch (``din.distributed``)."""
+    n = int(n)
+    world_size = _positive_int(world_size, "world_size")
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    base, extra = divmod(n, world_size)
+    start = int(rank) * base + min(int(rank), extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +370,7 @@ class InteractionData:
         drop_last: bool = False,
         *,
         trim: bool = False,
+        shard: Optional[Tuple[int, int]] = None,
     ) -> Iterator[Batch]:
         """Iterate over the data in batches of ``batch_size`` (see :meth:`batch`).
 
@@ -361,14 +379,25 @@ class InteractionData:
             seed: seed or ``numpy.random.Generator`` for the permutation; with the same int seed the
                 order is reproducible, ``None`` draws fresh entropy.
             drop_last: skip the final, smaller batch.
+            shard: ``(rank, world_size)``: cut each batch of ``batch_size`` (the global batch) into
+                ``world_size`` contiguous parts (:func:`shard_bounds`) and yield part ``rank`` only, so that
+                processes iterating with the same seed together visit exactly the unsharded batches, in the
+                same order. A part may be empty when a batch has fewer samples than processes.
         """
         batch_size = _positive_int(batch_size, "batch_size")
         max_len = _positive_int(max_len, "max_len")
+        if shard is not None:
+            rank, world_size = shard
+            shard_bounds(0, rank, world_size)  # validates both
         n = len(self)
         order = _rng(seed).permutation(n) if shuffle else np.arange(n)
         stop = (n // batch_size) * batch_size if drop_last else n
         for begin in range(0, stop, batch_size):
-            yield self.batch(order[begin : begin + batch_size], max_len, trim=trim)
+            index = order[begin : begin + batch_size]
+            if shard is not None:
+                low, high = shard_bounds(len(index), rank, world_size)
+                index = index[low:high]
+            yield self.batch(index, max_len, trim=trim)
 
     # -- frequencies (for mini-batch aware regularisation) ---------------------------------------
 
