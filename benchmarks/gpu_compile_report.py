@@ -46,7 +46,7 @@ from din_kernels.testing import attention_fused as A  # noqa: E402
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
 TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
 TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Za-z0-9]+)*)")
-INTS = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
+INTS = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt"}  # the attention kernels' int arguments
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"fp32": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
               "fp16": ("fp16", "tf32")}
@@ -111,7 +111,11 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
                   BLOCK_H2=block_h2, INTERPRETED=False)
     if backward:
-        consts["PASS"] = backward_pass
+        consts.update(PASS=backward_pass, ACCUMULATE=False)  # (the first, or only, candidate per history)
+    else:
+        # one candidate per history, as training launches it: Triton's JIT specializes an int argument equal
+        # to 1 as a constexpr
+        consts["C"] = 1
     signature = {name: ("constexpr" if name in consts else "fp32" if name == "scale" else
                         "i32" if name in INTS else "*i64" if name == "LENGTHS" else
                         f"*{dtype}" if name in ("K", "DK", "OUT", "DOUT") else "*fp32")

@@ -13,8 +13,7 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
 
 - ``ATTENTION_LAUNCHERS``: ``{"triton": ..., "cpp": ..., "composite": ...}``, (forward, backward) each;
   ``attention_small``: the small-problem autograd path (returns ``(out, attn)``);
-  ``attention_launchers(keys, weights, activation, candidates)``: the (forward, backward) a call's plan
-  picks;
+  ``attention_launchers(keys, weights, activation)``: the (forward, backward) a call's plan picks;
   ``fused_supported(keys, weights)``: whether the Triton kernels cover a problem.
 - The modules, for tests of one piece's internals (chunk planning, workspaces, kept-activation buffers,
   tile and warp choices, the kernels themselves): ``attention_composite``, ``attention_small_module``,
@@ -54,10 +53,9 @@ attention_small = attention_small_module.attention_torch_small
 fused_supported = attention_fused.fused_supported
 
 
-def attention_launchers(keys, weights, activation: str = "sigmoid", candidates: int = 1, backward: bool = True):
-    """(forward, backward) of the path a call with these keys, weights, activation and number of candidates
-    per history takes (``backward``: whether one will follow)."""
-    return attention_plan._launchers(keys, weights, activation, candidates, backward)
+def attention_launchers(keys, weights, activation: str = "sigmoid"):
+    """(forward, backward) of the path a call with these keys, weights and activation takes."""
+    return attention_plan._launchers(keys, weights, activation)
 
 
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",

@@ -342,7 +342,7 @@ def test_each_call_logs_its_plan_at_debug_level(caplog):
     weights = linear_weights(4, (8,))
     with caplog.at_level("DEBUG", logger="din_kernels"):
         dk.din_attention(torch.randn(3, 4), torch.randn(3, 5, 4), torch.tensor([5, 0, 2]), weights)
-    assert any("din_attention B=3 T=5 D=4:" in record.getMessage() for record in caplog.records)
+    assert any("din_attention B=3 C=1 T=5 D=4:" in record.getMessage() for record in caplog.records)
 
 
 def test_dice_training_never_runs_the_reference(monkeypatch):

@@ -310,15 +310,18 @@ from triton.compiler import ASTSource
 from din_kernels.testing import attention_fused as A
 
 target = GPUTarget("cuda", 90, 32)  # H100 / H200
-ints = {"T", "D", "H1", "H2", "stride_kb", "stride_kt"}
+ints = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt"}
 for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
     for fn, backward in ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True)):
         block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(100, 36, (80, 40), backward=backward,
                                                                          dot_precision=precision)
-        consts = dict(**A._activation_constexprs("dice"), TWO_LAYERS=True, SOFTMAX=True, DOT_PRECISION=precision, BLOCK_T=block_t,
-                      BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, INTERPRETED=False)
+        consts = dict(**A._activation_constexprs("dice"), TWO_LAYERS=True, SOFTMAX=True,
+                      DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
+                      BLOCK_H2=block_h2, INTERPRETED=False)
         if backward:
-            consts["PASS"] = 0
+            consts.update(PASS=0, ACCUMULATE=False)
+        else:
+            consts["C"] = 1  # one candidate per history: the JIT specializes an int equal to 1 as a constexpr
         signature = {}
         for name in fn.arg_names:
             signature[name] = ("constexpr" if name in consts else "fp32" if name == "scale" else

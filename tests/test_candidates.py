@@ -1,13 +1,13 @@
 """Several candidates per history: ``din_attention(query [B, C, D], keys [B, T, D], lengths [B])`` against the
 reference applied per candidate (forward, weights, every gradient), on every path (Triton under the
-interpreter, the C++ backend, whose plan sends C > 1 to the composite path, and the composite path), the
-launchers' [R, D] contract directly, Dice in training mode, and bad shapes."""
+interpreter, the C++ op, the composite path), the launchers' [R, D] contract directly, Dice in training mode,
+and bad shapes."""
 import pytest
 import torch
 
 import din_kernels as dk
 from din_kernels import reference
-from din_kernels.testing import ATTENTION_LAUNCHERS, attention_launchers
+from din_kernels.testing import ATTENTION_LAUNCHERS
 
 
 def unit_and_args(activation, form="concat", normalize="softmax"):
@@ -71,8 +71,8 @@ def test_every_candidate_matches_the_reference(backend, form, activation, batch,
 
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
 def test_launchers_take_candidate_rows(normalize):
-    """The launcher contract with query [R, D], R = B * C: Triton and composite agree, and the keys'
-    gradient sums over each history's candidates."""
+    """The launcher contract with query [R, D], R = B * C: Triton, C++ (with and without kept activations)
+    and composite agree, and the keys' gradient sums over each history's candidates."""
     batch, candidates, seq_len, dim = 3, 5, 11, 6
     unit = dk.LocalActivationUnit(dim, (16, 8), normalize=normalize)
     query, keys = torch.randn(batch * candidates, dim), torch.randn(batch, seq_len, dim)
@@ -80,15 +80,17 @@ def test_launchers_take_candidate_rows(normalize):
     args = (query, keys, lengths, list(unit.weights()), None, None, 1e-8)
     kw = dict(form="concat", activation="sigmoid", normalize=normalize, scale=0.5)
     results = {}
-    for path in ("triton", "composite"):
-        forward, backward = ATTENTION_LAUNCHERS[path]
-        out, attn, lse = forward(*args, **kw)
-        grads = backward(torch.ones_like(out), *args, out, attn, lse, **kw)
+    for path in ("triton", "cpp", "cpp-kept", "composite"):
+        forward, backward = ATTENTION_LAUNCHERS[path.replace("-kept", "")]
+        kept = dict(kept=[]) if path == "cpp-kept" else {}
+        out, attn, lse = forward(*args, **kw, **kept)
+        grads = backward(torch.ones_like(out), *args, out, attn, lse, **kw, **kept)
         results[path] = (out, attn, lse, grads[0], grads[1], *grads[2])
         assert out.shape == (batch * candidates, dim) and attn.shape == (batch * candidates, seq_len)
         assert grads[1].shape == keys.shape
-    for a, b in zip(results["triton"], results["composite"]):
-        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)
+    for path in ("triton", "cpp", "cpp-kept"):
+        for a, b in zip(results[path], results["composite"]):
+            torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)
     # one history scored once per candidate: the sum of C single-candidate keys gradients
     forward, backward = ATTENTION_LAUNCHERS["composite"]
     single = torch.zeros_like(keys)
@@ -108,12 +110,11 @@ def test_the_plan_names_the_candidates():
         dk.set_backend("cpp")
         assert dk.explain(torch.randn(40, 4), keys, lengths, weights).startswith("cpp:")
         assert dk.explain(torch.randn(40, 1, 4), keys, lengths, weights).startswith("cpp:")
-        text = dk.explain(torch.randn(40, 3, 4), keys, lengths, weights)  # (the weights require gradients)
-        assert text.startswith("composite:") and "3 candidates per history with a backward" in text
-        assert attention_launchers(keys, weights, "sigmoid", 3)[0] is ATTENTION_LAUNCHERS["composite"][0]
-        with torch.no_grad():  # serving: the C++ op's forward takes the candidates
-            assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("cpp:")
-        assert attention_launchers(keys, weights, "sigmoid", 3, backward=False)[0] is ATTENTION_LAUNCHERS["cpp"][0]
+        assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("cpp:")
+        dk.set_backend("torch")
+        assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("composite:")
+        assert dk.explain(torch.randn(4, 3, 4), keys[:4, :30], lengths[:4].clamp(max=30), weights).startswith(
+            "composite-small:")  # B x C x T = 360
     finally:
         dk.set_backend(previous)
 
@@ -121,7 +122,7 @@ def test_the_plan_names_the_candidates():
 @pytest.mark.parametrize("batch,candidates,seq_len", [(1, 1000, 50), (3, 7, 13), (40, 3, 30), (2, 0, 4)])
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])
 def test_scoring_without_gradients_matches_the_reference(backend, activation, batch, candidates, seq_len):
-    """Serving: no gradient, so the C++ backend's plan runs the C++ op's forward with the candidates."""
+    """Serving: no gradient (the C++ op then spreads one history's candidates over its blocks)."""
     unit, options = unit_and_args(activation)
     query, keys = torch.randn(batch, candidates, 5), torch.randn(batch, seq_len, 5)
     lengths = torch.randint(0, seq_len + 1, (batch,))

@@ -27,6 +27,7 @@ import torch
 
 from .. import cpu_extension
 from .._dtypes import accumulation_dtype
+from ..activations import activation_spec
 from .composite import _Activation, _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 
@@ -99,6 +100,19 @@ class _Arguments:
         self.widths = widths
 
 
+def _no_rows_forward(query: Tensor, keys: Tensor, normalize: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward's outputs for a query of no rows: out [0, D], attn [0, T], lse [0]."""
+    dtype = accumulation_dtype(keys.dtype)
+    return (query.new_zeros(0, keys.shape[2]), keys.new_zeros(0, keys.shape[1], dtype=dtype),
+            keys.new_zeros(0, dtype=dtype))
+
+
+def _row_lengths(lengths: Tensor, candidates: int) -> Tensor:
+    """The op's lengths: one per query row, [B * C] int64 contiguous."""
+    lengths = lengths.to(torch.int64)
+    return (lengths if candidates == 1 else lengths.repeat_interleave(candidates)).contiguous()
+
+
 def attention_cpu_forward(
     query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
@@ -108,20 +122,18 @@ def attention_cpu_forward(
     list to append the buffer of kept activations and the op's arguments to, for
     ``attention_cpu_backward(..., kept=)`` (which then builds neither again)."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    candidates = candidates_per_history(query, keys)
-    if candidates != 1 and kept is not None:  # (the plan sends training with candidates to the composite)
-        raise ValueError(f"the C++ op's backward scores one candidate per history, got {candidates}")
+    if query.shape[0] == 0 < keys.shape[0]:  # no candidate for any history (C = 0)
+        return _no_rows_forward(query, keys, normalize)
     ops = cpu_extension.ops()
     args = _Arguments(keys, weights, alphas, dice_eval, eps, form, activation)
     q = query.to(args.dtype).contiguous()
     k = keys.to(args.dtype).contiguous()
-    # the op takes one length per query row: [B * C]
-    lengths = lengths.to(torch.int64)
-    lengths = (lengths if candidates == 1 else lengths.repeat_interleave(candidates)).contiguous()
+    candidates = candidates_per_history(query, keys)
+    lengths = _row_lengths(lengths, candidates)
     saved = _NOTHING_KEPT[args.dtype]
     if kept is not None:
         needed = ops.attention_saved_floats(lengths, keys.shape[2], form == "outer", args.widths,
-                                            args.act.spec.code)
+                                            args.act.spec.code, candidates)
         wanted = min(needed, KEEP_FLOATS)
         saved = _BUFFERS.take(wanted, args.dtype) if wanted else saved
         # the arguments too: rebuilding them costs the backward ~45 us (a DIN step's call: ~1%); the weights
@@ -143,9 +155,10 @@ def attention_cpu_backward(
     (``kept``, handed back to the buffer pool here). ``out`` and ``lse`` are part of the shared contract,
     unused here."""
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
-    if query.shape[0] != keys.shape[0]:
-        raise ValueError(f"the C++ op's backward scores one candidate per history: query has {query.shape[0]} "
-                         f"rows for {keys.shape[0]} histories (the composite path takes several)")
+    if query.shape[0] == 0 < keys.shape[0]:  # no candidate for any history: every gradient is zero
+        d_alphas = tuple(torch.zeros_like(a) for a in alphas) if alphas is not None and \
+            activation_spec(activation).has_alpha else None
+        return torch.zeros_like(query), torch.zeros_like(keys), tuple(torch.zeros_like(w) for w in weights), d_alphas
     ops = cpu_extension.ops()
     if kept:
         saved, args = kept.pop()
@@ -155,7 +168,7 @@ def attention_cpu_backward(
     dtype = args.dtype
     d_query, d_keys, grads = ops.attention_bwd(
         grad_out.to(dtype).contiguous(), query.to(dtype).contiguous(), keys.to(dtype).contiguous(),
-        lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.tensors,
+        _row_lengths(lengths, candidates_per_history(query, keys)), attn.to(dtype).contiguous(), *args.tensors,
         normalize == "softmax", scale, saved, cpu_extension.threads())
     _BUFFERS.give(saved)
     first, layers = args.first, len(args.widths)

@@ -190,13 +190,7 @@ def explain(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tens
                                                               normalize, scale, alphas, dice_stats, training)
     candidates = query.shape[1] if query.dim() == 3 else 1
     return str(plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
-                              eager=True, candidates=candidates,
-                              backward=_needs_backward([query, keys, *weights, *alpha_list])))
-
-
-def _needs_backward(differentiable: Sequence[Tensor]) -> bool:
-    """Whether autograd will ask this call for a backward."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+                              eager=True, candidates=candidates))
 
 
 def din_attention(
@@ -244,7 +238,6 @@ def din_attention(
     candidates = query.shape[1] if query.dim() == 3 else 1
     rows = query.reshape(batch * candidates, dim)  # [R, D], R = B * C: the launchers' query (a view)
     scale = None if scale is None else float(scale)
-    keep = _needs_backward([query, keys, *weights, *alpha_list])  # (then the forward keeps activations)
     if torch.compiler.is_compiling():
         if activation_spec(activation).has_stats and training:
             plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=True,
@@ -256,7 +249,7 @@ def din_attention(
             return _shaped(query, out, attn, return_scores)
     else:
         plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
-                              eager=True, candidates=candidates, backward=keep)
+                              eager=True, candidates=candidates)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("din_attention B=%d C=%d T=%d D=%d: %s", batch, candidates, seq_len, dim, plan)
     if plan.path == "reference":
@@ -272,6 +265,8 @@ def din_attention(
                                           dice_training=momentum if plan.path == "composite-autograd" else None)
         attn = attn.detach()
     else:
+        differentiable = [rows, keys, *weights, *alpha_list]
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
         out, attn = DinAttentionFunction.apply(
             rows, keys, lengths, (len(weights), len(alpha_list), len(means)), float(eps), form, plan, normalize,
             scale, keep, *weights, *alpha_list, *means, *variances)

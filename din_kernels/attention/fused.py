@@ -240,35 +240,37 @@ def _din_attention_fwd_kernel(
 @triton.jit
 def _din_attention_bwd_kernel(
     K, M, U, W2, B2, WO, A1, MU1, RS1, A2, MU2, RS2, LENGTHS,
-    ATTN,         # [R, T] fp32 final weights from the forward (R = B * C candidate rows)
-    DOUT,         # [R, D] upstream gradient
-    DELTA,        # [R] fp32, dout_r . out_r (softmax only)
+    ATTN,         # [B, T] fp32 final weights from the forward
+    DOUT,         # [B, D] upstream gradient
+    DELTA,        # [B] fp32, dout_b . out_b (softmax only)
     DK,           # [B, T, D] keys gradient (keys dtype)
-    DM, DU,       # [R, D, H1], [R, H1] fp32: gradients of M_r and u_r
-    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-history partials
-    DWO, DBO,     # [B, HL], [B] fp32 per-history partials
-    DA1, DA2,     # [B, H1], [B, H2] fp32 per-history partials of the prelu / dice alphas
-    C, T, D, H1, H2, scale,
+    DM, DU,       # [B, D, H1], [B, H1] fp32: gradients of M_b and u_b
+    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-row partials
+    DWO, DBO,     # [B, HL], [B] fp32 per-row partials
+    DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
+    # (several candidates per history: one launch per candidate, ACCUMULATE from the second on)
+    T, D, H1, H2, scale,
     stride_kb, stride_kt,
     ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
-    INTERPRETED: tl.constexpr, PASS: tl.constexpr,
+    INTERPRETED: tl.constexpr, PASS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """One program per history b, for each of its C candidate rows r = b C + c in turn: recompute the tile's
-    activations and backpropagate, for t < L_b:
+    """Recompute the tile's activations and backpropagate, for t < L_b:
 
-        dw_t = dout_r . k_t
+        dw_t = dout_b . k_t
         ds_t = scale * dw_t                          (none)
-        ds_t = scale * w_t (dw_t - delta_r)          (softmax; delta_r = dout_r . out_r = sum_t w_t dw_t)
+        ds_t = scale * w_t (dw_t - delta_b)          (softmax; delta_b = dout_b . out_b = sum_t w_t dw_t)
         dh_last = ds_t w_out,  [dz2 = act'(z2) dh2,  dW2 += dz2^T h1,  dh1 = dz2 @ W2],  dz1 = act'(z1) dh1
-        dk_t += w_t dout_r + dz1_t @ M_r^T,   dM_r = sum_t k_t^T dz1_t,   du_r = sum_t dz1_t
-    dk sums over the candidates in the program (the first stores, the others add: no atomics, no [R, T, D]
-    buffer) and is 0 at padding. Weight and alpha gradients are written per history and summed by the
-    launcher. ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's
-    gradients (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each
-    holds three [64, 128]-sized tiles instead of four (resident M_r and W2, one accumulator): fp32 without
-    TF32 runs its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
+        dk_t = w_t dout_b + dz1_t @ M_b^T,   dM_b = sum_t k_t^T dz1_t,   du_b = sum_t dz1_t
+    dk is 0 at padding. Weight and alpha gradients are written per row and summed by the launcher.
+    ``ACCUMULATE``: dk and the per-row partials add to what DK, DW2, ... hold (a history's earlier candidates:
+    the launcher runs the kernel once per candidate, each reading its candidate's M, u, w and dout rows;
+    deterministic, no atomics, no [B, C, T, D] buffer); the padding is left as the first launch wrote it.
+    ``PASS`` 0 does all of it; with two layers, 1 only the second layer's and the output layer's gradients
+    (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each holds three
+    [64, 128]-sized tiles instead of four (resident M_b and W2, one accumulator): fp32 without TF32 runs
+    its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
     """
     b = tl.program_id(0).to(tl.int64)
     L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
@@ -280,6 +282,9 @@ def _din_attention_bwd_kernel(
     mask_h1 = offs_h1 < H1
     mask_dh1 = mask_d[:, None] & mask_h1[None, :]
     OPERAND: tl.constexpr = K.dtype.element_ty  # of every tl.dot (``_dot_operand``), fp32 accumulators
+    m1 = tl.load(M + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    m1 = _dot_operand(m1, OPERAND, INTERPRETED)
+    u1 = tl.load(U + b * H1 + offs_h1, mask=mask_h1, other=0.0)
     a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
     if TWO_LAYERS:
         offs_h2 = tl.arange(0, BLOCK_H2)
@@ -299,91 +304,96 @@ def _din_attention_bwd_kernel(
     else:
         wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)
         dwo = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dout = tl.load(DOUT + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+    if SOFTMAX:
+        delta = tl.load(DELTA + b)
+
+    if PASS != 1:
+        dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    du = tl.zeros([BLOCK_H1], dtype=tl.float32)
     da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
     dbo = tl.full([], 0.0, tl.float32)
-
-    for c in range(0, C):
-        r = b * C + c
-        m1 = tl.load(M + r * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
-        m1 = _dot_operand(m1, OPERAND, INTERPRETED)
-        u1 = tl.load(U + r * H1 + offs_h1, mask=mask_h1, other=0.0)
-        dout = tl.load(DOUT + r * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        mask_k = valid[:, None] & mask_d[None, :]
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
+        k = k_in.to(tl.float32)
+        k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
+        w = tl.load(ATTN + b * T + offs, mask=valid, other=0.0)  # [BT]
+        dw = tl.sum(k * dout[None, :], axis=1)
         if SOFTMAX:
-            delta = tl.load(DELTA + r)
-        if PASS != 1:
-            dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-        du = tl.zeros([BLOCK_H1], dtype=tl.float32)
-        for t0 in range(0, L, BLOCK_T):
-            offs = t0 + offs_t
-            valid = offs < L
-            mask_k = valid[:, None] & mask_d[None, :]
-            k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                           mask=mask_k, other=0.0)  # [BT, BD], keys' dtype
-            k = k_in.to(tl.float32)
-            k_in = _dot_operand(k_in, OPERAND, INTERPRETED)
-            w = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)  # [BT]
-            dw = tl.sum(k * dout[None, :], axis=1)
-            if SOFTMAX:
-                ds = w * (dw - delta)
-            else:
-                ds = dw
-            # zero at padding: every gradient below is then zero there too
-            ds = tl.where(valid, ds, 0.0) * scale
+            ds = w * (dw - delta)
+        else:
+            ds = dw
+        # zero at padding: every gradient below is then zero there too
+        ds = tl.where(valid, ds, 0.0) * scale
 
-            z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
-            h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
-            if TWO_LAYERS:
-                h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
-                z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
-                h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
-                dwo += tl.sum(ds[:, None] * h2, axis=0)
-                dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
-                da2 += tl.sum(dalpha2, axis=0)
-                db2 += tl.sum(dz2, axis=0)
-                dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
-                if PASS != 2:
-                    dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
-                if PASS != 1:
-                    dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
-            else:
-                dwo += tl.sum(ds[:, None] * h1, axis=0)
-                dh1 = ds[:, None] * wo[None, :]
-            dbo += tl.sum(ds, axis=0)
+        z1 = tl.dot(k_in, m1, input_precision=DOT_PRECISION) + u1[None, :]  # [BT, BH1]
+        h1 = _act_fwd(z1, a1, mu1, rs1, ACT)
+        if TWO_LAYERS:
+            h1_in = _dot_operand(h1, OPERAND, INTERPRETED)
+            z2 = tl.dot(h1_in, w2t, input_precision=DOT_PRECISION) + b2[None, :]  # [BT, BH2]
+            h2 = _act_fwd(z2, a2, mu2, rs2, ACT)
+            dwo += tl.sum(ds[:, None] * h2, axis=0)
+            dz2, dalpha2 = _act_bwd(z2, ds[:, None] * wo[None, :], a2, mu2, rs2, ACT)
+            da2 += tl.sum(dalpha2, axis=0)
+            db2 += tl.sum(dz2, axis=0)
+            dz2_in = _dot_operand(dz2, OPERAND, INTERPRETED)
+            if PASS != 2:
+                dw2 += tl.dot(tl.trans(dz2_in), h1_in, input_precision=DOT_PRECISION)  # [BH2, BH1]
             if PASS != 1:
-                dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
-                da1 += tl.sum(dalpha1, axis=0)
-                du += tl.sum(dz1, axis=0)
-                dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
-                dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
-                dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
-                dk_ptrs = DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :]
-                mask_dk = (offs[:, None] < T) & mask_d[None, :]
-                # the earlier candidates' sum (a masked load reads nothing for the first)
-                dk += tl.load(dk_ptrs, mask=mask_dk & (c > 0), other=0.0).to(tl.float32)
-                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_dk)
+                dh1 = tl.dot(dz2_in, w2, input_precision=DOT_PRECISION)  # [BT, BH1]
+        else:
+            dwo += tl.sum(ds[:, None] * h1, axis=0)
+            dh1 = ds[:, None] * wo[None, :]
+        dbo += tl.sum(ds, axis=0)
         if PASS != 1:
-            tl.store(DM + r * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
-            tl.store(DU + r * H1 + offs_h1, du, mask=mask_h1)
-        # the next candidate reads back the dk tiles stored above, possibly from other threads
-        tl.debug_barrier()
+            dz1, dalpha1 = _act_bwd(z1, dh1, a1, mu1, rs1, ACT)
+            da1 += tl.sum(dalpha1, axis=0)
+            du += tl.sum(dz1, axis=0)
+            dz1_in = _dot_operand(dz1, OPERAND, INTERPRETED)
+            dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION)  # [BD, BH1]
+            dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION)
+            dk_ptrs = DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :]
+            if ACCUMULATE:
+                dk += tl.load(dk_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
     if PASS != 1:
-        # padding past the last tile touched above
-        for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
-            offs = t0 + offs_t
-            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                     tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
-                     mask=(offs[:, None] < T) & mask_d[None, :])
+        if not ACCUMULATE:
+            # padding past the last tile touched above
+            for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+                offs = t0 + offs_t
+                tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                         tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
+                         mask=(offs[:, None] < T) & mask_d[None, :])
+        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
         if HAS_ALPHA:
+            if ACCUMULATE:
+                da1 += tl.load(DA1 + b * H1 + offs_h1, mask=mask_h1, other=0.0)
             tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
     if PASS != 2:
+        if ACCUMULATE:
+            dbo += tl.load(DBO + b)
         tl.store(DBO + b, dbo)
         if TWO_LAYERS:
+            if ACCUMULATE:
+                dw2 += tl.load(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21,
+                               other=0.0)
+                db2 += tl.load(DB2 + b * H2 + offs_h2, mask=mask_h2, other=0.0)
+                dwo += tl.load(DWO + b * H2 + offs_h2, mask=mask_h2, other=0.0)
             tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
             tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
             tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
             if HAS_ALPHA:
+                if ACCUMULATE:
+                    da2 += tl.load(DA2 + b * H2 + offs_h2, mask=mask_h2, other=0.0)
                 tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
         else:
+            if ACCUMULATE:
+                dwo += tl.load(DWO + b * H1 + offs_h1, mask=mask_h1, other=0.0)
             tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
 
 
@@ -556,17 +566,26 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
         delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [R]
         block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True,
                                                                        dot_precision=_dot_precision(keys.dtype))
-        for backward_pass in _backward_passes(keys.dtype, widths):
-            _din_attention_bwd_kernel[(batch,)](
-                keys, m, u, w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
-                attn, grad_out, delta, dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2,
-                candidates, seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
-                keys.stride(0), keys.stride(1),
-                **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
-                DOT_PRECISION=_dot_precision(keys.dtype),
-                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
-                INTERPRETED=interpreter_enabled(), PASS=backward_pass, num_warps=num_warps,
-            )
+        for c in range(candidates):
+            # candidate c of every history: its rows b * C + c (the whole of them for C = 1, no copy)
+            pick = (lambda t: t) if candidates == 1 else (lambda t: t.view(batch, candidates, *t.shape[1:])[:, c]
+                                                          .contiguous())
+            dm_c, du_c = (dm, du) if candidates == 1 else (torch.empty_like(dm[:batch]), torch.empty_like(du[:batch]))
+            for backward_pass in _backward_passes(keys.dtype, widths):
+                _din_attention_bwd_kernel[(batch,)](
+                    keys, pick(m), pick(u), w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
+                    pick(attn), pick(grad_out), pick(delta) if softmax else delta, dkeys, dm_c, du_c,
+                    dw2, db2, dwo, dbo, da1, da2,
+                    seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
+                    keys.stride(0), keys.stride(1),
+                    **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
+                    DOT_PRECISION=_dot_precision(keys.dtype),
+                    BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
+                    INTERPRETED=interpreter_enabled(), PASS=backward_pass, ACCUMULATE=c > 0, num_warps=num_warps,
+                )
+            if candidates != 1:
+                dm.view(batch, candidates, dim, h1)[:, c] = dm_c
+                du.view(batch, candidates, h1)[:, c] = du_c
     else:
         for buffer in (dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()

@@ -26,13 +26,10 @@ from . import small
 Tensor = torch.Tensor
 
 
-def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid",
-                          candidates: int = 1, backward: bool = True):
+def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid"):
     """(forward, backward, path, reason) for this problem; every path honours one contract. CPU problems the
     Triton kernels do not take (under the interpreter: shapes beyond ``fused_supported``) run the C++ op;
-    an activation without fused kernels (``ActivationSpec.fused``) the composite path, and so do several
-    candidates per history on CPU when a backward will follow (the C++ op's backward scores one; its
-    forward, the serving case, takes them)."""
+    an activation without fused kernels (``ActivationSpec.fused``) the composite path."""
     if not activation_spec(activation).fused:
         return (attention_torch_forward, attention_torch_backward, "composite",
                 f"the torch composite path: activation {activation!r} has no fused kernels")
@@ -43,21 +40,16 @@ def _launchers_and_reason(keys: Tensor, weights: Sequence[Tensor], activation: s
         return attention_forward, attention_backward, "triton", f"fused Triton kernels on {where}"
     outside = (" (outside the fused kernels' coverage: 1-2 hidden layers of width <= 256, D <= 256, "
                "fp32/fp16/bf16, resident tiles <= 20480 elements)" if triton_wanted else "")
-    cpp_wanted = path == "cpp" or (triton_wanted and use_cpu_extension(keys))  # (Triton outside its coverage)
-    cpp_takes = candidates == 1 or not backward
-    if cpp_wanted and cpp_takes:
+    if path == "cpp" or (triton_wanted and use_cpu_extension(keys)):  # (Triton outside its coverage)
         return attention_cpu_forward, attention_cpu_backward, "cpp", "the C++ CPU op" + outside
     why = ("backend 'torch'" if get_backend() == "torch" else
-           "CUDA tensors" + outside if keys.is_cuda else
-           f"{candidates} candidates per history with a backward (the C++ op's backward scores one)" if cpp_wanted
-           else "the C++ CPU op is not available or switched off")
+           "CUDA tensors" + outside if keys.is_cuda else "the C++ CPU op is not available or switched off")
     return attention_torch_forward, attention_torch_backward, "composite", f"the torch composite path: {why}"
 
 
-def _launchers(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid", candidates: int = 1,
-               backward: bool = True):
+def _launchers(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmoid"):
     """(forward, backward) launchers for this problem (``_launchers_and_reason``)."""
-    return _launchers_and_reason(keys, weights, activation, candidates, backward)[:2]
+    return _launchers_and_reason(keys, weights, activation)[:2]
 
 
 @dataclass
@@ -79,9 +71,8 @@ class AttentionPlan:
 
 
 def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, training: bool = False,
-                   eager: bool = False, candidates: int = 1, backward: bool = True) -> AttentionPlan:
-    """The plan of one call (``candidates``: query rows per history; ``backward``: whether a backward may
-    follow, False only when no input requires a gradient). An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
+                   eager: bool = False, candidates: int = 1) -> AttentionPlan:
+    """The plan of one call (``candidates``: query rows per history). An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
     runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
     call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
     Dice in training mode its autograd pass through ``din_kernels.dice`` (under compilation: the reference,
@@ -99,10 +90,10 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
         weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]
         activation, alphas, dice_means = "identity", [], []
     dice_eval = list(zip(dice_means, dice_vars)) if dice_means else None
-    forward, backward_, path, reason = _launchers_and_reason(keys, weights, activation, candidates, backward)
+    forward, backward, path, reason = _launchers_and_reason(keys, weights, activation)
     if eager and path == "composite" and keys.shape[0] * candidates * keys.shape[1] <= small.SMALL_POSITIONS:
         path, reason = "composite-small", reason + f"; B x C x T <= {small.SMALL_POSITIONS}: one autograd pass"
-    return AttentionPlan(path, reason, forward, backward_, weights, alphas or None, dice_eval, activation)
+    return AttentionPlan(path, reason, forward, backward, weights, alphas or None, dice_eval, activation)
 
 
 def _plan(keys, weights, alphas, dice_means, dice_vars, activation, candidates: int = 1):

@@ -21,8 +21,8 @@
 //     du = sum_t dz1,  dM = k^T dz1,  dk = dz1 M^T + w g_out,
 //     dq = W_u^T du + (concat: sum_h dM * mq | outer: mq dM_flat),  dW_u += du q^T,  d_base += dM,
 //     d_mq += (concat: q * dM | outer: q dM_flat^T).
-// The forward also scores C candidate rows per history (query [B * C, D], row r against keys[r / C]: serving);
-// the backward takes one (training with several candidates runs the composite path).
+// Several candidate rows per history: query [B * C, D] and lengths [B * C], row r against keys[r / C]; the
+// backward sums a history's keys gradient over its rows (one block holds them all).
 // Only valid positions are scored (padding costs nothing). The forward may keep the activations of its
 // leading blocks in a caller-given buffer (``saved``, bounded by the caller); the backward reads those and
 // recomputes the others. Weight gradients are summed per block, then over blocks in block
@@ -112,7 +112,7 @@ struct Net {
   T scale;
   bool has_scale;
   int64_t threads = 0;  // threads for the blocks; 0: torch's intra-op setting
-  int64_t candidates = 1;  // query rows per history (forward): row r scores keys[r / candidates]
+  int64_t candidates = 1;  // query rows per history: row r scores keys[r / candidates]
 
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
   int64_t h1() const { return widths[0]; }
@@ -151,14 +151,16 @@ struct Block {
   int64_t row_begin, row_end, positions;
 };
 
-// Blocks of consecutive rows of about ``target`` valid positions each (a row is never split): they depend on
-// the lengths only, never on the thread count, so the results do not either.
-std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t target) {
+// Blocks of consecutive rows of about ``target`` valid positions each (a row is never split; with ``group``
+// > 1 a block ends only after a multiple of ``group`` rows: the candidate rows of one history stay in one
+// block, whose keys gradient they sum): they depend on the lengths only, never on the thread count, so the
+// results do not either.
+std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t target, int64_t group) {
   std::vector<Block> blocks;
   int64_t start = 0, positions = 0;
   for (int64_t i = 0; i < batch; ++i) {
     positions += lengths[i];
-    if (positions >= target || i == batch - 1) {
+    if ((positions >= target && (i + 1) % group == 0) || i == batch - 1) {
       blocks.push_back({start, i + 1, positions});
       start = i + 1;
       positions = 0;
@@ -497,13 +499,15 @@ struct Plan {
   int64_t max_positions = 0, max_rows = 0;
 };
 
+// ``group``: rows a block may not split (``make_blocks``); the forward that keeps activations for a backward
+// must cut the backward's blocks.
 template <typename T>
-Plan make_plan(const Net<T>& net, const int64_t* lengths, int64_t batch) {
+Plan make_plan(const Net<T>& net, const int64_t* lengths, int64_t batch, int64_t group) {
   Plan plan;
   int64_t total = 0;
   for (int64_t i = 0; i < batch; ++i) total += lengths[i];
   if (batch == 0) return plan;
-  plan.blocks = make_blocks(lengths, batch, block_target(total, GradLayout(net).total));
+  plan.blocks = make_blocks(lengths, batch, block_target(total, GradLayout(net).total), group);
   for (const auto& blk : plan.blocks) {
     plan.max_positions = std::max(plan.max_positions, blk.positions);
     plan.max_rows = std::max(plan.max_rows, blk.row_end - blk.row_begin);
@@ -522,7 +526,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
   const int64_t lse_size = net.softmax ? batch : 0;
   at::Tensor lse = at::empty({lse_size}, keys.options());
   const int64_t* len = lengths.data_ptr<int64_t>();
-  const Plan plan = make_plan(net, len, batch);
+  // serving (nothing kept) spreads a history's candidates over blocks; training cuts the backward's blocks
+  const Plan plan = make_plan(net, len, batch, saved.numel() ? net.candidates : 1);
   const auto kept = saved_offsets(net, plan.blocks, saved.numel());
   const T* q = query.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
@@ -568,12 +573,14 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     const Net<T>& net, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
     const at::Tensor& lengths, const at::Tensor& attn, const at::Tensor& saved) {
-  const int64_t batch = keys.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
+  // batch: query rows (B * C); the keys gradient of a history sums over its C rows, all in one block
+  const int64_t batch = query.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
+  const int64_t candidates = net.candidates;
   at::Tensor d_query = at::empty_like(query);  // written row by row by the owning block
   at::Tensor d_keys = at::empty_like(keys);
   const GradLayout layout(net);
   const int64_t* len = lengths.data_ptr<int64_t>();
-  const Plan plan = make_plan(net, len, batch);
+  const Plan plan = make_plan(net, len, batch, candidates);
   const auto kept = saved_offsets(net, plan.blocks, saved.numel());
   const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
   const int64_t stride = aligned_size<T>(layout.total);
@@ -598,8 +605,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     T* d_mq = grads + layout.offset[3];
     const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions;
     std::fill(dq_all + blk.row_begin * d, dq_all + blk.row_end * d, T(0));
-    for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
-      std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+    if (candidates == 1) {
+      for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
+        std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+    } else {  // the block's histories, whole: their rows add into them
+      std::fill(dk_all + blk.row_begin / candidates * seq_len * d, dk_all + blk.row_end / candidates * seq_len * d,
+                T(0));
+    }
     if (n == 0) return;
     const bool was_kept = index < static_cast<int64_t>(kept.size());
     const Acts<T> acts = was_kept ? saved_acts(net, saved_base + kept[index], n) : workspace_acts(net, ws);
@@ -611,7 +623,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       if (length == 0) continue;
       T* ds = ws.ds.data() + offset;
       const T* wr = w + row * seq_len;
-      mm<T>(false, false, length, 1, d, T(1), k + row * seq_len * d, d, g_out + row * d, 1, T(0), ds, 1);
+      mm<T>(false, false, length, 1, d, T(1), k + (row / candidates) * seq_len * d, d, g_out + row * d, 1, T(0), ds,
+            1);
       if (net.softmax) {
         T dot = 0;
         for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
@@ -653,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       const int64_t row = blk.row_begin + r, length = len[row];
       if (length == 0) continue;
       const T* dz = dh + offset * h1;
-      const T* kr = k + row * seq_len * d;
+      const T* kr = k + (row / candidates) * seq_len * d;
       const T* qr = q + row * d;
       T* du = ws.du.data() + r * h1;
       for (int64_t t = 0; t < length; ++t)
@@ -661,11 +674,18 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       T* dm = ws.dm.data();
       mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
       build_m(net, qr, ws.m.data());
-      T* dk = dk_all + row * seq_len * d;
+      T* dk = dk_all + (row / candidates) * seq_len * d;
       const T* wr = w + row * seq_len;
       const T* go = g_out + row * d;
-      for (int64_t t = 0; t < length; ++t)  // the pooling term w g_out first, then dz1 M^T added (beta = 1)
-        for (int64_t c = 0; c < d; ++c) dk[t * d + c] = wr[t] * go[c];
+      // the pooling term w g_out first (added to the other candidates' when there are several), then dz1 M^T
+      // added (beta = 1)
+      if (candidates == 1) {
+        for (int64_t t = 0; t < length; ++t)
+          for (int64_t c = 0; c < d; ++c) dk[t * d + c] = wr[t] * go[c];
+      } else {
+        for (int64_t t = 0; t < length; ++t)
+          for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
+      }
       mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
       T* dq = dq_all + row * d;
       for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
@@ -709,7 +729,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
 
 // Floats ``saved`` needs to keep every block of this problem (the caller bounds the buffer it passes).
 int64_t attention_saved_floats(const at::Tensor& lengths, int64_t dim, bool outer, std::vector<int64_t> widths,
-                               int64_t act) {
+                               int64_t act, int64_t candidates) {
   TORCH_CHECK(lengths.device().is_cpu() && lengths.dim() == 1 && lengths.scalar_type() == at::kLong &&
               lengths.is_contiguous(), "din_kernels_cpu: lengths must be a contiguous int64 CPU vector");
   Net<float> net;  // the shapes only: what the block partition depends on
@@ -717,7 +737,8 @@ int64_t attention_saved_floats(const at::Tensor& lengths, int64_t dim, bool oute
   net.outer = outer;
   net.widths = std::move(widths);
   net.act = act_code_check(act);
-  const Plan plan = make_plan(net, lengths.data_ptr<int64_t>(), lengths.size(0));
+  TORCH_CHECK(candidates >= 1, "din_kernels_cpu: candidates must be >= 1");
+  const Plan plan = make_plan(net, lengths.data_ptr<int64_t>(), lengths.size(0), candidates);
   int64_t floats = 0;
   for (const auto& blk : plan.blocks) floats += saved_block_floats(net, blk.positions);
   return floats;
@@ -752,12 +773,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, rstds);
   for (const auto& t : {grad_out, attn, saved}) params.push_back(t);
   check_inputs(query, keys, lengths, params, act, alphas, means, 1 + static_cast<int64_t>(layer_w.size()));
-  TORCH_CHECK(query.size(0) == keys.size(0), "din_kernels_cpu: the backward takes one candidate per history");
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_bwd", [&] {
     auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, act, alphas,
                                   means, rstds, softmax, scale);
     net.threads = threads;
+    net.candidates = keys.size(0) ? query.size(0) / keys.size(0) : 1;
     result = backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, saved);
   });
   return result;
@@ -775,7 +796,7 @@ TORCH_LIBRARY(din_kernels_cpu, m) {
       "Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, "
       "Tensor b_out, int act, Tensor[] alphas, Tensor[] means, Tensor[] rstds, bool softmax, float? scale, "
       "Tensor saved, int threads) -> (Tensor, Tensor, Tensor[])");
-  m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act) -> int");
+  m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act, int candidates=1) -> int");
 }
 
 TORCH_LIBRARY_IMPL(din_kernels_cpu, CPU, m) {
