@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -185,9 +195,13 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                              "paper argues against (strength --l2-lambda)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for metrics.json, model.pt and resume.pt (written after every epoch)")
+    parser.add_argument("--checkpoint-every", type=_nonnegative_int, default=0, metavar="STEPS",
+                        help="with --out, also write resume.pt every STEPS training steps (0: at the end of "
+                             "each epoch only)")
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                        help="continue the run in DIR (its --out) after its last complete epoch, with its "
-                             "options; --epochs N extends a finished run to N epochs")
+                        help="continue the run in DIR (its --out) where its resume.pt was last written (an "
+                             "epoch's end, or a --checkpoint-every step), with its options; --epochs N "
+                             "extends a finished run to N epochs")
 
 
 def _add_compare_args(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +273,7 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
                                optimizer=args.optimizer, max_len=args.max_len, seed=seed, device=args.device,
                                regularizer=regularizer, reg_lambda=reg_lambda, valid_fraction=args.valid_fraction,
                                patience=args.patience, lr_decay=args.lr_decay,
+                               checkpoint_every=getattr(args, "checkpoint_every", 0),  # ('din compare': none)
                                progress=not args.quiet and sys.stderr.isatty())  # bars on a terminal only
     torch.manual_seed(seed)
     model_config = _model_config(args, model_name, activation, split)

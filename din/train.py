@@ -46,6 +46,9 @@ class TrainConfig:
     # reduce-on-plateau uses 0.1); 1.0 keeps the rate fixed.
     lr_decay: float = 1.0
     progress: bool = True
+    # With an output folder: also write resume.pt every this many steps (0: at the end of each epoch only),
+    # so that a run killed mid-epoch resumes from its last such step
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
@@ -71,6 +74,9 @@ class TrainConfig:
         if isinstance(self.lr_decay, bool) or not (isinstance(self.lr_decay, (int, float))
                                                    and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be a number in (0, 1], got {self.lr_decay!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or \
+                self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {self.checkpoint_every!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
@@ -145,7 +151,7 @@ def _scale_learning_rates(model: nn.Module, optimizers: List[torch.optim.Optimiz
 
 
 RESUME_FILE = "resume.pt"
-RESUME_FORMAT = 1
+RESUME_FORMAT = 2  # 2: a checkpoint may sit inside an epoch ("step", "partial") and holds torch's RNG state
 
 
 def _mba_tables(model: nn.Module) -> List[nn.Module]:
@@ -153,10 +159,13 @@ def _mba_tables(model: nn.Module) -> List[nn.Module]:
 
 
 def _save_resume(path: Path, epoch: int, model: nn.Module, optimizers: List[torch.optim.Optimizer],
-                 history: Dict, best_state: Optional[Dict]) -> None:
-    payload = {"format": RESUME_FORMAT, "epoch": epoch, "model": model.state_dict(),
-               "optimizers": [opt.state_dict() for opt in optimizers],
-               "mba_lrs": [float(m.lr) for m in _mba_tables(model)], "history": history, "best_state": best_state}
+                 history: Dict, best_state: Optional[Dict], step: int = 0, partial: Optional[Dict] = None) -> None:
+    """``epoch``: the last complete epoch; ``step``: batches of the next one already trained (0 at an epoch's
+    end), ``partial``: that epoch's running sums (samples seen, loss sum, seconds)."""
+    payload = {"format": RESUME_FORMAT, "epoch": epoch, "step": step, "partial": partial,
+               "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+               "mba_lrs": [float(m.lr) for m in _mba_tables(model)], "history": history, "best_state": best_state,
+               "torch_rng": torch.get_rng_state()}
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
 
@@ -172,13 +181,15 @@ def load_resume(path: Path) -> Dict:
     except Exception as error:
         raise ValueError(f"{path} is not a resumable din run (truncated or foreign: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{path} is not a resumable din run (format {RESUME_FORMAT} expected)")
+        raise ValueError(f"{path} is not a resumable din run of this version (format {RESUME_FORMAT} expected, "
+                         f"got {payload.get('format') if isinstance(payload, dict) else 'none'})")
     return payload
 
 
 def _restore(resume: Dict, model: nn.Module, optimizers: List[torch.optim.Optimizer], history: Dict,
              selection: "EpochSelection", config: "TrainConfig"):
-    """Load a ``resume.pt`` payload into the run; returns (first epoch to train, best weights so far)."""
+    """Load a ``resume.pt`` payload into the run; returns (first epoch to train, best weights so far, batches
+    of that epoch already trained, their running sums or None)."""
     saved = resume["history"]
     if saved["model"] != history["model"]:
         raise ValueError("the resumed run's model differs from the saved one (same --data and model options "
@@ -194,7 +205,8 @@ def _restore(resume: Dict, model: nn.Module, optimizers: List[torch.optim.Optimi
     for record in saved["epochs"]:  # the selection rule's state, as those epochs left it
         history["epochs"].append(record)
         selection.observe(record)
-    return resume["epoch"] + 1, resume["best_state"]
+    torch.set_rng_state(resume["torch_rng"])
+    return resume["epoch"] + 1, resume["best_state"], resume["step"], resume["partial"]
 
 
 def prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
@@ -258,11 +270,13 @@ def train(
     each batch's loss (e.g. full-table L2); MBA tables have their own update rule (fused inside backward,
     or one of ``extra_optimizers``) and stay out of the dense optimiser. Returns the metrics dictionary.
 
-    With ``out_dir``, ``out_dir/resume.pt`` is written (atomically) after every epoch: the model, every
-    optimiser, the MBA tables' rates, the metrics so far and the best epoch's weights. ``resume`` (that
-    file, loaded by :func:`load_resume`) continues such a run after its last complete epoch, up to
-    ``config.epochs``: an interrupted run resumed ends with the metrics and weights of an uninterrupted one
-    (the batch order of an epoch is a function of the seed and the epoch).
+    With ``out_dir``, ``out_dir/resume.pt`` is written (atomically) after every epoch, and every
+    ``config.checkpoint_every`` steps inside one: the model, every optimiser, the MBA tables' rates, torch's
+    RNG state, the metrics so far, the best epoch's weights and, inside an epoch, the batches trained and
+    their running sums. ``resume`` (that file, loaded by :func:`load_resume`) continues such a run where it
+    was written, up to ``config.epochs``: an interrupted run resumed ends with the metrics and weights of an
+    uninterrupted one (the batch order of an epoch is a function of the seed and the epoch, so the resumed
+    epoch skips the batches already trained).
 
     ``distributed`` (a :class:`din.distributed.Distributed`, see that module): this process is one of
     several training the same model on the same global batches of ``config.batch_size``, each on its part;
@@ -306,9 +320,10 @@ def train(
         history["command"] = command
     selection = EpochSelection(history, selects, config.patience, config.epochs)
     best_state = None  # the best validation epoch's weights (without validation the last epoch is kept as is)
-    first_epoch = 1
+    first_epoch, first_step, partial = 1, 0, None
     if resume is not None:
-        first_epoch, best_state = _restore(resume, model, optimizers, history, selection, config)
+        first_epoch, best_state, first_step, partial = _restore(resume, model, optimizers, history, selection,
+                                                                config)
     step_model = model
     if distributed is not None:
         from .distributed import replicate
@@ -319,8 +334,10 @@ def train(
             break
         model.train()
         epoch_lr = optimizer.param_groups[0]["lr"]
-        started = time.perf_counter()
-        seen, loss_sum = 0, 0.0
+        # (a run resumed inside this epoch continues its sums and skips the batches it trained)
+        seen, loss_sum, earlier_seconds = ((partial["seen"], partial["loss_sum"], partial["seconds"]) if partial
+                                           else (0, 0.0, 0.0))
+        started = time.perf_counter() - earlier_seconds
         # a last batch of one sample cannot train the head's BatchNorm (torch refuses one value per
         # channel): then that one sample of the epoch's shuffled order is left out; with several processes
         # a last batch with fewer samples than processes too (a process would have nothing to train on)
@@ -330,10 +347,11 @@ def train(
         num_batches = math.ceil(stop / config.batch_size)
         batches = split.train.batches(config.batch_size, config.max_len, shuffle=True,
                                       seed=config.seed * 1000 + epoch, drop_last=drop_last,
-                                      shard=distributed.shard() if distributed is not None else None)
-        bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=not (config.progress and main), leave=False)
-        for step, batch in enumerate(bar):
+                                      shard=distributed.shard() if distributed is not None else None,
+                                      start=first_step)
+        bar = tqdm(batches, total=num_batches, initial=first_step, desc=f"epoch {epoch}/{config.epochs}",
+                   unit="batch", disable=not (config.progress and main), leave=False)
+        for step, batch in enumerate(bar, start=first_step):
             batch = batch.to(device)
             logits = step_model(batch)
             if distributed is None:
@@ -364,6 +382,11 @@ def train(
             # refresh=False: the bar redraws at its own pace (mininterval), not once per batch
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_per_s=f"{seen / max(elapsed, 1e-9):,.0f}",
                             refresh=False)
+            every = config.checkpoint_every
+            if every and out_dir is not None and main and (step + 1) % every == 0 and step + 1 < num_batches:
+                _save_resume(Path(out_dir) / RESUME_FILE, epoch - 1, model, optimizers, history, best_state,
+                             step=step + 1, partial={"seen": seen, "loss_sum": loss_sum, "seconds": elapsed})
+        first_step, partial = 0, None
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch, "lr": epoch_lr, "train_loss": loss_sum / max(seen, 1),
                   "train_seconds": train_seconds, "samples_per_second": seen / max(train_seconds, 1e-9)}

@@ -230,6 +230,72 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys
     _assert_same_run(tmp_path / "four", tmp_path / "whole")
 
 
+def test_a_run_interrupted_inside_an_epoch_resumes_from_its_last_step_checkpoint(tmp_path, capsys, monkeypatch):
+    """``--checkpoint-every 3``: interrupted at the eighth batch of epoch 2, resume.pt holds epoch 1 and 6
+    steps of epoch 2; ``--resume`` skips those 6 batches and ends bit for bit as the uninterrupted run."""
+    import torch
+
+    import din.train as train_module
+
+    extra = ["--mba-lambda", "0.01", "--optimizer", "adagrad", "--lr", "0.05"]  # fused sparse states too
+    assert main(TRAIN + ["--epochs", "2", "--out", str(tmp_path / "whole")] + extra) == 0
+    real_tqdm = train_module.tqdm
+    epochs_started = []
+
+    class Interrupting:
+        def __init__(self, iterable, **kwargs):
+            epochs_started.append(1)
+            self.bar = real_tqdm(iterable, **kwargs)
+
+        def __iter__(self):
+            for index, item in enumerate(self.bar):
+                if len(epochs_started) == 2 and index == 7:
+                    raise KeyboardInterrupt
+                yield item
+
+        def set_postfix(self, **kwargs):
+            self.bar.set_postfix(**kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", Interrupting)
+    cut = TRAIN + ["--epochs", "2", "--checkpoint-every", "3", "--out", str(tmp_path / "cut")] + extra
+    assert main(cut) == 130
+    monkeypatch.setattr(train_module, "tqdm", real_tqdm)
+    payload = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    assert (payload["epoch"], payload["step"]) == (1, 6) and payload["partial"]["seen"] == 6 * 512
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_a_killed_run_resumes_mid_epoch(tmp_path):
+    """SIGKILL (no clean-up at all) while epoch 1 runs, after a --checkpoint-every checkpoint: the stale lock
+    is taken over and --resume ends with the uninterrupted run's metrics and weights."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    args = ["train", "--data", "synthetic", "--batch-size", "64", "--max-len", "20", "--quiet", "--epochs", "2"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "din", *args, "--checkpoint-every", "4", "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        # a step checkpoint of epoch 1 exists and the epoch has not ended (metrics.json comes at its end)
+        while not ((cut / "resume.pt").exists() and not (cut / "metrics.json").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    payload = torch.load(cut / "resume.pt", weights_only=True)
+    assert payload["epoch"] == 0 and payload["step"] > 0 and payload["step"] % 4 == 0
+    assert main(["train", "--resume", str(cut), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "whole", cut)
+
+
 def test_resume_refuses_a_missing_or_corrupt_file(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "nothing to resume" in capsys.readouterr().err

@@ -371,6 +371,7 @@ class InteractionData:
         *,
         trim: bool = False,
         shard: Optional[Tuple[int, int]] = None,
+        start: int = 0,
     ) -> Iterator[Batch]:
         """Iterate over the data in batches of ``batch_size`` (see :meth:`batch`).
 
@@ -383,16 +384,20 @@ class InteractionData:
                 ``world_size`` contiguous parts (:func:`shard_bounds`) and yield part ``rank`` only, so that
                 processes iterating with the same seed together visit exactly the unsharded batches, in the
                 same order. A part may be empty when a batch has fewer samples than processes.
+            start: begin at this batch of the order (the batches before it are not built): where an
+                interrupted epoch continues.
         """
         batch_size = _positive_int(batch_size, "batch_size")
         max_len = _positive_int(max_len, "max_len")
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
         if shard is not None:
             rank, world_size = shard
             shard_bounds(0, rank, world_size)  # validates both
         n = len(self)
         order = _rng(seed).permutation(n) if shuffle else np.arange(n)
         stop = (n // batch_size) * batch_size if drop_last else n
-        for begin in range(0, stop, batch_size):
+        for begin in range(int(start) * batch_size, stop, batch_size):
             index = order[begin : begin + batch_size]
             if shard is not None:
                 low, high = shard_bounds(len(index), rank, world_size)
