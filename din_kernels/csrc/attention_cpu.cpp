@@ -147,18 +147,34 @@ struct GradLayout {
   }
 };
 
+// Rows [row_begin, row_end), all their valid positions; or, for a segment (t_end >= 0), positions
+// [t_begin, t_end) of the single row row_begin.
 struct Block {
   int64_t row_begin, row_end, positions;
+  int64_t t_begin = 0, t_end = -1;
+  bool segment() const { return t_end >= 0; }
 };
 
-// Blocks of consecutive rows of about ``target`` valid positions each (a row is never split; with ``group``
-// > 1 a block ends only after a multiple of ``group`` rows: the candidate rows of one history stay in one
-// block, whose keys gradient they sum): they depend on the lengths only, never on the thread count, so the
-// results do not either.
+// Blocks of consecutive rows of about ``target`` valid positions each: they depend on the lengths only, never
+// on the thread count, so the results do not either. With ``group`` > 1 a block ends only after a multiple
+// of ``group`` rows (the candidate rows of one history stay in one block, whose keys gradient they sum) and
+// a row is never split; with ``group`` = 1 a row longer than ``target`` becomes segments of ``target``
+// positions, so that no block's workspace grows with T (a lifelong history: its softmax and pooling are
+// finished per row after the blocks, ``finish_segmented_rows``).
 std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t target, int64_t group) {
   std::vector<Block> blocks;
   int64_t start = 0, positions = 0;
   for (int64_t i = 0; i < batch; ++i) {
+    if (group == 1 && lengths[i] > target) {
+      if (start < i) blocks.push_back({start, i, positions});
+      for (int64_t t0 = 0; t0 < lengths[i]; t0 += target) {
+        const int64_t t1 = std::min(lengths[i], t0 + target);
+        blocks.push_back({i, i + 1, t1 - t0, t0, t1});
+      }
+      start = i + 1;
+      positions = 0;
+      continue;
+    }
     positions += lengths[i];
     if ((positions >= target && (i + 1) % group == 0) || i == batch - 1) {
       blocks.push_back({start, i + 1, positions});
@@ -378,7 +394,7 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
   mm<T>(false, true, rows, h1, d, T(1), query + blk.row_begin * d, d, net.w_u, d, T(0), ws.u.data(), h1);
   int64_t offset = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = blk.row_begin + r, length = lengths[row];
+    const int64_t row = blk.row_begin + r, length = blk.segment() ? blk.positions : lengths[row];
     if (length == 0) continue;
     build_m(net, query + row * d, ws.m.data());
     T* z = acts.h[0] + offset * h1;
@@ -387,8 +403,8 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     T* u = ws.u.data() + r * h1;
     for (int64_t j = 0; j < h1; ++j) u[j] += net.b1[j];
     for (int64_t t = 0; t < length; ++t) std::copy(u, u + h1, z + t * h1);
-    mm<T>(false, false, length, h1, d, T(1), keys + (row / net.candidates) * net.seq_len * d, d, ws.m.data(), h1,
-          T(1), z, h1);
+    mm<T>(false, false, length, h1, d, T(1), keys + ((row / net.candidates) * net.seq_len + blk.t_begin) * d, d,
+          ws.m.data(), h1, T(1), z, h1);
     offset += length;
   }
   for (int64_t l = 0; l < net.layers(); ++l) {
@@ -535,6 +551,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
   T* w = attn.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   T* saved_base = saved.numel() ? saved.data_ptr<T>() : nullptr;
+  // a row's final weights from its scores s [length] (in place), its pooled output and log-sum-exp
+  auto finish_row = [&](int64_t row, T* s) {
+    const int64_t length = len[row];
+    T* wr = w + row * seq_len;
+    std::fill(wr + length, wr + seq_len, T(0));
+    if (net.softmax) l[row] = 0;
+    if (length == 0) {
+      std::fill(o + row * d, o + (row + 1) * d, T(0));
+      return;
+    }
+    if (net.softmax) {
+      const T top = *std::max_element(s, s + length);
+      T sum = 0;
+      for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
+      for (int64_t t = 0; t < length; ++t) s[t] /= sum;
+      l[row] = top + std::log(sum);
+    }
+    if (s != wr) std::copy(s, s + length, wr);
+    mm<T>(false, false, 1, d, length, T(1), s, length, k + (row / net.candidates) * seq_len * d, d, T(0),
+          o + row * d, d);
+  };
+  std::vector<int64_t> segmented;  // rows cut into segments: finished after every block has scored them
+  for (const auto& blk : plan.blocks)
+    if (blk.segment() && blk.t_begin == 0) segmented.push_back(blk.row_begin);
   run_blocks(static_cast<int64_t>(plan.blocks.size()), net.threads, [&](int64_t index) {
     const Block& blk = plan.blocks[index];
     Workspace<T>& ws = thread_workspace<T>();
@@ -542,29 +582,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
     const bool keep = index < static_cast<int64_t>(kept.size());
     const Acts<T> acts = keep ? saved_acts(net, saved_base + kept[index], blk.positions) : workspace_acts(net, ws);
     if (blk.positions) block_scores(net, q, k, len, blk, ws, acts);
+    if (blk.segment()) {  // its raw scores into the row's weights; the row is finished below
+      std::copy(ws.s.data(), ws.s.data() + blk.positions, w + blk.row_begin * seq_len + blk.t_begin);
+      return;
+    }
     int64_t offset = 0;
     for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
-      const int64_t length = len[row];
-      T* wr = w + row * seq_len;
-      std::fill(wr + length, wr + seq_len, T(0));
-      if (net.softmax) l[row] = 0;
-      if (length == 0) {
-        std::fill(o + row * d, o + (row + 1) * d, T(0));
-        continue;
-      }
-      T* s = ws.s.data() + offset;
-      if (net.softmax) {
-        const T top = *std::max_element(s, s + length);
-        T sum = 0;
-        for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
-        for (int64_t t = 0; t < length; ++t) s[t] /= sum;
-        l[row] = top + std::log(sum);
-      }
-      std::copy(s, s + length, wr);
-      mm<T>(false, false, 1, d, length, T(1), s, length, k + (row / net.candidates) * seq_len * d, d, T(0),
-            o + row * d, d);
-      offset += length;
+      finish_row(row, ws.s.data() + offset);
+      offset += len[row];
     }
+  });
+  run_blocks(static_cast<int64_t>(segmented.size()), net.threads, [&](int64_t index) {
+    const int64_t row = segmented[index];
+    finish_row(row, w + row * seq_len);
   });
   return {out, attn, lse};
 }
@@ -594,6 +624,28 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
   T* saved_base = saved.numel() ? const_cast<T*>(saved.data_ptr<T>()) : nullptr;
   const int64_t layers = net.layers();
   const int64_t out_slot = 4 + 2 * (layers - 1);  // d_wout in GradLayout
+  // Rows cut into segments (lifelong histories, ``make_blocks``): each segment block writes its part of the
+  // row's dq into ``segment_dq`` (summed into the row below, in segment order), and the softmax's
+  // delta = sum_t w_t (k_t . g_out) of the whole row is computed first.
+  std::vector<int64_t> segmented;
+  for (const auto& blk : plan.blocks)
+    if (blk.segment() && blk.t_begin == 0) segmented.push_back(blk.row_begin);
+  Buffer<T> segment_dq(segmented.empty() ? 0 : nblocks * d, T(0));
+  std::vector<T> row_delta(segmented.empty() || !net.softmax ? 0 : batch, T(0));
+  run_blocks(net.softmax ? static_cast<int64_t>(segmented.size()) : 0, net.threads, [&](int64_t index) {
+    const int64_t row = segmented[index], length = len[row], chunk = std::max<int64_t>(plan.max_positions, 1);
+    Workspace<T>& ws = thread_workspace<T>();
+    ws.reserve(net, plan.max_positions, plan.max_rows, true);
+    T dot = 0;
+    for (int64_t t0 = 0; t0 < length; t0 += chunk) {  // a chunk at a time: no [T] scratch
+      const int64_t n = std::min(chunk, length - t0);
+      mm<T>(false, false, n, 1, d, T(1), k + ((row / candidates) * seq_len + t0) * d, d, g_out + row * d, 1, T(0),
+            ws.ds.data(), 1);
+      const T* wr = w + row * seq_len + t0;
+      for (int64_t t = 0; t < n; ++t) dot += wr[t] * ws.ds[t];
+    }
+    row_delta[row] = dot;
+  });
   run_blocks(nblocks, net.threads, [&](int64_t index) {
     const Block& blk = plan.blocks[index];
     Workspace<T>& ws = thread_workspace<T>();
@@ -603,9 +655,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     T* d_b1 = grads + layout.offset[1];
     T* d_base = grads + layout.offset[2];
     T* d_mq = grads + layout.offset[3];
-    const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions;
-    std::fill(dq_all + blk.row_begin * d, dq_all + blk.row_end * d, T(0));
-    if (candidates == 1) {
+    const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions, t_begin = blk.t_begin;
+    // where the block's dq goes: its rows of d_query, or this segment's slot
+    T* dq_block = blk.segment() ? segment_dq.data() + index * d : dq_all + blk.row_begin * d;
+    std::fill(dq_block, dq_block + rows * d, T(0));
+    if (blk.segment()) {
+      const int64_t row = blk.row_begin;
+      if (t_begin == 0)  // the row's padding, once
+        std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+    } else if (candidates == 1) {
       for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
         std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
     } else {  // the block's histories, whole: their rows add into them
@@ -619,15 +677,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     // scores' gradient ds [P]
     int64_t offset = 0;
     for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
-      const int64_t length = len[row];
+      const int64_t length = blk.segment() ? n : len[row];
       if (length == 0) continue;
       T* ds = ws.ds.data() + offset;
-      const T* wr = w + row * seq_len;
-      mm<T>(false, false, length, 1, d, T(1), k + (row / candidates) * seq_len * d, d, g_out + row * d, 1, T(0), ds,
-            1);
+      const T* wr = w + row * seq_len + t_begin;
+      mm<T>(false, false, length, 1, d, T(1), k + ((row / candidates) * seq_len + t_begin) * d, d, g_out + row * d, 1,
+            T(0), ds, 1);
       if (net.softmax) {
         T dot = 0;
-        for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
+        if (blk.segment()) {
+          dot = row_delta[row];
+        } else {
+          for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
+        }
         for (int64_t t = 0; t < length; ++t) ds[t] = wr[t] * (ds[t] - dot);
       }
       if (net.has_scale)
@@ -663,10 +725,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     std::fill(ws.du.begin(), ws.du.begin() + rows * h1, T(0));
     offset = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = blk.row_begin + r, length = len[row];
+      const int64_t row = blk.row_begin + r, length = blk.segment() ? n : len[row];
       if (length == 0) continue;
       const T* dz = dh + offset * h1;
-      const T* kr = k + (row / candidates) * seq_len * d;
+      const T* kr = k + ((row / candidates) * seq_len + t_begin) * d;
       const T* qr = q + row * d;
       T* du = ws.du.data() + r * h1;
       for (int64_t t = 0; t < length; ++t)
@@ -674,8 +736,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       T* dm = ws.dm.data();
       mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
       build_m(net, qr, ws.m.data());
-      T* dk = dk_all + (row / candidates) * seq_len * d;
-      const T* wr = w + row * seq_len;
+      T* dk = dk_all + ((row / candidates) * seq_len + t_begin) * d;
+      const T* wr = w + row * seq_len + t_begin;
       const T* go = g_out + row * d;
       // the pooling term w g_out first (added to the other candidates' when there are several), then dz1 M^T
       // added (beta = 1)
@@ -687,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
           for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
       }
       mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
-      T* dq = dq_all + row * d;
+      T* dq = dq_block + r * d;
       for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
       if (net.outer) {
         mm<T>(true, false, d, d * h1, 1, T(1), qr, d, dm, d * h1, T(1), d_mq, d * h1);  // q dM_flat^T
@@ -708,11 +770,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       offset += length;
     }
     // the block's rows at once: dQ += DU W_u, dW_u += DU^T Q, db1 += sum DU
-    mm<T>(false, false, rows, d, h1, T(1), ws.du.data(), h1, net.w_u, d, T(1), dq_all + blk.row_begin * d, d);
+    mm<T>(false, false, rows, d, h1, T(1), ws.du.data(), h1, net.w_u, d, T(1), dq_block, d);
     mm<T>(true, false, h1, d, rows, T(1), ws.du.data(), h1, q + blk.row_begin * d, d, T(1), d_wu, d);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < h1; ++j) d_b1[j] += ws.du[r * h1 + j];
   });
+  // a segmented row's dq: the sum of its segments', in segment order
+  for (int64_t index = 0; index < nblocks; ++index) {
+    const Block& blk = plan.blocks[index];
+    if (!blk.segment()) continue;
+    const T* part = segment_dq.data() + index * d;
+    T* dq = dq_all + blk.row_begin * d;
+    for (int64_t i = 0; i < d; ++i) dq[i] = blk.t_begin == 0 ? part[i] : dq[i] + part[i];
+  }
   // Sum the block partials in block order: deterministic whatever thread ran which block.
   std::vector<at::Tensor> grads;
   for (size_t i = 0; i < layout.offset.size(); ++i) {

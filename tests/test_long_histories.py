@@ -1,0 +1,67 @@
+"""Lifelong histories: rows longer than a block's position budget are cut into segments in the C++ op (so no
+block's workspace grows with T), their softmax and pooling finished per row after the blocks, and the
+backward sums the segments' dq: results equal the reference (fp64) with T up to 10,000, forward and every
+gradient, beside short rows in the same batch, with and without kept activations, on every path."""
+import pytest
+import torch
+
+import din_kernels as dk
+from din_kernels import reference
+from din_kernels.testing import ATTENTION_LAUNCHERS
+
+
+def problem(activation, batch, seq_len, lengths, dtype=torch.float64):
+    unit = dk.LocalActivationUnit(6, (8, 4), activation=activation, normalize="softmax").to(dtype).eval()
+    query = torch.randn(batch, 6, dtype=dtype, requires_grad=True)
+    keys = torch.randn(batch, seq_len, 6, dtype=dtype, requires_grad=True)
+    options = {}
+    if activation == "prelu":
+        options["alphas"] = list(unit.prelu_alphas)
+    if activation == "dice":
+        options.update(alphas=[d.alpha for d in unit.dice],
+                       dice_stats=[(d.running_mean, d.running_var) for d in unit.dice])
+    return unit, query, keys, torch.tensor(lengths), options
+
+
+@pytest.mark.parametrize("normalize", ["softmax", "none"])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("batch,seq_len,lengths", [
+    (1, 10_000, [10_000]),              # one lifelong history: about a dozen segments
+    (3, 5000, [5000, 17, 4097]),        # segmented rows around a short one
+    (4, 900, [900, 0, 899, 300]),       # just over the smallest budget (768 positions), an empty row
+])
+def test_segmented_rows_match_the_reference(backend, activation, normalize, batch, seq_len, lengths):
+    if backend == "triton":  # (the interpreter runs the same tiles at T=10,000 for minutes; test_attention_triton
+        seq_len, lengths = 300, [min(n, 300) for n in lengths]  # covers its T loop)
+    unit, query, keys, lengths, options = problem(activation, batch, seq_len, lengths,
+                                                  torch.float32 if backend == "triton" else torch.float64)
+    unit.normalize = normalize
+    out, attn = unit(query, keys, lengths, return_scores=True)
+    grad = torch.randn_like(out)
+    params = [*unit.weights(), *options.get("alphas", [])]
+    got = torch.autograd.grad(out, [query, keys, *params], grad)
+    want_out, want_attn = reference.din_attention(query, keys, lengths, unit.weights(), normalize=normalize,
+                                                  activation=activation, return_scores=True, **options)
+    want = torch.autograd.grad(want_out, [query, keys, *params], grad)
+    tol = dict(atol=1e-5, rtol=1e-4) if query.dtype == torch.float32 else dict(atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(attn, want_attn.detach(), **tol)
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, i=index: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_the_cpp_launchers_segment_with_and_without_kept_activations(kept):
+    unit, query, keys, lengths, _ = problem("sigmoid", 2, 6000, [6000, 40])
+    forward, backward = ATTENTION_LAUNCHERS["cpp"]
+    args = (query.detach(), keys.detach(), lengths, list(unit.weights()), None, None, 1e-8)
+    options = dict(form="concat", activation="sigmoid", normalize="softmax", scale=None)
+    extra = dict(kept=[]) if kept else {}
+    out, attn, lse = forward(*args, **options, **extra)
+    grads = backward(torch.ones_like(out), *args, out, attn, lse, **options, **extra)
+    forward_ref, backward_ref = ATTENTION_LAUNCHERS["composite"]
+    out_ref, attn_ref, lse_ref = forward_ref(*args, **options)
+    grads_ref = backward_ref(torch.ones_like(out), *args, out_ref, attn_ref, lse_ref, **options)
+    for a, b in [(out, out_ref), (attn, attn_ref), (lse, lse_ref), (grads[0], grads_ref[0]), (grads[1], grads_ref[1]),
+                 *zip(grads[2], grads_ref[2])]:
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
