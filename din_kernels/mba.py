@@ -33,6 +33,7 @@ would silently write someone else's memory.
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -435,6 +436,7 @@ class MBAEmbeddingFunction(torch.autograd.Function):
             ids, grad_out = _gather_rows(ids, grad_out, weight, inv_freq, ctx.padding_idx, ctx.process_group)
         mba_update_(weight, ids, grad_out, inv_freq, ctx.lr, ctx.lam, state=ctx.state, eps=ctx.eps,
                     padding_idx=ctx.padding_idx)
+        ctx.stepped = True  # (``MBAEmbedding`` allows the next lookup)
         return (None, None) + nones
 
 
@@ -553,6 +555,7 @@ class MBAEmbedding(nn.Module):
                  if optimizer is not None and MBA_OPTIMIZERS[optimizer].row_state else None)
         self.register_buffer("state", state)
         self.process_group = None
+        self._pending_lookup = None  # weakref to the last fused lookup's autograd node (``forward``)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -616,8 +619,23 @@ class MBAEmbedding(nn.Module):
                 bad = int(flat[~used][0])
                 raise ValueError(f"ids contains {bad}, whose training frequency is 0: frequencies must count every "
                                  "id the table is trained on (e.g. row_frequencies over all training ids)")
-        return MBAEmbeddingFunction.apply(ids, weight, self.inv_freq, self.lam, self.padding_idx, self.optimizer,
-                                          self.lr, self.eps, self.state, self.process_group)
+        tracked = self.optimizer is not None and self.training
+        if tracked:
+            # A fused step updates the table when its lookup's backward runs: a second lookup before that
+            # backward would step rows twice, the first time under the other's feet (the backward refuses it,
+            # but only after the first update). Refused here, in training mode, before anything changes; a
+            # dropped graph frees its node, which ends the wait.
+            pending = self._pending_lookup() if self._pending_lookup is not None else None
+            if pending is not None and not pending.stepped:
+                raise ValueError("MBAEmbedding with a fused optimizer: looked up again before the previous "
+                                 "lookup's backward ran. Look up all of a table's ids for the step in one call "
+                                 "(e.g. torch.cat candidate and history ids), then split the output.")
+        out = MBAEmbeddingFunction.apply(ids, weight, self.inv_freq, self.lam, self.padding_idx, self.optimizer,
+                                         self.lr, self.eps, self.state, self.process_group)
+        if tracked:
+            out.grad_fn.stepped = False  # (the Function's context: set True by its backward)
+            self._pending_lookup = weakref.ref(out.grad_fn)  # dead once the graph is dropped
+        return out
 
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}, lam={self.lam}"

@@ -355,6 +355,7 @@ def test_module_padding_lookup_and_no_grad(backend):
     with torch.no_grad():
         looked_up = fused(ids)
     assert not looked_up.requires_grad and torch.equal(looked_up, out.detach())
+    del out  # (its graph, never stepped: a fused table takes one lookup per step)
     empty = fused(torch.zeros(0, 3, dtype=torch.long))
     assert empty.shape == (0, 3, 8)
     before = fused.weight.detach().clone()
@@ -365,7 +366,13 @@ def test_module_padding_lookup_and_no_grad(backend):
 def test_module_second_lookup_in_one_graph_raises():
     fused, _ = _modules("sgd")
     ids = torch.tensor([1, 2])
-    loss = fused(ids).sum() + fused(ids).sum()
+    with pytest.raises(ValueError, match="one call"):
+        fused(ids).sum() + fused(ids).sum()
+    # the backward's own check stays for the lookups the module cannot see (the Function applied directly)
+    from din_kernels.testing import mba_module
+    weight, state = fused.weight, None
+    apply = mba_module.MBAEmbeddingFunction.apply
+    loss = sum(apply(ids, weight, fused.inv_freq, 0.1, 0, "sgd", 0.1, 1e-10, state, None).sum() for _ in range(2))
     with pytest.raises(RuntimeError, match="one call"):
         loss.backward()
 
@@ -484,3 +491,23 @@ def test_fp64_module_keeps_its_adagrad_state_in_fp64():
     table = dk.MBAEmbedding(10, 4, torch.ones(10), lam=0.1, optimizer="adagrad", dtype=torch.float64)
     assert table.weight.dtype == torch.float64 and table.state.dtype == torch.float64
     assert dk.MBAEmbedding(10, 4, torch.ones(10), lam=0.1, optimizer="adagrad").state.dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_a_fused_table_looked_up_twice_in_one_step_is_refused_before_any_update(backend, optimizer):
+    table = dk.MBAEmbedding(10, 4, torch.ones(10), lam=0.1, optimizer=optimizer, lr=0.1)
+    before = table.weight.detach().clone()
+    first = table(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="looked up again before the previous lookup's backward"):
+        table(torch.tensor([2, 3]))
+    assert torch.equal(table.weight.detach(), before)  # nothing stepped
+    first.sum().backward()  # the first lookup's step, then the next lookup is free
+    stepped = table.weight.detach().clone()
+    assert not torch.equal(stepped, before)
+    table(torch.tensor([2, 3])).sum().backward()
+    table(torch.tensor([4])).sum()  # a graph dropped without backward ...
+    table(torch.tensor([5]))  # ... does not hold up the next lookup (its node is gone)
+    table.eval()  # eval mode is not tracked (no step is expected there)
+    kept = table(torch.tensor([1]))
+    table(torch.tensor([2]))
+    del kept
