@@ -65,3 +65,35 @@ def test_the_cpp_launchers_segment_with_and_without_kept_activations(kept):
     for a, b in [(out, out_ref), (attn, attn_ref), (lse, lse_ref), (grads[0], grads_ref[0]), (grads[1], grads_ref[1]),
                  *zip(grads[2], grads_ref[2])]:
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+@pytest.mark.parametrize("normalize", ["softmax", "none"])
+def test_the_composite_path_runs_long_rows_in_segments(monkeypatch, normalize, candidates):
+    """The torch composite path's segments (SEGMENT_POSITIONS, made small here): every gradient as the
+    reference, several candidates per history too, a segmented row beside short ones."""
+    from din_kernels.testing import attention_composite
+
+    monkeypatch.setattr(attention_composite, "SEGMENT_POSITIONS", 700)
+    monkeypatch.setattr(attention_composite, "CHUNK_FLOATS", 20_000)  # chunks of one row at T = 1500-2000
+    used = []
+    segments = attention_composite._segments
+    monkeypatch.setattr(attention_composite, "_segments", lambda rows, length: used.append(segments(rows, length))
+                        or used[-1])
+    unit, query, keys, lengths, _ = problem("sigmoid", 3, 2000, [2000, 5, 1500])
+    unit.normalize = normalize
+    query = torch.randn(3, candidates, 6, dtype=torch.float64, requires_grad=True)
+    previous = dk.get_backend()
+    try:
+        dk.set_backend("torch")
+        out = unit(query, keys, lengths)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, [query, keys, *unit.weights()], grad)
+    finally:
+        dk.set_backend(previous)
+    assert any(used)  # a chunk ran in segments
+    want_out = reference.din_attention(query, keys, lengths, unit.weights(), normalize=normalize)
+    want = torch.autograd.grad(want_out, [query, keys, *unit.weights()], grad)
+    torch.testing.assert_close(out, want_out, atol=1e-9, rtol=1e-9)
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=lambda m, i=index: f"gradient {i}: {m}")

@@ -65,6 +65,11 @@ KEEP_FLOATS = 3 * 2 ** 20
 # when the padding that saves is worth more (``_padding_cut``).
 CHUNK_OVERHEAD_MACS = 24_000_000
 
+# A chunk of one row longer than this runs in segments of this many positions, forward and backward, so that
+# no intermediate grows with T: a lifelong history costs its inputs and outputs (and a [T] score row), not
+# T * H of scratch. Below it nothing changes (a chunk of one such row is ~4 MB of scratch at H = (80, 40)).
+SEGMENT_POSITIONS = 8192
+
 
 def _row_chunks(lengths: Tensor, max_len: int, batch: int, chunk_floats: Callable[[int], Tuple[int, int]],
                 position_macs: Callable[[int], int]) -> List[Tuple[Union[slice, Tensor], int]]:
@@ -261,7 +266,9 @@ class _MLP:
     def plan(self, lengths: Tensor, max_len: int, batch: int) -> List[Tuple[Union[slice, Tensor], int]]:
         """The chunks of this call (``_row_chunks``), and a workspace sized for the largest."""
         chunks = _row_chunks(lengths, max_len, batch, self.chunk_floats, self.position_macs)
-        self.work = Workspace(self.dtype, self.device, chunks)
+        # sized for the segments of the chunks that run in segments (``_segments``)
+        self.work = Workspace(self.dtype, self.device,
+                              [(rows, min(length, SEGMENT_POSITIONS)) for rows, length in chunks])
         return chunks
 
     def kept_floats(self, rows: int, length: int) -> int:
@@ -358,6 +365,62 @@ def _row_lengths(lengths: Tensor, candidates: int) -> Tensor:
     return lengths if candidates == 1 else lengths.repeat_interleave(candidates)
 
 
+def _segments(rows: Union[slice, Tensor], length: int) -> Optional[List[Tuple[int, int]]]:
+    """The position ranges a chunk runs in: None (all at once) but for one row longer than SEGMENT_POSITIONS."""
+    if _row_count(rows) != 1 or length <= SEGMENT_POSITIONS:
+        return None
+    return [(t0, min(length, t0 + SEGMENT_POSITIONS)) for t0 in range(0, length, SEGMENT_POSITIONS)]
+
+
+def _long_row_forward(mlp: "_MLP", q: Tensor, keys: Tensor, key_rows, row_lengths: Tensor, length: int,
+                      segments, normalize: str, scale: Optional[float]):
+    """One long row, segment by segment: (weights [1, Tc], pooled [1, D], lse [1] or None). q [1, D]."""
+    scores = torch.empty(1, length, dtype=mlp.dtype, device=mlp.device)  # [1, Tc]: the row's raw scores
+    for t0, t1 in segments:
+        mlp.work.start_chunk(1, t1 - t0)
+        k = _gather_keys(keys[:, t0:t1], key_rows, t1 - t0, mlp.work)  # [1, n, D]
+        scores[:, t0:t1] = mlp.scores(q, k, keep=False)[0]
+    w, row_lse = _normalize_(scores, row_lengths, normalize, scale)
+    pooled = torch.zeros(1, keys.shape[2], dtype=mlp.dtype, device=mlp.device)
+    for t0, t1 in segments:
+        mlp.work.start_chunk(1, t1 - t0)
+        k = _gather_keys(keys[:, t0:t1], key_rows, t1 - t0, mlp.work)
+        pooled += torch.mm(w[:, t0:t1], k[0])  # sum_t w * k
+    return w, pooled, row_lse
+
+
+def _long_row_backward(mlp: "_MLP", q: Tensor, keys: Tensor, key_rows, g_out: Tensor, w: Tensor, segments,
+                       normalize: str, scale: Optional[float], d_keys: Tensor, candidates: int) -> Tensor:
+    """One long row's backward, segment by segment (the MLP recomputed per segment): dq [1, D]; writes its
+    keys' gradient into ``d_keys``. q, g_out [1, D], w [1, Tc] the final weights."""
+    delta = 0.0  # softmax: sum_t w_t dattn_t over the whole row, before any segment's ds
+    if normalize == "softmax":
+        for t0, t1 in segments:
+            mlp.work.start_chunk(1, t1 - t0)
+            k = _gather_keys(keys[:, t0:t1], key_rows, t1 - t0, mlp.work)
+            delta += float(torch.mv(k[0], g_out[0]).dot(w[0, t0:t1]))
+    dq = torch.zeros_like(q)
+    for t0, t1 in segments:
+        n = t1 - t0
+        mlp.work.start_chunk(1, n)
+        k = _gather_keys(keys[:, t0:t1], key_rows, n, mlp.work)  # [1, n, D]
+        w_seg = w[:, t0:t1]
+        d_scores = torch.mv(k[0], g_out[0])[None]  # [1, n] (every position of a segment is valid)
+        if normalize == "softmax":
+            d_scores = d_scores.sub_(delta).mul_(w_seg)
+        if scale is not None:
+            d_scores.mul_(scale)
+        cache = mlp.scores(q, k, keep=True)[1]
+        dk = mlp.work.take("dk", 1, n, keys.shape[2])
+        dq += mlp.backward(q, k, d_scores, cache, dk)
+        dk.addcmul_(w_seg[:, :, None], g_out[:, None, :])
+        if candidates > 1:
+            d_keys[:, t0:t1].index_add_(0, key_rows, dk.to(d_keys.dtype))
+        else:
+            d_keys[key_rows, t0:t1] = dk.to(d_keys.dtype)
+    return dq
+
+
 def _valid(lengths: Tensor, length: int) -> Tensor:
     return torch.arange(length, device=lengths.device) < lengths[:, None]  # [r, Tc] bool
 
@@ -418,6 +481,17 @@ def attention_torch_forward(
     budget = KEEP_FLOATS if kept is not None else 0
     with torch.no_grad():
         for rows, length in chunks:
+            segments = _segments(rows, length)
+            if segments:  # (never kept: the chunks after it are not either, kept[i] stays chunk i's)
+                budget = 0
+                w, pooled, row_lse = _long_row_forward(mlp, query[rows].to(dtype), keys,
+                                                       _key_rows(rows, candidates, device), lengths[rows], length,
+                                                       segments, normalize, scale)
+                attn[rows, :length] = w
+                out[rows] = pooled.to(out.dtype)
+                if row_lse is not None:
+                    lse[rows] = row_lse
+                continue
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             k = _gather_keys(keys, _key_rows(rows, candidates, device), length, mlp.work)  # [r, Tc, D]
@@ -474,6 +548,13 @@ def attention_torch_backward(
     d_keys = (torch.empty if written else torch.zeros)(batch, max_len, dim, dtype=keys.dtype, device=device)
     with torch.no_grad():
         for index, (rows, length) in enumerate(chunks):
+            segments = _segments(rows, length)
+            if segments:
+                dq = _long_row_backward(mlp, query[rows].to(dtype), keys, _key_rows(rows, candidates, device),
+                                        grad_out[rows].to(dtype), attn[rows, :length].to(dtype), segments,
+                                        normalize, scale, d_keys, candidates)
+                d_query[rows] = dq.to(d_query.dtype)
+                continue
             mlp.work.start_chunk(_row_count(rows), length)
             q = query[rows].to(dtype)  # [r, D]
             key_rows = _key_rows(rows, candidates, device)
