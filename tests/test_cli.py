@@ -189,6 +189,28 @@ def _assert_same_run(a, b):
         assert torch.equal(state_a[key], state_b[key]), key
 
 
+def _interrupting_bar(real_tqdm, epoch: int, batch: int):
+    """A stand-in for the epochs' progress bar that raises KeyboardInterrupt (Ctrl-C) as batch ``batch``
+    (0-based) of epoch ``epoch`` comes up."""
+    epochs_started = []
+
+    class Interrupting:
+        def __init__(self, iterable, **kwargs):
+            epochs_started.append(1)
+            self.bar = real_tqdm(iterable, **kwargs)
+
+        def __iter__(self):
+            for index, item in enumerate(self.bar):
+                if len(epochs_started) == epoch and index == batch:
+                    raise KeyboardInterrupt
+                yield item
+
+        def set_postfix(self, **kwargs):
+            self.bar.set_postfix(**kwargs)
+
+    return Interrupting
+
+
 @pytest.mark.parametrize("extra", [[], ["--mba-lambda", "0.01", "--optimizer", "adagrad", "--lr", "0.05"]],
                          ids=["adam", "mba-adagrad"])
 def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys, monkeypatch, extra):
@@ -199,25 +221,7 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys
 
     assert main(TRAIN + ["--epochs", "3", "--out", str(tmp_path / "whole")] + extra) == 0
     real_tqdm = train_module.tqdm
-    epochs_started = []
-
-    class Interrupting:
-        """The epoch's progress bar, raising KeyboardInterrupt at the fourth batch of epoch 2."""
-
-        def __init__(self, iterable, **kwargs):
-            epochs_started.append(1)
-            self.bar = real_tqdm(iterable, **kwargs)
-
-        def __iter__(self):
-            for index, item in enumerate(self.bar):
-                if len(epochs_started) == 2 and index == 3:
-                    raise KeyboardInterrupt
-                yield item
-
-        def set_postfix(self, **kwargs):
-            self.bar.set_postfix(**kwargs)
-
-    monkeypatch.setattr(train_module, "tqdm", Interrupting)
+    monkeypatch.setattr(train_module, "tqdm", _interrupting_bar(real_tqdm, epoch=2, batch=3))
     assert main(TRAIN + ["--epochs", "3", "--out", str(tmp_path / "cut")] + extra) == 130
     monkeypatch.setattr(train_module, "tqdm", real_tqdm)
     assert not (tmp_path / "cut" / "model.pt").exists() and (tmp_path / "cut" / "resume.pt").exists()
@@ -240,23 +244,7 @@ def test_a_run_interrupted_inside_an_epoch_resumes_from_its_last_step_checkpoint
     extra = ["--mba-lambda", "0.01", "--optimizer", "adagrad", "--lr", "0.05"]  # fused sparse states too
     assert main(TRAIN + ["--epochs", "2", "--out", str(tmp_path / "whole")] + extra) == 0
     real_tqdm = train_module.tqdm
-    epochs_started = []
-
-    class Interrupting:
-        def __init__(self, iterable, **kwargs):
-            epochs_started.append(1)
-            self.bar = real_tqdm(iterable, **kwargs)
-
-        def __iter__(self):
-            for index, item in enumerate(self.bar):
-                if len(epochs_started) == 2 and index == 7:
-                    raise KeyboardInterrupt
-                yield item
-
-        def set_postfix(self, **kwargs):
-            self.bar.set_postfix(**kwargs)
-
-    monkeypatch.setattr(train_module, "tqdm", Interrupting)
+    monkeypatch.setattr(train_module, "tqdm", _interrupting_bar(real_tqdm, epoch=2, batch=7))
     cut = TRAIN + ["--epochs", "2", "--checkpoint-every", "3", "--out", str(tmp_path / "cut")] + extra
     assert main(cut) == 130
     monkeypatch.setattr(train_module, "tqdm", real_tqdm)

@@ -454,6 +454,16 @@ def _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize
                          f"({hidden}); the composite path runs Dice in eval mode only")
 
 
+def _plan_call(query, keys, lengths, weights, alphas, dice_eval, eps, form, activation):
+    """What the forward and the backward of one call set up alike: (R query rows, C candidates per history,
+    lengths per row [R], the MLP in the compute dtype, the chunks of rows and their workspace)."""
+    num_rows, candidates = query.shape[0], candidates_per_history(query, keys)
+    lengths = _row_lengths(lengths, candidates)
+    mlp = _MLP(weights, keys.shape[2], form, activation, alphas, dice_eval, eps, accumulation_dtype(keys.dtype),
+               keys.device)
+    return num_rows, candidates, lengths, mlp, mlp.plan(lengths, keys.shape[1], num_rows)
+
+
 def attention_torch_forward(
     query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
@@ -470,11 +480,9 @@ def attention_torch_forward(
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     _, max_len, dim = keys.shape
-    num_rows, candidates = query.shape[0], candidates_per_history(query, keys)
-    lengths = _row_lengths(lengths, candidates)  # [R]
-    dtype, device = accumulation_dtype(keys.dtype), keys.device
-    mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
-    chunks = mlp.plan(lengths, max_len, num_rows)
+    num_rows, candidates, lengths, mlp, chunks = _plan_call(query, keys, lengths, weights, alphas, dice_eval, eps,
+                                                            form, activation)
+    dtype, device = mlp.dtype, mlp.device
     out = torch.zeros(num_rows, dim, dtype=query.dtype, device=device)
     attn = torch.zeros(num_rows, max_len, dtype=dtype, device=device)
     lse = torch.zeros(num_rows if normalize == "softmax" else 0, dtype=dtype, device=device)
@@ -530,11 +538,9 @@ def attention_torch_backward(
     """
     _check_launcher_args(weights, alphas, dice_eval, form, activation, normalize)
     batch, max_len, dim = keys.shape
-    num_rows, candidates = query.shape[0], candidates_per_history(query, keys)
-    lengths = _row_lengths(lengths, candidates)  # [R]
-    dtype, device = accumulation_dtype(keys.dtype), keys.device
-    mlp = _MLP(weights, dim, form, activation, alphas, dice_eval, eps, dtype, device)
-    chunks = mlp.plan(lengths, max_len, num_rows)
+    num_rows, candidates, lengths, mlp, chunks = _plan_call(query, keys, lengths, weights, alphas, dice_eval, eps,
+                                                            form, activation)
+    dtype, device = mlp.dtype, mlp.device
     mlp.start_backward()
     d_query = torch.zeros(num_rows, dim, dtype=query.dtype, device=device)
 
