@@ -7,7 +7,7 @@ the problem (TypeError for kinds, ValueError for values and shapes, IndexError f
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -78,6 +78,15 @@ def set_length_check(mode: str) -> None:
 
 def get_length_check() -> str:
     return _length_check
+
+
+def check_momentum_eps(momentum, eps) -> Tuple[float, float]:
+    """Batch statistics' momentum (a number in [0, 1]) and eps (finite, >= 0), as floats."""
+    eps = check_nonnegative_finite("eps", eps)
+    momentum = check_nonnegative_finite("momentum", momentum)
+    if momentum > 1:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    return momentum, eps
 
 
 def check_lengths(lengths: Tensor, batch: int, max_len: int, device: torch.device) -> Tensor:
@@ -204,10 +213,7 @@ def check_dice_args(x, alpha, running_mean, running_var, training, momentum, eps
             check_tensor(name, param, ndim=1, floating=True)
             if param.shape[0] != channels:
                 raise ValueError(f"{name} must have C={channels} entries, got {param.shape[0]}")
-    check_nonnegative_finite("eps", eps)
-    momentum = check_nonnegative_finite("momentum", momentum)
-    if momentum > 1:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    check_momentum_eps(momentum, eps)
     if mask is not None:
         check_tensor("mask", mask)
         if x.dim() != 3:

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_extension
 from ._backend import select_path
-from ._checks import check_dice_args
+from ._checks import check_dice_args, check_momentum_eps
 from ._dtypes import accumulation_dtype
 
 try:
@@ -744,8 +744,7 @@ class Dice(nn.Module):
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
+        self.momentum, self.eps = check_momentum_eps(momentum, eps)
         self.affine = affine
         self.alpha = nn.Parameter(torch.zeros(num_features))
         if affine:

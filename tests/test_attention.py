@@ -41,6 +41,10 @@ def args():
     (dict(activation="swish"), ValueError, "activation"),
     (dict(normalize="sum"), ValueError, "normalize"),
     (dict(scale=float("nan")), ValueError, "scale"),
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(momentum=1.5), ValueError, "momentum"),
+    (dict(momentum=True), TypeError, "momentum"),
     (dict(activation="prelu"), ValueError, "alphas"),
 ])
 def test_bad_arguments_raise(args, change, error, match):

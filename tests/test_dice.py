@@ -364,6 +364,12 @@ def test_module(backend):
     assert torch.equal(layer.running_mean, moved)
     with pytest.raises(ValueError, match="num_features"):
         dk.Dice(0)
+    for kwargs, error, match in ((dict(momentum=float("nan")), ValueError, "momentum"),
+                                 (dict(momentum=1.5), ValueError, "momentum"),
+                                 (dict(eps=float("inf")), ValueError, "eps"),
+                                 (dict(eps=True), TypeError, "eps")):
+        with pytest.raises(error, match=match):  # at construction, not at the first call
+            dk.Dice(6, **kwargs)
 
 
 def _deepctr_dice(channels, dim):

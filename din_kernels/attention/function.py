@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import reference
-from .._checks import check_attention_args
+from .._checks import check_attention_args, check_momentum_eps
 from .._dtypes import accumulation_dtype
 from ..activations import activation_spec
 from .composite import candidates_per_history
@@ -234,6 +234,7 @@ def din_attention(
     """
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
                                                               normalize, scale, alphas, dice_stats, training)
+    momentum, eps = check_momentum_eps(momentum, eps)  # (Dice's; checked whatever the activation)
     batch, seq_len, dim = keys.shape
     candidates = query.shape[1] if query.dim() == 3 else 1
     rows = query.reshape(batch * candidates, dim)  # [R, D], R = B * C: the launchers' query (a view)
