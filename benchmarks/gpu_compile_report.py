@@ -95,10 +95,12 @@ def _tool(name: str) -> str:
 
 
 def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int], softmax: bool,
-                backward: bool, backward_pass: int = 0) -> Row:
+                backward: bool, backward_pass: int = 0, candidates: bool = False) -> Row:
+    """``candidates``: the specialisation of several candidates per history (the forward's C a runtime int,
+    the backward's later launches accumulating); else one candidate, as training runs."""
     name = fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", "")
-    row = Row(name + (f" pass {backward_pass}" if backward_pass else ""), arch, precision, seq_len, dim,
-              tuple(hidden), softmax)
+    name += (f" pass {backward_pass}" if backward_pass else "") + (" C>1" if candidates else "")
+    row = Row(name, arch, precision, seq_len, dim, tuple(hidden), softmax)
     keys = torch.empty(1, 1, dim, dtype=TORCH_DTYPES[PRECISIONS[precision][0]])
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
     if not A.fused_supported(keys, weights):
@@ -111,8 +113,8 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
                   BLOCK_H2=block_h2, INTERPRETED=False)
     if backward:
-        consts.update(PASS=backward_pass, ACCUMULATE=False)  # (the first, or only, candidate per history)
-    else:
+        consts.update(PASS=backward_pass, ACCUMULATE=candidates)  # (the first, or only, candidate: False)
+    elif not candidates:
         # one candidate per history, as training launches it: Triton's JIT specializes an int argument equal
         # to 1 as a constexpr
         consts["C"] = 1
@@ -174,9 +176,11 @@ def report(quick: bool) -> List[Row]:
                 with _tf32(precision):
                     passes = A._backward_passes(dtype, hidden) if backward else (0,)
                 for backward_pass in passes:  # as the launcher runs them
-                    rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
-                                            backward_pass))
-                    print(_line(rows[-1]), flush=True)
+                    for candidates in (False, True) if (not quick and (seq_len, dim, hidden) == (200, 36, (80, 40))
+                                                         and softmax) else (False,):
+                        rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
+                                                backward_pass, candidates))
+                        print(_line(rows[-1]), flush=True)
     print("\n" + OTHER_HEADER)
     for arch in (90, 80):
         for row in other_kernels(arch, quick):
