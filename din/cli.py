@@ -16,6 +16,7 @@ from .compare import (PAPER_VARIANTS, REGULARIZER_VARIANTS, VARIANTS, check_plot
 from .data import carve_validation, load_data
 from .features import EMBEDDING_INITS
 from .model import ATTENTION_ACTIVATIONS, ModelConfig, build_model
+from .search import SEARCH_MODES
 from .prepare import add_prepare_parser
 from .regularization import embedding_setup
 from .train import OPTIMIZERS, TrainConfig, evaluate, train
@@ -72,10 +73,12 @@ def _decay(text: str) -> float:
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="movielens",
-                        help="'movielens' (bundled ml-latest-small), 'synthetic', or a PATH: a folder with "
+                        help="'movielens' (bundled ml-latest-small), 'synthetic', 'synthetic-long' (clicks "
+                             "planted before the last 50 of 200-500 behaviours), or a PATH: a folder with "
                              "MovieLens ratings.csv + movies.csv, or one written by 'din prepare'")
     parser.add_argument("--max-len", type=_positive_int, default=50,
-                        help="keep the last N behaviours of each history (default 50)")
+                        help="keep the last N behaviours of each history (default 50); with a history search "
+                             "these are what the search looks through (e.g. --max-len 500 --top-k 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
 
@@ -179,6 +182,10 @@ def _add_model_shape_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedding-init-std", type=_positive_float, default=defaults.embedding_init_std,
                        help=f"std of the normal/uniform embedding init (default {defaults.embedding_init_std:g}, "
                             "as DeepCTR-Torch and FuxiCTR)")
+    group.add_argument("--top-k", type=_positive_int, default=defaults.search_top_k,
+                       help=f"with a history search (din train --history-search, din compare's *-search "
+                            f"variants): the most behaviours kept per candidate for the pooling (default "
+                            f"{defaults.search_top_k})")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +194,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="'din' (attention pooling of the history) or 'base' (sum pooling, the paper's BaseModel)")
     parser.add_argument("--activation", choices=("dice", "prelu"), default="dice",
                         help="activation of the prediction MLP (default dice)")
+    parser.add_argument("--history-search", choices=SEARCH_MODES, default="none",
+                        help="search before attention (SIM): 'category' keeps, per candidate, the --top-k most "
+                             "recent behaviours of the candidate's category, 'inner-product' the --top-k whose "
+                             "item embedding has the largest inner product with the candidate's; the pooling "
+                             "sees only those (default none: all of the last --max-len)")
     parser.add_argument("--mba-lambda", type=float, default=0.0,
                         help="mini-batch aware L2 on the goods and category tables (paper: 0.01); "
                              "0 (default) turns it off")
@@ -222,7 +234,13 @@ def _add_compare_args(parser: argparse.ArgumentParser) -> None:
                              "needs matplotlib (pip install 'din-kernels[plot]')")
 
 
-def _model_config(args, model: str, activation: str, split) -> ModelConfig:
+def _check_top_k_used(args, searching: bool, where: str) -> None:
+    """--top-k given on a command line that runs no search: an error rather than a silently ignored option."""
+    if "top_k" in getattr(args, "explicit", ()) and not searching:
+        raise ValueError(f"--top-k applies to a history search only: {where}")
+
+
+def _model_config(args, model: str, activation: str, split, search: str = "none") -> ModelConfig:
     train = split.train
     dim = args.goods_dim + args.cate_dim
     scale = dim ** -0.5 if args.attention_normalize == "softmax" else None  # the official code's D**-0.5
@@ -233,7 +251,8 @@ def _model_config(args, model: str, activation: str, split) -> ModelConfig:
                        attention_activation=args.attention_activation,
                        attention_normalize=args.attention_normalize, attention_scale=scale,
                        embedding_init=args.embedding_init, embedding_init_std=args.embedding_init_std,
-                       head_input_norm=args.head_input_norm, product_term=args.product_term)
+                       head_input_norm=args.head_input_norm, product_term=args.product_term,
+                       history_search=search, search_top_k=args.top_k)
 
 
 def _load_split(args):
@@ -266,7 +285,8 @@ def _regularizer(args) -> Tuple[str, float]:
 
 
 def _train_one(args, split, out: Optional[Path], *, model_name: str, activation: str, regularizer: str,
-               reg_lambda: float, seed: int, tag: str, resume: Optional[Dict] = None, distributed=None) -> Dict:
+               reg_lambda: float, seed: int, tag: str, search: str = "none", resume: Optional[Dict] = None,
+               distributed=None) -> Dict:
     import torch
 
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -276,7 +296,7 @@ def _train_one(args, split, out: Optional[Path], *, model_name: str, activation:
                                checkpoint_every=getattr(args, "checkpoint_every", 0),  # ('din compare': none)
                                progress=not args.quiet and sys.stderr.isatty())  # bars on a terminal only
     torch.manual_seed(seed)
-    model_config = _model_config(args, model_name, activation, split)
+    model_config = _model_config(args, model_name, activation, split, search)
     setup = embedding_setup(train_config.regularizer, train_config.reg_lambda, split.train, train_config.max_len,
                             train_config.optimizer, train_config.lr, model_config.goods_dim, model_config.cate_dim)
     model = build_model(model_config, goods_table=setup.goods_table, cate_table=setup.cate_table)
@@ -356,10 +376,12 @@ def _train_command(args, distributed) -> int:
     main = distributed is None or distributed.is_main
     with _output_folder(args.out, distributed):
         regularizer, reg_lambda = _regularizer(args)
+        search = getattr(args, "history_search", "none")  # (a run saved before the option: none)
+        _check_top_k_used(args, search != "none", "add --history-search category or inner-product")
         split = _load_split(args)
         history = _train_one(args, split, args.out, model_name=args.model, activation=args.activation,
                              regularizer=regularizer, reg_lambda=reg_lambda, seed=args.seed, tag=args.model,
-                             resume=resume, distributed=distributed)
+                             search=search, resume=resume, distributed=distributed)
     if not main:
         return 0
     best = selected_epoch(history)
@@ -406,6 +428,8 @@ def cmd_compare(args) -> int:
     variants = parse_variants(args.variants)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     _check_strengths(args, allow_zero=False)  # every variant that uses one needs it on
+    _check_top_k_used(args, any(v.search != "none" for v in variants),
+                      "add a *-search variant to --variants (e.g. din-search)")
     if args.plot is not None:
         check_plot_available()  # fail now, not after an hour of training
     if args.out is not None:
@@ -419,7 +443,7 @@ def cmd_compare(args) -> int:
             out = args.out / variant.key / f"seed{seed}" if args.out is not None else None
             history = _train_one(args, split, out, model_name=variant.model, activation=variant.activation,
                                  regularizer=variant.regularizer, reg_lambda=strengths[variant.regularizer],
-                                 seed=seed, tag=f"{variant.key} seed {seed}")
+                                 seed=seed, tag=f"{variant.key} seed {seed}", search=variant.search)
             runs.append({"seed": seed, "history": history})
         results.append({"row": summarise(variant, runs), "runs": runs})
     rows = [result["row"] for result in results]

@@ -1,7 +1,8 @@
 """``din compare``: the paper's model variants over several seeds, as in its Tables 3 to 5.
 
 A *variant* fixes what the paper varies between rows (pooling, activation of the prediction MLP,
-embedding regulariser); everything else (data, epochs, optimiser, batch size) is shared. Every variant is
+embedding regulariser; and, beyond the paper, a search before attention, SIM's, see :mod:`din.search`);
+everything else (data, epochs, optimiser, batch size, ``--max-len``, ``--top-k``) is shared. Every variant is
 trained once per seed on the same train/validation/test split (the split seed is ``--seed``; the seeds
 vary the initialisation and the shuffling), and the table reports, as mean and sample standard deviation
 over seeds, the test metrics at each run's best validation epoch (BARS' protocol; the last epoch when
@@ -27,6 +28,7 @@ class Variant:
     model: str         # "din" | "base"
     activation: str    # prediction-MLP activation: "prelu" | "dice"
     regularizer: str   # "none" | "mba" | "full"
+    search: str = "none"  # search before attention (din.search): "none" | "category" | "inner-product"
 
 
 VARIANTS: Dict[str, Variant] = {v.key: v for v in (
@@ -37,6 +39,9 @@ VARIANTS: Dict[str, Variant] = {v.key: v for v in (
     Variant("din-mba", "DIN+MBA", "din", "prelu", "mba"),
     Variant("din-mba-dice", "DIN+MBA+Dice", "din", "dice", "mba"),
     Variant("din-l2", "DIN+L2(full)", "din", "prelu", "full"),
+    # SIM's search before attention over the last --max-len behaviours, --top-k kept per candidate
+    Variant("din-search", "DIN+search", "din", "prelu", "none", "category"),
+    Variant("din-search-ip", "DIN+search-ip", "din", "prelu", "none", "inner-product"),
 )}
 
 #: ``--variants paper``: the rows of the paper's Tables 3 and 5.

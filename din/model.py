@@ -5,6 +5,9 @@ the behaviours into one user-interest vector, and feed ``[user profile?, pooled,
 pooled * candidate]`` to an MLP (200-80, Dice or PReLU) that ends in one logit. The product term follows
 the official DIN code. The only difference is the pooling: ``BaseModel`` sums the valid behaviours
 (paper: "sum pooling"), ``DIN`` weights each by the local activation unit's score for the candidate.
+
+With ``history_search`` (:mod:`din.search`, SIM's retrieval) either model first keeps, per candidate, at most
+``search_top_k`` behaviours of the (long) history related to it, and pools only those.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 import din_kernels as dk
 
 from .features import EMBEDDING_INITS, ItemEmbedding, init_embedding_
+from .search import SEARCH_MODES, category_search, gather_history, inner_product_search
 
 Tensor = torch.Tensor
 
@@ -52,6 +56,11 @@ class ModelConfig:
     embedding_init_std: float = 1e-4
     head_input_norm: bool = True            # BatchNorm on the MLP input, as the official code (DeepCTR: none)
     product_term: bool = True               # pooled * candidate in the MLP input, as the official code
+    # Search before attention (din.search): "none" pools the whole history the data feeds (its last max_len
+    # behaviours); "category" / "inner-product" first keep at most search_top_k of them per candidate, so a
+    # long max_len costs O(search_top_k) attention
+    history_search: str = "none"            # "none" | "category" | "inner-product"
+    search_top_k: int = 50
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -81,6 +90,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {EMBEDDING_INITS}, got {self.embedding_init!r}")
+        if self.history_search not in SEARCH_MODES:
+            raise ValueError(f"history_search must be one of {SEARCH_MODES}, got {self.history_search!r}")
+        k = self.search_top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"search_top_k must be a positive int, got {k!r}")
         std = self.embedding_init_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not (std > 0 and std < float("inf")):
             raise ValueError(f"embedding_init_std must be a finite number > 0, got {std!r}")
@@ -147,11 +161,33 @@ class _InterestModel(nn.Module):
     def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
         raise NotImplementedError  # each model defines its pooling
 
+    def search(self, batch) -> Tuple[Tensor, Tensor, Tensor]:
+        """The history the pooling sees: ``(hist_goods, hist_cates, lengths)``, the batch's own, or with
+        ``config.history_search`` the behaviours retrieved for each candidate (:mod:`din.search`), cut to
+        the most any row kept (at least 1) so that the attention spends nothing on all-padding columns."""
+        goods, cates, lengths = batch.hist_goods, batch.hist_cates, batch.lengths  # [B, T], [B, T], [B]
+        mode, top_k = self.config.history_search, self.config.search_top_k
+        if mode == "none":
+            return goods, cates, lengths
+        if mode == "category":  # ids only: the behaviours it drops are never embedded
+            positions, kept = category_search(cates, lengths, batch.cate, top_k)
+        else:
+            with torch.no_grad():  # scoring only; the retained behaviours are embedded again, with gradient
+                query, keys = self.items(batch.goods, batch.cate), self.items(goods, cates)
+            positions, kept = inner_product_search(query, keys, lengths, top_k)
+        # (.item() waits for a GPU; the attention it saves on a long history is worth far more)
+        width = max(1, int(kept.max())) if len(kept) else 1
+        positions = positions[:, :width]
+        if positions.shape[1] < width:  # an empty history (T = 0): one padding column, as a batch has
+            positions = torch.zeros(len(kept), width, dtype=positions.dtype, device=positions.device)
+        return gather_history(goods, positions, kept), gather_history(cates, positions, kept), kept
+
     def forward(self, batch) -> Tensor:
         """batch: ``din.data.Batch`` -> logits [B]."""
+        hist_goods, hist_cates, lengths = self.search(batch)              # [B, T'] each, [B]
         candidate, behaviours = self.items.candidate_and_history(
-            batch.goods, batch.cate, batch.hist_goods, batch.hist_cates)  # [B, D], [B, T, D]
-        pooled = self.pool(candidate, behaviours, batch.lengths)         # [B, D]
+            batch.goods, batch.cate, hist_goods, hist_cates)              # [B, D], [B, T', D]
+        pooled = self.pool(candidate, behaviours, lengths)                # [B, D]
         parts = [pooled, candidate, pooled * candidate] if self.config.product_term else [pooled, candidate]
         if self.users is not None:
             parts.insert(0, self.users(batch.user))

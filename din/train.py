@@ -19,6 +19,7 @@ import din_kernels as dk
 from . import metrics
 from .checkpoint import atomic_file, save_checkpoint, write_json_atomic
 from .data import InteractionData, Split, carve_validation, shard_bounds
+from .model import ModelConfig
 from .regularization import REGULARIZERS, table_parameters
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -191,7 +192,8 @@ def _restore(resume: Dict, model: nn.Module, optimizers: List[torch.optim.Optimi
     """Load a ``resume.pt`` payload into the run; returns (first epoch to train, best weights so far, batches
     of that epoch already trained, their running sums or None)."""
     saved = resume["history"]
-    if saved["model"] != history["model"]:
+    # (through ModelConfig, so that a run saved before a config field existed compares with its default)
+    if ModelConfig.from_dict(saved["model"]).to_dict() != history["model"]:
         raise ValueError("the resumed run's model differs from the saved one (same --data and model options "
                          "are needed)")
     if len(resume["optimizers"]) != len(optimizers):

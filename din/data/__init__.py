@@ -4,6 +4,8 @@ batched into :class:`Batch` tensors.
 ``load_data(spec, max_len=..., seed=...)`` is the single entry point of the trainer and the CLI:
 
 * ``"synthetic"``  -- :func:`make_synthetic` (planted, candidate-dependent clicks);
+* ``"synthetic-long"`` -- :func:`make_long_range_synthetic` (histories of 200-500 behaviours whose clicks
+  depend on interests older than the last 50: for search before attention);
 * ``"movielens"``  -- :func:`load_movielens` on the bundled ml-latest-small;
 * a directory written by :meth:`Split.save` -- loaded (memory-mapped);
 * a directory holding ``ratings.csv`` and ``movies.csv`` (or ml-1m's ``ratings.dat`` and
@@ -33,7 +35,7 @@ from .dataset import (VALIDATION_PROTOCOLS, Batch, InteractionData, Split, carve
                       split_by_user)
 from .interactions import load_interaction_log, prepare_interaction_log
 from .movielens import BUNDLED_MOVIELENS, load_movielens, prepare_movielens
-from .synthetic import make_synthetic
+from .synthetic import make_long_range_synthetic, make_synthetic
 from .taobao import load_taobao, prepare_taobao
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "shard_bounds",
     "VALIDATION_PROTOCOLS",
     "make_synthetic",
+    "make_long_range_synthetic",
     "load_movielens",
     "load_amazon",
     "load_amazon_csv",
@@ -68,6 +71,11 @@ def _synthetic(*, max_len: Optional[int], seed: Optional[int], **options: Any) -
     return make_synthetic(max_len=max_len if max_len is not None else 50, seed=seed, **options)
 
 
+def _synthetic_long(*, max_len: Optional[int], seed: Optional[int], **options: Any) -> Split:
+    split = make_long_range_synthetic(seed=seed, **options)  # its labels never depend on max_len
+    return split.truncated(max_len) if max_len is not None else split
+
+
 def _movielens(*, max_len: Optional[int], seed: Optional[int], **options: Any) -> Split:
     return load_movielens(None, max_len=max_len, seed=seed, **options)
 
@@ -75,6 +83,7 @@ def _movielens(*, max_len: Optional[int], seed: Optional[int], **options: Any) -
 #: named sources: ``name -> builder(max_len=..., seed=..., **options) -> Split``
 SOURCES: Dict[str, Callable[..., Split]] = {
     "synthetic": _synthetic,
+    "synthetic-long": _synthetic_long,
     "movielens": _movielens,
 }
 
