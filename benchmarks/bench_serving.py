@@ -116,10 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exported = program.module()
     print(f"torch.export: {time.perf_counter() - start:.1f} s")
     package = None
+    folder = tempfile.TemporaryDirectory(prefix="bench_serving-")  # the package file, removed at exit
     if not args.no_aoti:
-        folder = tempfile.mkdtemp(prefix="bench_serving-")
         start = time.perf_counter()
-        package = load_program(save_aoti_package(program, Path(folder) / "package.pt2"))
+        package = load_program(save_aoti_package(program, Path(folder.name) / "package.pt2"))
         print(f"AOTInductor compile and package: {time.perf_counter() - start:.1f} s")
 
     print("\n| threads | T | C | method | p50 ms | p99 ms | calls |")
@@ -153,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"| {thread_count} | {seq_len} | {count} | {name} | {p50:.2f} | {p99:.2f} | {len(times)} |",
                           flush=True)
     print(f"\nload average {load()} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    folder.cleanup()
     return 0
 
 
