@@ -80,12 +80,13 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(path: PathLike) -> Iterator[Path]:
+def atomic_file(path: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds. The file
-    gets the permissions a plain ``open`` would give it (0666 less the umask; ``mkstemp`` makes 0600)."""
+    gets the permissions a plain ``open`` would give it (0666 less the umask; ``mkstemp`` makes 0600).
+    ``suffix`` ends the temporary name, for writers that insist on one (AOTInductor wants ``.pt2``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:

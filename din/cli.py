@@ -1,4 +1,5 @@
-"""Command line: ``din train``, ``din evaluate``, ``din compare``, ``din prepare`` (also ``python -m din``)."""
+"""Command line: ``din train``, ``din evaluate``, ``din score``, ``din export``, ``din compare``, ``din prepare``
+(also ``python -m din``)."""
 from __future__ import annotations
 
 import argparse
@@ -424,6 +425,125 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _input_lines(path: Path):
+    """(line number, text) of each non-blank line of ``path``; a ValueError naming the line for bytes that
+    are not UTF-8."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{number}: not UTF-8 text") from None
+            if text.strip():
+                yield number, text
+
+
+def _check_output_file(path: Optional[Path], flag: str, suffix: Optional[str] = None) -> None:
+    """``path`` usable as an output file: checked before any work starts."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    if suffix is not None and path.suffix != suffix:
+        raise ValueError(f"{flag} {path} must end in {suffix}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: its folder is not writable")
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from .checkpoint import atomic_file
+    from .serve import Scorer, parse_request
+
+    _check_output_file(args.out, "--out")
+    if not args.input.is_file():
+        raise FileNotFoundError(f"--input {args.input} does not exist")
+    max_len = "trained" if args.max_len is None else (args.max_len or None)  # 0: every behaviour
+    scorer = Scorer.from_checkpoint(args.checkpoint, device=args.device, max_len=max_len)
+
+    def requests():
+        for number, text in _input_lines(args.input):
+            try:
+                yield number, parse_request(text, scorer)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{args.input}:{number}: {error}") from None
+
+    # every line is checked before any is scored: bad input costs no scoring and leaves no partial output
+    count = candidates = 0
+    for _, (_, (_, pairs, _)) in requests():
+        count, candidates = count + 1, candidates + pairs.shape[0]
+    if count == 0:
+        raise ValueError(f"{args.input} holds no requests (one JSON object per line, see 'din score --help')")
+
+    def write(stream) -> None:
+        for number, (request_id, checked) in requests():
+            scores = scorer.score_checked(*checked)
+            record = {"line": number} if request_id is None else {"line": number, "id": request_id}
+            record["scores"] = [float(format(p, ".7g")) for p in scores.tolist()]
+            stream.write(json.dumps(record) + "\n")
+
+    if args.out is None:
+        write(sys.stdout)
+        return 0
+    with atomic_file(args.out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as stream:
+            write(stream)
+    print(f"scored {count} requests ({candidates} candidates): wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import time
+
+    import torch
+
+    from .serve import PROGRAM_INPUTS, example_inputs, export_program, max_difference, save_aoti_package, save_program
+
+    _check_output_file(args.out, "--out", ".pt2")
+    _check_output_file(args.aoti, "--aoti", ".pt2")
+    if args.aoti is not None and args.aoti.resolve() == args.out.resolve():
+        raise ValueError("--out and --aoti must be two different files")
+    model, _ = load_checkpoint(args.checkpoint, map_location="cpu")
+    model.eval()
+    start = time.perf_counter()
+    try:
+        program = export_program(model)
+    except Exception as error:  # torch.export's own failures: one line, --debug for the trace
+        raise ValueError(f"torch.export failed: {str(error).strip().splitlines()[0]}") from error
+    # a request of its own shape, to check the dynamic sizes too: 3 histories of 7, 5 candidates each
+    inputs = example_inputs(model.config, batch=3, seq_len=7, candidates=5, generator=torch.Generator().manual_seed(1))
+    differences = {}
+
+    def verify(kind: str):
+        def check(program_fn) -> None:
+            differences[kind] = max_difference(program_fn, model, inputs)
+            if not differences[kind] <= args.tolerance:
+                raise ValueError(f"the {kind} gives scores {differences[kind]:.2e} away from the eager model's "
+                                 f"(more than --tolerance {args.tolerance:g}): not written")
+        return check
+
+    save_program(program, args.out, verify=verify("exported program"))
+    print(f"wrote {args.out} (torch.export, {time.perf_counter() - start:.1f} s): inputs "
+          f"{', '.join(PROGRAM_INPUTS)} (int64) -> probabilities [B, C]; largest difference from the eager "
+          f"model {differences['exported program']:.1e}. Load it with din.serve.load_program, or "
+          f"torch.export.load after 'import din_kernels'")
+    if args.aoti is not None:
+        start = time.perf_counter()
+        try:
+            save_aoti_package(program, args.aoti, verify=verify("AOTInductor package"))
+        except ValueError:
+            raise
+        except Exception as error:  # no C++ compiler, a compile error: one line, --debug for the trace
+            raise ValueError(f"AOTInductor packaging failed ({args.out} was written): "
+                             f"{str(error).strip().splitlines()[0]}") from error
+        print(f"wrote {args.aoti} (AOTInductor, {time.perf_counter() - start:.1f} s); largest difference from "
+              f"the eager model {differences['AOTInductor package']:.1e}. Load it with din.serve.load_program, "
+              f"or torch._inductor.aoti_load_package after 'import din_kernels'")
+    return 0
+
+
 def cmd_compare(args) -> int:
     variants = parse_variants(args.variants)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
@@ -497,6 +617,43 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
     _add_threads_arg(eval_parser)
     eval_parser.set_defaults(handler=cmd_evaluate)
+
+    score_parser = commands.add_parser(
+        "score", help="score candidates for users' histories with a checkpoint (JSON lines in and out)",
+        description="Score each request of --input, one JSON object per line: {\"id\": \"r1\", \"user\": 7, "
+                    "\"history_items\": [3, 9, 4], \"history_categories\": [1, 2, 1], \"candidates\": "
+                    "[[12, 2], [40, 1]]} (ids: the model's dense ids, 1..N-1; 'id' optional and echoed; 'user' "
+                    "needed only by models trained with --use-user). Writes one line per request: {\"line\": 1, "
+                    "\"id\": \"r1\", \"scores\": [p1, p2]}, the click probabilities in the candidates' order. "
+                    "Every line is checked before any is scored; a bad one is a one-line error naming it.",
+        formatter_class=_DefaultsHelp)
+    score_parser.add_argument("--checkpoint", type=Path, required=True, help="a model.pt written by 'din train'")
+    score_parser.add_argument("--input", type=Path, required=True, help="requests, one JSON object per line")
+    score_parser.add_argument("--out", type=Path, default=None,
+                              help="write the scores here, atomically (default: standard output)")
+    score_parser.add_argument("--max-len", type=_nonnegative_int, default=None,
+                              help="read only the last N behaviours of each history; 0: all of them (default: "
+                                   "the checkpoint's training --max-len)")
+    score_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
+    _add_threads_arg(score_parser)
+    score_parser.set_defaults(handler=cmd_score)
+
+    export_parser = commands.add_parser(
+        "export", help="export a checkpoint as a torch.export program (and an AOTInductor package)",
+        description="Export the checkpoint's model (eval mode) as a torch.export program of plain int64 tensors: "
+                    "history_items [B, T], history_categories [B, T], lengths [B], candidate_items [B, C], "
+                    "candidate_categories [B, C], user [B] -> probabilities [B, C]; B, T and C dynamic. The custom "
+                    "ops stay inside: a process that loads it must 'import din_kernels' first. Both files are "
+                    "checked against the eager model before they are written.",
+        formatter_class=_DefaultsHelp)
+    export_parser.add_argument("--checkpoint", type=Path, required=True, help="a model.pt written by 'din train'")
+    export_parser.add_argument("--out", type=Path, required=True, help="the program, a .pt2 file")
+    export_parser.add_argument("--aoti", type=Path, default=None,
+                               help="also compile it with AOTInductor into this .pt2 package (needs a C++ "
+                                    "compiler; 7-17 s on 2 cores)")
+    export_parser.add_argument("--tolerance", type=_positive_float, default=1e-5,
+                               help="largest accepted difference from the eager model's probabilities")
+    export_parser.set_defaults(handler=cmd_export)
 
     compare_parser = commands.add_parser(
         "compare", help="train the paper's variants over seeds on one split, print Table 3",

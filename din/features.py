@@ -96,8 +96,10 @@ def lookup(table: nn.Module, ids: Tensor) -> Tensor:
 
 def lookup_concat(tables: Sequence[nn.Module], ids: Sequence[Tensor]) -> Tensor:
     """``torch.cat([table(i) for table, i in zip(tables, ids)], dim=-1)`` (ids of one shape); plain CPU
-    ``nn.Embedding`` tables through :class:`_DenseLookup` in one pass, any others as they are."""
-    if not all(_plain(t, torch.is_grad_enabled()) for t in tables):
+    ``nn.Embedding`` tables through :class:`_DenseLookup` in one pass, any others as they are. Under
+    ``torch.compile`` / ``torch.export`` the tables' own lookups: the gathers into slices of one output
+    (``index_select(out=)``) trace into a graph whose parameters cannot take gradients through them."""
+    if torch.compiler.is_compiling() or not all(_plain(t, torch.is_grad_enabled()) for t in tables):
         parts = [table(i) for table, i in zip(tables, ids)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return _DenseLookup.apply(tuple(t.padding_idx for t in tables), *ids, *(t.weight for t in tables))
@@ -123,16 +125,19 @@ class ItemEmbedding(nn.Module):
 
     def candidate_and_history(self, goods: Tensor, cates: Tensor, hist_goods: Tensor,
                               hist_cates: Tensor) -> Tuple[Tensor, Tensor]:
-        """Embed the candidates [B] and the histories [B, T] with ONE lookup per table.
+        """Embed the candidates [B] (or [B, C]: several per history) and the histories [B, T] with ONE
+        lookup per table.
 
         One lookup matters for tables that update themselves inside backward (MBA with a fused
         optimizer): each step must see every id of the batch at once, so that a row occurring both as
-        candidate and as behaviour is coalesced and stepped once.  -> ([B, D], [B, T, D]), both contiguous
+        candidate and as behaviour is coalesced and stepped once.
+        -> ([B, D] (or [B, C, D]), [B, T, D]), both contiguous
         """
         batch, seq_len = hist_goods.shape
         # histories first, then candidates, so that both come out as contiguous views of the lookup; split
         # (unlike indexing) backpropagates as one concatenation, not a zero-filled [B, 1 + T, D] per view
         items = self(torch.cat([hist_goods.reshape(-1), goods.reshape(-1)]),
-                     torch.cat([hist_cates.reshape(-1), cates.reshape(-1)]))  # [B * T + B, D]
-        history, candidate = torch.split(items, [batch * seq_len, batch])
-        return candidate, history.view(batch, seq_len, -1)
+                     torch.cat([hist_cates.reshape(-1), cates.reshape(-1)]))  # [B * T + B * C, D]
+        history, candidate = torch.split(items, [batch * seq_len, goods.numel()])
+        dim = items.shape[-1]  # explicit: a view of zero elements (T = 0 or C = 0) cannot infer -1
+        return candidate.view(*goods.shape, dim), history.view(batch, seq_len, dim)

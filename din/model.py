@@ -12,6 +12,7 @@ With ``history_search`` (:mod:`din.search`, SIM's retrieval) either model first 
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -159,6 +160,8 @@ class _InterestModel(nn.Module):
         self.head = _Head(in_features, config.hidden_units, config.activation, config.head_input_norm)
 
     def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
+        """candidate [B, D] or [B, C, D], behaviours [B, T, D], lengths [B] -> the user interest, shaped as
+        the candidate."""
         raise NotImplementedError  # each model defines its pooling
 
     def search(self, batch) -> Tuple[Tensor, Tensor, Tensor]:
@@ -185,13 +188,48 @@ class _InterestModel(nn.Module):
     def forward(self, batch) -> Tensor:
         """batch: ``din.data.Batch`` -> logits [B]."""
         hist_goods, hist_cates, lengths = self.search(batch)              # [B, T'] each, [B]
+        return self._logits(hist_goods, hist_cates, lengths, batch.goods, batch.cate, batch.user)
+
+    def score_candidates(self, hist_goods: Tensor, hist_cates: Tensor, lengths: Tensor, goods: Tensor,
+                         cates: Tensor, user: Optional[Tensor] = None) -> Tensor:
+        """C candidates per history: hist_goods, hist_cates [B, T], lengths [B], goods, cates [B, C] and
+        (with ``use_user``) user [B] -> logits [B, C]; row b's candidates are scored against history b.
+
+        The logits equal ``forward`` on a batch that repeats each history once per candidate, but the
+        history is embedded once and the attention reads it once for all C candidates (din_attention's
+        query [B, C, D]); the head then runs on B * C rows. Arguments are not validated here beyond what the
+        ops check (``din.Scorer`` checks ids against the tables)."""
+        if goods.dim() != 2 or cates.shape != goods.shape or goods.shape[0] != hist_goods.shape[0]:
+            raise ValueError(f"goods and cates must both be [B, C] with B={hist_goods.shape[0]} (the histories' "
+                             f"rows), got {tuple(goods.shape)} and {tuple(cates.shape)}")
+        if self.users is not None and user is None:
+            raise ValueError("this model has a user embedding (use_user): pass user [B]")
+        if self.config.history_search != "none":
+            # the retrieval depends on the candidate: each candidate gets its own history (a repeated batch)
+            batch, candidates = goods.shape
+            repeated = types.SimpleNamespace(
+                hist_goods=hist_goods.repeat_interleave(candidates, 0),
+                hist_cates=hist_cates.repeat_interleave(candidates, 0),
+                lengths=lengths.repeat_interleave(candidates), goods=goods.reshape(-1), cate=cates.reshape(-1),
+                user=None if user is None else user.repeat_interleave(candidates))
+            return self.forward(repeated).view(batch, candidates)
+        return self._logits(hist_goods, hist_cates, lengths, goods, cates, user)
+
+    def _logits(self, hist_goods: Tensor, hist_cates: Tensor, lengths: Tensor, goods: Tensor, cates: Tensor,
+                user: Optional[Tensor]) -> Tensor:
+        """goods, cates [B] -> logits [B]; [B, C] -> [B, C]."""
         candidate, behaviours = self.items.candidate_and_history(
-            batch.goods, batch.cate, hist_goods, hist_cates)              # [B, D], [B, T', D]
-        pooled = self.pool(candidate, behaviours, lengths)                # [B, D]
+            goods, cates, hist_goods, hist_cates)                        # [B(, C), D], [B, T, D]
+        pooled = self.pool(candidate, behaviours, lengths)              # [B(, C), D]
         parts = [pooled, candidate, pooled * candidate] if self.config.product_term else [pooled, candidate]
         if self.users is not None:
-            parts.insert(0, self.users(batch.user))
-        return self.head(torch.cat(parts, dim=-1))
+            profile = self.users(user)                                  # [B, U]
+            if candidate.dim() == 3:
+                profile = profile[:, None, :].expand(-1, candidate.shape[1], -1)
+            parts.insert(0, profile)
+        features = torch.cat(parts, dim=-1)
+        # the head's BatchNorm1d and Dice take rows [N, F]: B * C of them for several candidates
+        return self.head(features.reshape(-1, features.shape[-1])).view(candidate.shape[:-1])
 
 
 class BaseModel(_InterestModel):
@@ -200,7 +238,8 @@ class BaseModel(_InterestModel):
     def pool(self, candidate: Tensor, behaviours: Tensor, lengths: Tensor) -> Tensor:
         positions = torch.arange(behaviours.shape[1], device=behaviours.device)
         mask = (positions[None, :] < lengths[:, None]).to(behaviours.dtype)  # [B, T]
-        return torch.einsum("bt,btd->bd", mask, behaviours)
+        pooled = torch.einsum("bt,btd->bd", mask, behaviours)
+        return pooled[:, None, :].expand_as(candidate) if candidate.dim() == 3 else pooled
 
 
 class DIN(_InterestModel):

@@ -192,7 +192,9 @@ def check_dice_args(x, alpha, running_mean, running_var, training, momentum, eps
         raise ValueError(f"x must be [N, C] or [B, T, C], got shape {tuple(x.shape)}")
     channels = x.shape[-1]
     check_tensor("alpha", alpha, floating=True)
-    if alpha.numel() not in (1, channels):
+    # two comparisons, not `not in (1, channels)`: under torch.compile with a dynamic channel count that
+    # membership test came out true for 24 against C=24 (torch 2.13) and broke the graph with this error
+    if alpha.numel() != 1 and alpha.numel() != channels:
         raise ValueError(f"alpha must have 1 or C={channels} entries, got {alpha.numel()}")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is None:

@@ -32,6 +32,11 @@ On CPU (without the interpreter) the C++ op ``csrc/dice_cpu.cpp`` runs the same 
 loop over a chunk of rows, for fp32/fp64 (``_dice_cpp_takes``); the torch composite path (the same algebra
 chunk by chunk with torch ops and a hand-written backward) is the fallback: other dtypes, no C++ op built,
 or ``set_backend("torch")``.
+
+Under ``torch.compile`` / ``torch.export``, eval-mode calls go through the custom op
+``torch.ops.din_kernels.dice_eval`` (a fake kernel for tracing; its implementation runs the same launchers,
+so compiled and exported programs give the eager results; gradients by a torch-op formula). Training-mode
+calls are not covered (the statistics' valid-row count is read on the host).
 """
 from __future__ import annotations
 
@@ -665,9 +670,7 @@ class DiceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
-        out_dtype = torch.result_type(x, alpha)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, torch.promote_types(weight.dtype, bias.dtype))
+        out_dtype = _out_dtype(x, alpha, weight, bias)
         path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
         ctx.triton, ctx.cpp = path == "triton", path == "cpp"
         alpha_flat = alpha.reshape(-1).contiguous()
@@ -711,6 +714,74 @@ class DiceFunction(torch.autograd.Function):
         return dx, dalpha, dweight, dbias, None, None, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------------
+# Inference as a custom op, for torch.compile / torch.export
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("din_kernels::dice_eval", mutates_args=())
+def _dice_eval_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """Eval-mode Dice of x [N, C] with the running statistics: the launchers ``DiceFunction`` runs (Triton,
+    C++ or torch path, chosen the same way), so compiled and exported programs give the eager results. An
+    op of its own because tracing into those launchers fails: the C++ op has no fake kernel, and the torch
+    path writes into slices of preallocated buffers (``out=``), which export refuses. Training mode is not
+    covered: its statistics count the valid rows on the host (a data-dependent ``int(mask.sum())``)."""
+    out_dtype = _out_dtype(x, alpha, weight, bias)
+    alpha = alpha.reshape(-1).contiguous()
+    if weight is not None:
+        weight, bias = weight.contiguous(), bias.contiguous()
+    path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
+    if path == "triton":
+        return dice_forward(x, alpha, weight, bias, running_mean, running_var, None, False, 0.0, eps, out_dtype)[0]
+    forward = _dice_forward_cpp if path == "cpp" else functools.partial(_dice_forward_torch, out_dtype=out_dtype)
+    return forward(x, alpha, weight, bias, running_mean, running_var, None, False, 0.0, eps)[0]
+
+
+@_dice_eval_op.register_fake
+def _(x, alpha, weight, bias, running_mean, running_var, eps):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, alpha, weight, bias))
+
+
+def _dice_eval_setup_context(ctx, inputs, output):
+    x, alpha, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, alpha, weight, bias, running_mean, running_var)
+    ctx.eps = eps
+
+
+def _dice_eval_backward(ctx, dy):
+    """With the statistics constant: ``dx = dy * (alpha + (1 - alpha) * p) + dz * w * rstd``,
+    ``dz = dy * x * (1 - alpha) * p * (1 - p)``; dalpha, dweight, dbias the sums of ``_dice_bwd_kernel``.
+    Plain torch ops, which AOTAutograd traces (only compiled or exported programs differentiated in eval
+    mode come here; eager calls run ``DiceFunction``)."""
+    x, alpha, weight, bias, running_mean, running_var = ctx.saved_tensors
+    acc = accumulation_dtype(x.dtype)
+    xa, dya, a = x.to(acc), dy.to(acc), alpha.reshape(-1).to(acc)
+    rstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
+    xhat = (xa - running_mean.to(acc)) * rstd
+    w = weight.to(acc) if weight is not None else None
+    p = torch.sigmoid(xhat if w is None else xhat * w + bias.to(acc))
+    gx = dya * xa
+    dz = gx * (1.0 - a) * p * (1.0 - p)
+    dx = dya * (a + (1.0 - a) * p) + dz * (rstd if w is None else rstd * w)
+    dalpha = (gx * (1.0 - p)).sum(dim=0)
+    dalpha = (dalpha if alpha.numel() > 1 else dalpha.sum()).reshape(alpha.shape).to(alpha.dtype)
+    dweight = dbias = None
+    if weight is not None:
+        dweight, dbias = (dz * xhat).sum(dim=0).to(weight.dtype), dz.sum(dim=0).to(bias.dtype)
+    return dx.to(x.dtype), dalpha, dweight, dbias, None, None, None
+
+
+_dice_eval_op.register_autograd(_dice_eval_backward, setup_context=_dice_eval_setup_context)
+
+
+def _out_dtype(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
+    out_dtype = torch.result_type(x, alpha)
+    if weight is not None:
+        out_dtype = torch.promote_types(out_dtype, torch.promote_types(weight.dtype, bias.dtype))
+    return out_dtype
+
+
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
          training: bool, momentum: float = 0.1, eps: float = 1e-8, mask: Optional[Tensor] = None,
          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
@@ -725,6 +796,8 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
     check_dice_args(x, alpha, running_mean, running_var, training, momentum, eps, mask, weight, bias)
     channels = x.shape[-1]
     x2 = x.contiguous().view(-1, channels)  # [N, C]
+    if not training and torch.compiler.is_compiling():  # torch.compile / torch.export: one graph node
+        return _dice_eval_op(x2, alpha, weight, bias, running_mean, running_var, float(eps)).view(x.shape)
     mask_flat = mask.reshape(-1).contiguous() if mask is not None else None  # [N]
     y = DiceFunction.apply(x2, alpha, weight, bias, running_mean, running_var, mask_flat, bool(training),
                            float(momentum), float(eps))

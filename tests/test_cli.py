@@ -306,7 +306,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     assert not (out / ".din.lock").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "compare"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "score", "export", "compare"])
 def test_help_shows_every_default(command, capsys):
     """Every option with a default says it in --help (the parser's own text or the formatter's)."""
     import argparse

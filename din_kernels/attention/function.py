@@ -23,13 +23,23 @@ _log = logging.getLogger("din_kernels")
 __all__ = ["DinAttentionFunction", "din_attention", "explain"]
 
 
-@torch.library.custom_op("din_kernels::din_attention", mutates_args=())
+# Written out because infer_schema has no optional tensor lists. They are optional (an empty list or None
+# stands for "none") because AOTInductor's proxy executor (torch 2.13) hands an empty Tensor[] argument to the
+# op as None, which a plain Tensor[] refuses: a sigmoid unit's program would not run as an AOTInductor package.
+_DIN_ATTENTION_SCHEMA = (
+    "(Tensor query, Tensor keys, Tensor lengths, Tensor[] weights, Tensor[]? alphas, Tensor[]? dice_means, "
+    "Tensor[]? dice_vars, float eps, str form, str activation, str normalize, float? scale) "
+    "-> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("din_kernels::din_attention", mutates_args=(), schema=_DIN_ATTENTION_SCHEMA)
 def _din_attention_op(
-    query: Tensor, keys: Tensor, lengths: Tensor, weights: List[Tensor], alphas: List[Tensor],
-    dice_means: List[Tensor], dice_vars: List[Tensor], eps: float, form: str, activation: str, normalize: str,
-    scale: Optional[float],
+    query: Tensor, keys: Tensor, lengths: Tensor, weights: List[Tensor], alphas: Optional[List[Tensor]],
+    dice_means: Optional[List[Tensor]], dice_vars: Optional[List[Tensor]], eps: float, form: str, activation: str,
+    normalize: str, scale: Optional[float],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    # The schema has no optional tensor lists: an empty list stands for "none". query [R, D], R = B * C.
+    # query [R, D], R = B * C
+    alphas, dice_means, dice_vars = alphas or [], dice_means or [], dice_vars or []
     forward, _, weights, alphas, dice_eval, activation = _plan(keys, weights, alphas, dice_means, dice_vars,
                                                                activation, candidates_per_history(query, keys))
     return forward(query, keys, lengths, weights, alphas, dice_eval, eps, form=form, activation=activation,
@@ -47,6 +57,8 @@ def _(query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, a
 
 def _setup_context(ctx, inputs, output):
     query, keys, lengths, weights, alphas, dice_means, dice_vars, eps, form, activation, normalize, scale = inputs
+    ctx.alphas_given = alphas is not None  # a None input takes a None gradient
+    alphas, dice_means, dice_vars = alphas or [], dice_means or [], dice_vars or []
     out, attn, lse = output
     ctx.counts = (len(weights), len(alphas), len(dice_means))
     ctx.options = dict(form=form, activation=activation, normalize=normalize, scale=scale)
@@ -101,8 +113,8 @@ def _backward(ctx, grad_out, grad_attn, grad_lse):
     grads = _din_attention_backward_op(grad_out, query, keys, lengths, list(weights), list(alphas), list(means),
                                        list(variances), out, attn, lse, ctx.eps, **ctx.options)
     # the return mirrors the inputs' structure: a list per list input (running statistics get no gradient)
-    return (grads[0], grads[1], None, grads[2:2 + n_w], grads[2 + n_w:], [None] * n_d, [None] * n_d,
-            None, None, None, None, None)
+    return (grads[0], grads[1], None, grads[2:2 + n_w], grads[2 + n_w:] if ctx.alphas_given else None,
+            [None] * n_d, [None] * n_d, None, None, None, None, None)
 
 
 _din_attention_op.register_autograd(_backward, setup_context=_setup_context)
