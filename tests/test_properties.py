@@ -134,3 +134,36 @@ def test_expanded_states_and_tables_are_refused_before_any_write():
             dk.mba_adagrad_(torch.randn(5, 3), torch.zeros(1).expand(5), torch.tensor([1]), torch.randn(1, 3),
                             torch.ones(5), 0.1, 0.5)
     _on_every_backend(check)
+
+
+@SETTINGS
+@given(batch=st.integers(1, 4), seq_len=st.integers(1, 8), dim=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       poison=st.sampled_from([float("nan"), float("inf"), -float("inf")]), candidates=st.integers(0, 3),
+       normalize=st.sampled_from(["none", "softmax"]), seed=st.integers(0, 2 ** 16))
+def test_poisoned_padding_dtypes_and_candidates(batch, seq_len, dim, dtype, poison, candidates, normalize, seed):
+    """NaN or inf stored in the padded key positions never reaches an output or a gradient, in every dtype,
+    one candidate per history or several (query [B, C, D]), on every path; the valid part equals the
+    reference (computed in fp64 from the same values)."""
+    torch.manual_seed(seed)
+    unit = dk.LocalActivationUnit(dim, (5,), normalize=normalize).to(dtype)
+    keys = torch.randn(batch, seq_len, dim).to(dtype)
+    lengths = torch.randint(0, seq_len + 1, (batch,))
+    padded = torch.arange(seq_len)[None, :] >= lengths[:, None]  # [B, T]
+    keys[padded] = poison
+    shape = (batch, candidates, dim) if candidates else (batch, dim)
+    query = torch.randn(*shape).to(dtype)
+    want = reference.din_attention(query.double(), torch.where(padded[..., None], 0.0, keys.double()), lengths,
+                                   [w.double() for w in unit.weights()], normalize=normalize)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+
+    def check(name):
+        q, k = query.clone().requires_grad_(), keys.clone().requires_grad_()
+        out = unit(q, k, lengths)
+        out.float().sum().backward()
+        assert torch.isfinite(out.float()).all(), name
+        assert torch.isfinite(q.grad.float()).all() and torch.isfinite(k.grad.float()).all(), name
+        assert torch.all(k.grad[padded] == 0), name  # padding gets no gradient
+        torch.testing.assert_close(out.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+
+    _on_every_backend(check)

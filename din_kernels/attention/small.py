@@ -60,9 +60,12 @@ def attention_torch_small(
         keys, lengths = keys.repeat_interleave(candidates, 0), lengths.repeat_interleave(candidates)
     batch, max_len, dim = keys.shape
     dtype = accumulation_dtype(keys.dtype)
-    q, k = query.to(dtype), keys.to(dtype)  # [B, D], [B, T, D]
+    q = query.to(dtype)  # [B, D]
     first = FirstLayer(weights[0], weights[1], dim, form, dtype)  # (its split is differentiable)
     invalid = torch.arange(max_len, device=keys.device) >= lengths[:, None]  # [B, T]
+    # the padding is scored and pooled with weight 0 here: zeroed first, so that NaN or inf stored there
+    # (0 * inf = NaN) reaches neither the output nor a gradient, as on the other paths
+    k = keys.to(dtype).masked_fill(invalid[..., None], 0.0)  # [B, T, D]
     packed = None  # the flat indices of the valid positions, when only those are scored
     if dice_training is not None and form == "concat" and batch * max_len:
         valid_count = int(lengths.clamp(0, max_len).sum())  # (Dice training runs eagerly: one read)
