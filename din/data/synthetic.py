@@ -53,6 +53,29 @@ def _categories(rng: np.random.Generator, owner: np.ndarray, interests: np.ndarr
     return np.where(rng.random(len(owner)) < explore, random, favourite)
 
 
+def _check_common(num_users, explore, noise, sharpness, popularity_skew) -> None:
+    """The checks both generators share."""
+    if num_users < 2:
+        raise ValueError("num_users must be >= 2 (train and test need a user each)")
+    for name, value, low, high in (("explore", explore, 0.0, 1.0), ("noise", noise, 0.0, 0.5)):
+        if not low <= float(value) <= high:
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    if not float(sharpness) > 0:
+        raise ValueError(f"sharpness must be > 0, got {sharpness}")
+    if not float(popularity_skew) >= 1.0:
+        raise ValueError(f"popularity_skew must be >= 1, got {popularity_skew}")
+
+
+def _goods_layout(rng: np.random.Generator, num_goods: int, num_cates: int):
+    """Goods -> category (0-based), evenly and in random order: (category of each good [G], 1-based goods
+    ids grouped by category [G], category sizes [C], each category's first index in that grouping [C])."""
+    cate_of_goods = rng.permutation(np.arange(num_goods) % num_cates)
+    goods_by_cate = np.argsort(cate_of_goods, kind="stable") + 1
+    cate_size = np.bincount(cate_of_goods, minlength=num_cates)
+    cate_start = np.concatenate(([0], np.cumsum(cate_size)[:-1]))
+    return cate_of_goods, goods_by_cate, cate_size, cate_start
+
+
 def make_synthetic(
     num_users: int = 2000,
     num_goods: int = 1000,
@@ -106,22 +129,11 @@ def make_synthetic(
         raise ValueError(f"interests_per_user ({interests_per_user}) must be <= num_cates ({num_cates})")
     if max_history < min_history:
         raise ValueError(f"max_history ({max_history}) must be >= min_history ({min_history})")
-    if num_users < 2:
-        raise ValueError("num_users must be >= 2 (train and test need a user each)")
-    for name, value, low, high in (("explore", explore, 0.0, 1.0), ("noise", noise, 0.0, 0.5)):
-        if not low <= float(value) <= high:
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
-    if not float(sharpness) > 0:
-        raise ValueError(f"sharpness must be > 0, got {sharpness}")
-    if not float(popularity_skew) >= 1.0:
-        raise ValueError(f"popularity_skew must be >= 1, got {popularity_skew}")
+    _check_common(num_users, explore, noise, sharpness, popularity_skew)
     rng = np.random.default_rng(seed)
 
     # goods -> category (0-based here), evenly, in random order
-    cate_of_goods = rng.permutation(np.arange(num_goods) % num_cates)  # [G]
-    goods_by_cate = np.argsort(cate_of_goods, kind="stable") + 1  # 1-based goods ids grouped by category
-    cate_size = np.bincount(cate_of_goods, minlength=num_cates)  # [C]
-    cate_start = np.concatenate(([0], np.cumsum(cate_size)[:-1]))  # [C]
+    cate_of_goods, goods_by_cate, cate_size, cate_start = _goods_layout(rng, num_goods, num_cates)
 
     # users' favourite categories: distinct per user, weights 1, 1/2, 1/4, ... normalised
     interests = np.argsort(rng.random((num_users, num_cates)), axis=1)[:, :interests_per_user]  # [U, K]
@@ -244,21 +256,10 @@ def make_long_range_synthetic(
     if not jitter < recent < min_history:
         raise ValueError(f"need jitter ({jitter}) < recent ({recent}) < min_history ({min_history}): every "
                          "history must end in recent behaviours and reach back to old ones")
-    if num_users < 2:
-        raise ValueError("num_users must be >= 2 (train and test need a user each)")
-    for name, value, low, high in (("explore", explore, 0.0, 1.0), ("noise", noise, 0.0, 0.5)):
-        if not low <= float(value) <= high:
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
-    if not float(sharpness) > 0:
-        raise ValueError(f"sharpness must be > 0, got {sharpness}")
-    if not float(popularity_skew) >= 1.0:
-        raise ValueError(f"popularity_skew must be >= 1, got {popularity_skew}")
+    _check_common(num_users, explore, noise, sharpness, popularity_skew)
     rng = np.random.default_rng(seed)
 
-    cate_of_goods = rng.permutation(np.arange(num_goods) % num_cates)  # [G]
-    goods_by_cate = np.argsort(cate_of_goods, kind="stable") + 1
-    cate_size = np.bincount(cate_of_goods, minlength=num_cates)  # [C]
-    cate_start = np.concatenate(([0], np.cumsum(cate_size)[:-1]))  # [C]
+    cate_of_goods, goods_by_cate, cate_size, cate_start = _goods_layout(rng, num_goods, num_cates)
 
     favourites = np.argsort(rng.random((num_users, num_cates)), axis=1)[:, :2 * interests_per_user]  # [U, 2K]
     old, new = favourites[:, :interests_per_user], favourites[:, interests_per_user:]  # [U, K] each
