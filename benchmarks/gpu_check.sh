@@ -53,7 +53,7 @@ step env 20 "summary.log env.log" bash -c "nvidia-smi; \"$PYTHON\" -c 'import to
 # alone took 172 s to compile on the 2-core CPU machine. Not yet run on a GPU.
 step tests 260 "tests.log" env TRITON_INTERPRET=0 DIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider \
     tests/test_attention.py tests/test_attention_triton.py tests/test_attention_torch.py \
-    tests/test_dice.py tests/test_mba.py
+    tests/test_dice.py tests/test_mba.py tests/test_candidates.py
 step bench 50 "bench.log bench_attention.json" env DIN_BENCH_CASES=2048x200x64,2048x200x64:full "$PYTHON" -m pytest -q \
     -p no:cacheprovider benchmarks/bench_attention.py --benchmark-json="$OUT/bench_attention.json" \
     --benchmark-columns=min,median,mean,rounds -s
