@@ -9,6 +9,8 @@ import din_kernels as dk
 from din_kernels import reference
 from din_kernels.testing import ATTENTION_LAUNCHERS
 
+from conftest import BACKENDS
+
 
 def unit_and_args(activation, form="concat", normalize="softmax"):
     unit = dk.LocalActivationUnit(5, (8, 4), activation=activation, form=form, normalize=normalize).eval()
@@ -80,15 +82,18 @@ def test_launchers_take_candidate_rows(normalize):
     args = (query, keys, lengths, list(unit.weights()), None, None, 1e-8)
     kw = dict(form="concat", activation="sigmoid", normalize=normalize, scale=0.5)
     results = {}
-    for path in ("triton", "cpp", "cpp-kept", "composite"):
+    paths = ["triton", "composite"] + (["cpp", "cpp-kept"] if "cpp" in BACKENDS else [])
+    for path in paths:
         forward, backward = ATTENTION_LAUNCHERS[path.replace("-kept", "")]
         kept = dict(kept=[]) if path == "cpp-kept" else {}
-        out, attn, lse = forward(*args, **kw, **kept)
-        grads = backward(torch.ones_like(out), *args, out, attn, lse, **kw, **kept)
-        results[path] = (out, attn, lse, grads[0], grads[1], *grads[2])
+        on = [t.cpu() if path.startswith("cpp") and isinstance(t, torch.Tensor) else  # (the C++ op: CPU)
+              [w.cpu() for w in t] if path.startswith("cpp") and isinstance(t, list) else t for t in args]
+        out, attn, lse = forward(*on, **kw, **kept)
+        grads = backward(torch.ones_like(out), *on, out, attn, lse, **kw, **kept)
+        results[path] = [t.cpu() for t in (out, attn, lse, grads[0], grads[1], *grads[2])]
         assert out.shape == (batch * candidates, dim) and attn.shape == (batch * candidates, seq_len)
         assert grads[1].shape == keys.shape
-    for path in ("triton", "cpp", "cpp-kept"):
+    for path in paths:
         for a, b in zip(results[path], results["composite"]):
             torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)
     # one history scored once per candidate: the sum of C single-candidate keys gradients
@@ -99,22 +104,22 @@ def test_launchers_take_candidate_rows(normalize):
         out, attn, lse = forward(q_c, keys, lengths, list(unit.weights()), None, None, 1e-8, **kw)
         single += backward(torch.ones_like(out), q_c, keys, lengths, list(unit.weights()), None, None, 1e-8,
                            out, attn, lse, **kw)[1]
-    torch.testing.assert_close(results["composite"][4], single, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results["composite"][4], single.cpu(), atol=1e-5, rtol=1e-4)
 
 
 def test_the_plan_names_the_candidates():
-    keys, lengths = torch.randn(40, 130, 4), torch.randint(0, 131, (40,))
-    weights = dk.LocalActivationUnit(4, (8,)).weights()
+    cpu = torch.device("cpu")  # (the C++ backend's plan: CPU tensors, also where CUDA is the test default)
+    keys, lengths = torch.randn(40, 130, 4, device=cpu), torch.randint(0, 131, (40,), device=cpu)
+    weights = dk.LocalActivationUnit(4, (8,)).to(cpu).weights()
     previous = dk.get_backend()
     try:
         dk.set_backend("cpp")
-        assert dk.explain(torch.randn(40, 4), keys, lengths, weights).startswith("cpp:")
-        assert dk.explain(torch.randn(40, 1, 4), keys, lengths, weights).startswith("cpp:")
-        assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("cpp:")
+        for shape in ((40, 4), (40, 1, 4), (40, 3, 4)):
+            assert dk.explain(torch.randn(*shape, device=cpu), keys, lengths, weights).startswith("cpp:")
         dk.set_backend("torch")
-        assert dk.explain(torch.randn(40, 3, 4), keys, lengths, weights).startswith("composite:")
-        assert dk.explain(torch.randn(4, 3, 4), keys[:4, :30], lengths[:4].clamp(max=30), weights).startswith(
-            "composite-small:")  # B x C x T = 360
+        assert dk.explain(torch.randn(40, 3, 4, device=cpu), keys, lengths, weights).startswith("composite:")
+        assert dk.explain(torch.randn(4, 3, 4, device=cpu), keys[:4, :30], lengths[:4].clamp(max=30),
+                          weights).startswith("composite-small:")  # B x C x T = 360
     finally:
         dk.set_backend(previous)
 
