@@ -133,6 +133,9 @@ def check_attention_args(query, keys, lengths, weights, form, activation, normal
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
+    if weights is None or isinstance(weights, (str, bytes, Tensor)) or not hasattr(weights, "__iter__"):
+        raise TypeError(f"weights must be a sequence of tensors (w1, b1, ..., w_out, b_out), got "
+                        f"{type(weights).__name__}")
     weights = tuple(weights)
     if len(weights) < 2 or len(weights) % 2:
         raise ValueError("weights must be (w1, b1, ..., w_out, b_out): an even number >= 2 of tensors, "
