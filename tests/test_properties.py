@@ -167,3 +167,41 @@ def test_poisoned_padding_dtypes_and_candidates(batch, seq_len, dim, dtype, pois
         torch.testing.assert_close(out.double(), want, **tol, msg=lambda m: f"{name}: {m}")
 
     _on_every_backend(check)
+
+
+@SETTINGS
+@given(num_rows=st.integers(2, 30), dim=st.integers(1, 9), shape=st.sampled_from([(0,), (7,), (3, 4), (2, 0, 3)]),
+       optimizer=st.sampled_from([None, "sgd", "adagrad"]), seed=st.integers(0, 2 ** 16))
+def test_the_mba_module_steps_as_the_reference(num_rows, dim, shape, optimizer, seed):
+    """``MBAEmbedding`` (random ids of any shape, padding row 0): the lookup is the table's rows; its sparse
+    gradient (no optimizer) is ``reference.mba_embedding``'s, and a fused step equals the reference step on
+    the summed gradient of each id."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, num_rows, shape)
+    frequencies = torch.randint(1, 5, (num_rows,))
+
+    def check(name):
+        torch.manual_seed(seed)
+        table = dk.MBAEmbedding(num_rows, dim, frequencies, lam=0.3, optimizer=optimizer, lr=0.1)
+        start = table.weight.detach().clone()
+        out = table(ids)
+        torch.testing.assert_close(out.detach(), start[ids], msg=lambda m: f"{name} lookup: {m}")
+        probe = torch.randn_like(out)
+        out.backward(probe)
+        keep = ids.reshape(-1) != 0  # the padding row steps nothing and gets no gradient
+        flat_ids, flat_grads = ids.reshape(-1)[keep], probe.reshape(-1, dim)[keep]
+        inv_freq = dk.inverse_frequencies(frequencies)
+        if optimizer is None:
+            weight = start.clone().requires_grad_()
+            reference.mba_embedding(flat_ids, weight, inv_freq, 0.3).backward(flat_grads)
+            dense = lambda g: torch.zeros(num_rows, dim) if g is None else g.to_dense()  # noqa: E731
+            torch.testing.assert_close(dense(table.weight.grad), dense(weight.grad), atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"{name} gradient: {m}")
+            return
+        want = start.clone()
+        if optimizer == "sgd":
+            reference.mba_sgd_(want, flat_ids, flat_grads, inv_freq, 0.1, 0.3)
+        else:
+            reference.mba_adagrad_(want, torch.zeros(num_rows), flat_ids, flat_grads, inv_freq, 0.1, 0.3, 1e-10)
+        torch.testing.assert_close(table.weight.detach(), want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    _on_every_backend(check)
