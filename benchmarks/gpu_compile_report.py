@@ -114,6 +114,8 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                   BLOCK_H2=block_h2, INTERPRETED=False)
     if backward:
         consts.update(PASS=backward_pass, ACCUMULATE=candidates)  # (the first, or only, candidate: False)
+    elif "BLOCK_C" in fn.arg_names:  # the candidate-block forward ("concat", several candidates)
+        consts["BLOCK_C"] = A._candidate_block(4)
     elif not candidates:
         # one candidate per history, as training launches it: Triton's JIT specializes an int argument equal
         # to 1 as a constexpr
@@ -168,16 +170,20 @@ def report(quick: bool) -> List[Row]:
     shapes = [(200, 36, (80, 40))] if quick else list(itertools.product((50, 200), (36, 64), ((80, 40), (200, 80))))
     softmaxes = (True,) if quick else (False, True)
     rows = []
-    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True))
+    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True),
+               (A._din_attention_fwd_candidates_kernel, False))
     for arch in (90, 80):
         for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
             for fn, backward in kernels:
                 dtype = TORCH_DTYPES[PRECISIONS[precision][0]]
                 with _tf32(precision):
                     passes = A._backward_passes(dtype, hidden) if backward else (0,)
+                several = not quick and (seq_len, dim, hidden) == (200, 36, (80, 40)) and softmax
+                if fn is A._din_attention_fwd_candidates_kernel and not several:
+                    continue  # (listed for DIN's shape only, in the full report)
                 for backward_pass in passes:  # as the launcher runs them
-                    for candidates in (False, True) if (not quick and (seq_len, dim, hidden) == (200, 36, (80, 40))
-                                                         and softmax) else (False,):
+                    for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
+                            else (fn is A._din_attention_fwd_candidates_kernel,):
                         rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
                                                 backward_pass, candidates))
                         print(_line(rows[-1]), flush=True)

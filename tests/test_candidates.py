@@ -171,3 +171,41 @@ def test_bad_candidate_shapes_raise(query, match):
     weights = dk.LocalActivationUnit(4, (8,)).weights()
     with pytest.raises(ValueError, match=match):
         dk.din_attention(query, torch.randn(3, 6, 4), torch.tensor([6, 0, 2]), weights)
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+@pytest.mark.parametrize("hidden", [(8,), (20, 12)])
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_the_candidate_block_kernel(monkeypatch, dtype, tf32, activation, hidden, normalize):
+    """"concat" with several candidates, TF32 or 16-bit: the forward kernel that reads each key tile once per
+    block of candidates (2 or 4 of them, the last block partly empty here) equals the reference."""
+    from din_kernels.testing import attention_fused
+
+    blocks = []
+    choose = attention_fused._candidate_block
+    monkeypatch.setattr(attention_fused, "_candidate_block", lambda c: blocks.append(choose(c)) or blocks[-1])
+    unit = dk.LocalActivationUnit(5, hidden, activation=activation, normalize=normalize).eval().to(dtype)
+    options = dict(activation=activation, normalize=normalize)
+    if activation == "dice":
+        options.update(alphas=[d.alpha.float() for d in unit.dice],
+                       dice_stats=[(d.running_mean.float(), d.running_var.float()) for d in unit.dice])
+    # 7 candidates: blocks of 4, the second one padded with an empty candidate
+    query, keys = torch.randn(3, 7, 5).to(dtype), torch.randn(3, 40, 5).to(dtype)
+    lengths = torch.tensor([40, 0, 23])
+    previous, previous_tf32 = dk.get_backend(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        dk.set_backend("triton")
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # (fp32 without TF32 runs a program per candidate)
+        with torch.no_grad():
+            out, attn = unit(query, keys, lengths, return_scores=True)
+    finally:
+        dk.set_backend(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    assert blocks == [4]
+    want_out, want_attn = reference.din_attention(query.float(), keys.float(), lengths,
+                                                  [w.float() for w in unit.weights()], return_scores=True,
+                                                  **options)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), want_out, **tol)
+    torch.testing.assert_close(attn.float(), want_attn, **tol)

@@ -3,9 +3,11 @@
 
 ``out_b = sum_t w[b, t] * k[b, t]``, ``w`` scored by the MLP over (``q_b``, ``k[b, t]``) whose first layer
 is ``z1[b, t] = u_b + k[b, t] @ M_b`` (``first_layer.py``). ``u`` and ``M`` (``O(B*D*H1)``) come from torch;
-the kernels do the ``O(B*T*D*H)`` work: one program per candidate row (forward; per history with its
-candidates in turn in the backward) loops over the valid positions in tiles, recomputes the MLP, and never
-stores anything of size ``[B, T, H]``. The backward kernel recomputes the
+the kernels do the ``O(B*T*D*H)`` work: one program per candidate row (forward) loops over the valid
+positions in tiles, recomputes the MLP, and never stores anything of size ``[B, T, H]``; with several
+candidates per history ("concat", TF32 or 16-bit) one program per block of candidates, which reads each key
+tile once for the block (``_din_attention_fwd_candidates_kernel``); the backward runs once per candidate,
+accumulating into the history's gradients. The backward kernel recomputes the
 activations and returns per-row ``dM_b``/``du_b`` and per-row weight-gradient partials that torch reduces
 afterwards (deterministic, no atomics). Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
 ``activations.ACTIVATION_SPECS``.
@@ -235,6 +237,125 @@ def _din_attention_fwd_kernel(
             s = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)
             tl.store(ATTN + r * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
     tl.store(OUT + r * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _din_attention_fwd_candidates_kernel(
+    K,            # [B, T, D] keys
+    Q,            # [R, D] fp32 candidate rows (R = B * C; row r = b C + c)
+    U,            # [R, H1] fp32, u_r (b1 included)
+    BASE, WDT,    # [D, H1] fp32 each: (Wb - Wc)^T and Wd^T ("concat")
+    W2, B2, WO, BO, A1, MU1, RS1, A2, MU2, RS2, LENGTHS,
+    OUT,          # [R, D] pooled output (query dtype)
+    ATTN,         # [R, T] fp32 final weights, zero-initialised
+    LSE,          # [R] fp32 (softmax only)
+    C, T, D, H1, H2, scale,
+    stride_kb, stride_kt,
+    ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """"concat" with several candidates per history: one program per (history b, block of BLOCK_C
+    candidates), which reads each key tile once for the whole block. Per tile::
+
+        shared = k @ (Wb - Wc)^T                         (once for the block)
+        z1_c = shared + (k * q_c) @ Wd^T + u_c          (= k @ M_c + u_c, for each candidate c of the block)
+
+    then the same layers, scores and online softmax as ``_din_attention_fwd_kernel``, kept per candidate
+    ([BLOCK_C] running maxima and sums, [BLOCK_C, BD] pooled sums). The resident tiles are (Wb - Wc)^T and
+    Wd^T whatever BLOCK_C: no per-candidate M_c is built or read."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1).to(tl.int64) * BLOCK_C  # the block's first candidate
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h1 = tl.arange(0, BLOCK_H1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_d = offs_d < D
+    mask_h1 = offs_h1 < H1
+    mask_c = first + offs_c < C
+    rows = b * C + first + offs_c  # [BC]
+    OPERAND: tl.constexpr = K.dtype.element_ty
+    mask_dh1 = mask_d[:, None] & mask_h1[None, :]
+    base = tl.load(BASE + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    base = _dot_operand(base, OPERAND, INTERPRETED)  # [BD, BH1]
+    wdt = tl.load(WDT + offs_d[:, None] * H1 + offs_h1[None, :], mask=mask_dh1, other=0.0)
+    wdt = _dot_operand(wdt, OPERAND, INTERPRETED)  # [BD, BH1]
+    qs = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+    us = tl.load(U + rows[:, None] * H1 + offs_h1[None, :], mask=mask_c[:, None] & mask_h1[None, :], other=0.0)
+    a1, mu1, rs1 = _load_act_params(A1, MU1, RS1, offs_h1, mask_h1, BLOCK_H1, HAS_ALPHA, HAS_STATS)
+    if TWO_LAYERS:
+        offs_h2 = tl.arange(0, BLOCK_H2)
+        mask_h2 = offs_h2 < H2
+        w2t = tl.load(W2 + offs_h2[None, :] * H1 + offs_h1[:, None],
+                      mask=mask_h1[:, None] & mask_h2[None, :], other=0.0)
+        w2t = _dot_operand(w2t, OPERAND, INTERPRETED)  # [BH1, BH2]
+        b2 = tl.load(B2 + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)
+        a2, mu2, rs2 = _load_act_params(A2, MU2, RS2, offs_h2, mask_h2, BLOCK_H2, HAS_ALPHA, HAS_STATS)
+        wo = tl.load(WO + offs_h2, mask=mask_h2, other=0.0).to(tl.float32)  # [BH2]
+    else:
+        wo = tl.load(WO + offs_h1, mask=mask_h1, other=0.0).to(tl.float32)  # [BH1]
+    bo = tl.load(BO).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        offs = t0 + offs_t
+        valid = offs < L
+        k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BT, BD], read once per block
+        k = k_in.to(tl.float32)
+        shared = tl.dot(_dot_operand(k_in, OPERAND, INTERPRETED), base, input_precision=DOT_PRECISION)
+        for c in tl.static_range(BLOCK_C):
+            pick = offs_c == c  # [BC]: this candidate's entry of the block's state
+            q_c = tl.sum(tl.where(pick[:, None], qs, 0.0), axis=0)  # [BD]
+            u_c = tl.sum(tl.where(pick[:, None], us, 0.0), axis=0)  # [BH1]
+            kq = _dot_operand(k * q_c[None, :], OPERAND, INTERPRETED)
+            z1 = shared + tl.dot(kq, wdt, input_precision=DOT_PRECISION) + u_c[None, :]  # [BT, BH1]
+            h = _act_fwd(z1, a1, mu1, rs1, ACT)
+            if TWO_LAYERS:
+                z2 = tl.dot(_dot_operand(h, OPERAND, INTERPRETED), w2t, input_precision=DOT_PRECISION)
+                z2 += b2[None, :]
+                h = _act_fwd(z2, a2, mu2, rs2, ACT)
+            s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
+            row = b * C + first + c
+            store = valid & (offs * 0 + first + c < C)  # [BT] (a padding candidate of the block stores nothing)
+            if SOFTMAX:
+                s2 = tl.where(valid, s * LOG2E, float("-inf"))
+                m_old = tl.max(tl.where(pick, m_i, float("-inf")), axis=0)
+                m_new = tl.maximum(m_old, tl.max(s2, axis=0))
+                p = tl.exp2(s2 - m_new)
+                correction = tl.exp2(m_old - m_new)
+                l_i = tl.where(pick, l_i * correction + tl.sum(p, axis=0), l_i)
+                acc = tl.where(pick[:, None], acc * correction + tl.sum(p[:, None] * k, axis=0)[None, :], acc)
+                m_i = tl.where(pick, m_new, m_i)
+                tl.store(ATTN + row * T + offs, s, mask=store)  # raw scores, normalised below
+            else:
+                w = tl.where(valid, s, 0.0)
+                acc = tl.where(pick[:, None], acc + tl.sum(w[:, None] * k, axis=0)[None, :], acc)
+                tl.store(ATTN + row * T + offs, w, mask=store)
+
+    if SOFTMAX:
+        has_any = L > 0
+        l_safe = tl.where(has_any, l_i, 1.0)  # [BC]
+        m_safe = tl.where(has_any, m_i, 0.0)
+        acc = acc / l_safe[:, None]
+        tl.store(LSE + rows, (m_safe + tl.log2(l_safe)) * LN2, mask=mask_c)
+        tl.debug_barrier()  # the scores written above are re-read by (possibly) other threads
+        for t0 in range(0, L, BLOCK_T):
+            offs = t0 + offs_t
+            valid = offs < L
+            pointers = ATTN + rows[:, None] * T + offs[None, :]  # [BC, BT]
+            both = mask_c[:, None] & valid[None, :]
+            s = tl.load(pointers, mask=both, other=0.0)
+            tl.store(pointers, tl.exp2(s * LOG2E - m_safe[:, None]) / l_safe[:, None], mask=both)
+    tl.store(OUT + rows[:, None] * D + offs_d[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask_c[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -510,24 +631,38 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
     if rows == 0:
         return out, attn, lse
     first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
-    u, m = first.u(q), first.m(q)  # [B, H1], [B, D, H1] row-major (the layout the kernels read)
+    u = first.u(q)  # [R, H1]
     weights = [w.contiguous() for w in weights]
     (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
     two = len(widths) == 2
     w2, b2 = (weights[2], weights[3]) if two else (u, u)
     block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths,
                                                                    dot_precision=_dot_precision(keys.dtype))
+    common = dict(**_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
+                  DOT_PRECISION=_dot_precision(keys.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
+                  BLOCK_H2=block_h2, INTERPRETED=interpreter_enabled(), num_warps=num_warps)
+    sizes = (candidates, seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
+             keys.stride(0), keys.stride(1))
+    # Several candidates ("concat"): each key tile read once per block of candidates. Not for fp32 without
+    # TF32, whose FMA products spilled 11-46 KB per thread in that kernel (sm_80 / sm_90 compiles,
+    # benchmarks/gpu_compile_report.py; none with TF32 or 16-bit inputs): it runs a program per candidate.
+    if form == "concat" and candidates > 1 and _dot_precision(keys.dtype) != "ieee":
+        block_c = _candidate_block(candidates)
+        _din_attention_fwd_candidates_kernel[(batch, triton.cdiv(candidates, block_c))](
+            keys, q.contiguous(), u, first.m_base, first.wd_t, w2, b2, weights[-2], weights[-1],
+            a1, mu1, rs1, a2, mu2, rs2, lengths, out, attn, lse, *sizes, BLOCK_C=block_c, **common)
+        return out, attn, lse
+    m = first.m(q)  # [R, D, H1] row-major (the layout the kernel reads)
     _din_attention_fwd_kernel[(rows,)](
         keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
-        out, attn, lse,
-        candidates, seq_len, dim, widths[0], widths[1] if two else 1, 1.0 if scale is None else float(scale),
-        keys.stride(0), keys.stride(1),
-        **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
-        DOT_PRECISION=_dot_precision(keys.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
-        INTERPRETED=interpreter_enabled(), num_warps=num_warps,
-    )
+        out, attn, lse, *sizes, **common)
     return out, attn, lse
+
+
+def _candidate_block(candidates: int) -> int:
+    """Candidates per program of ``_din_attention_fwd_candidates_kernel``: 2 or 4 (its per-candidate work is
+    unrolled; 4 keeps the code and the [BLOCK_C, BD] state small)."""
+    return 2 if candidates <= 2 else 4
 
 
 def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
