@@ -97,3 +97,24 @@ def test_the_composite_path_runs_long_rows_in_segments(monkeypatch, normalize, c
     torch.testing.assert_close(out, want_out, atol=1e-9, rtol=1e-9)
     for index, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=lambda m, i=index: f"gradient {i}: {m}")
+
+
+def test_the_triton_kernels_at_ten_thousand_positions():
+    """T = 10,000 on the fused kernels (the interpreter here, ~5 s): they loop over the positions in tiles and
+    hold nothing of size T but the [T] weights; forward and every gradient as the reference."""
+    unit, query, keys, lengths, _ = problem("sigmoid", 1, 10_000, [10_000], dtype=torch.float32)
+    previous = dk.get_backend()
+    try:
+        dk.set_backend("triton")
+        assert dk.explain(query, keys, lengths, unit.weights(), normalize="softmax").startswith("triton:")
+        out, attn = unit(query, keys, lengths, return_scores=True)
+        got = torch.autograd.grad(out.sum(), [query, keys, *unit.weights()])
+    finally:
+        dk.set_backend(previous)
+    want_out, want_attn = reference.din_attention(query, keys, lengths, unit.weights(), normalize="softmax",
+                                                  return_scores=True)
+    want = torch.autograd.grad(want_out.sum(), [query, keys, *unit.weights()])
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(attn, want_attn.detach(), atol=1e-6, rtol=1e-4)
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, i=index: f"gradient {i}: {m}")
