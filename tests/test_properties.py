@@ -205,3 +205,56 @@ def test_the_mba_module_steps_as_the_reference(num_rows, dim, shape, optimizer, 
             reference.mba_adagrad_(want, torch.zeros(num_rows), flat_ids, flat_grads, inv_freq, 0.1, 0.3, 1e-10)
         torch.testing.assert_close(table.weight.detach(), want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     _on_every_backend(check)
+
+
+@SETTINGS
+@given(rows=st.integers(4, 24), channels=st.integers(1, 9), affine=st.booleans(), steps=st.integers(1, 3),
+       seed=st.integers(0, 2 ** 16))
+def test_the_dice_module_trains_and_evaluates_as_the_reference(rows, channels, affine, steps, seed):
+    """``dk.Dice``: a few training steps (batch statistics, running statistics updated, gradients to x and
+    every parameter), then eval mode (running statistics), as ``reference.dice`` with the same state. (Zero and
+    one rows: ``test_dice_equals_the_reference``.)"""
+    torch.manual_seed(seed)
+    xs = [torch.randn(rows, channels) for _ in range(steps + 1)]
+
+    def check(name):
+        torch.manual_seed(seed)
+        layer = dk.Dice(channels, affine=affine)
+        with torch.no_grad():
+            layer.alpha.uniform_(-0.5, 0.5)
+        params = [layer.alpha] + ([layer.weight, layer.bias] if affine else [])
+        mean, var = layer.running_mean.clone(), layer.running_var.clone()
+        for x in xs[:-1]:
+            xg, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got = layer(xg)
+            want = reference.dice(xw, *params[:1], mean, var, training=True, momentum=layer.momentum, eps=layer.eps,
+                                  **({"weight": params[1], "bias": params[2]} if affine else {}))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            probe = torch.randn_like(got)
+            for a, b in zip(torch.autograd.grad(got, [xg, *params], probe),
+                            torch.autograd.grad(want, [xw, *params], probe)):
+                # (batch statistics of a few rows: rstd up to 1/sqrt(eps) amplifies rounding in the gradients)
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name} gradient: {m}")
+        torch.testing.assert_close(layer.running_mean, mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.running_var, var, atol=1e-6, rtol=1e-5)
+        layer.eval()
+        with torch.no_grad():
+            want = reference.dice(xs[-1], *params[:1], mean, var, training=False, eps=layer.eps,
+                                  **({"weight": params[1], "bias": params[2]} if affine else {}))
+            torch.testing.assert_close(layer(xs[-1]), want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} eval: {m}")
+    _on_every_backend(check)
+
+
+@SETTINGS
+@given(num_rows=st.integers(1, 20), ids=st.lists(st.integers(-3, 25), max_size=30), seed=st.integers(0, 99))
+def test_row_frequencies_count_or_refuse(num_rows, ids, seed):
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
+        with pytest.raises(IndexError, match="ids"):
+            dk.row_frequencies(ids, num_rows)
+        return
+    counts = dk.row_frequencies(ids, num_rows)
+    assert torch.equal(counts, reference.row_frequencies(ids, num_rows))
+    inverse = dk.inverse_frequencies(counts)
+    assert torch.equal(inverse == 0, counts == 0)
+    torch.testing.assert_close(inverse[counts > 0], 1.0 / counts[counts > 0].float())
