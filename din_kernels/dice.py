@@ -670,21 +670,13 @@ class DiceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
-        out_dtype = _out_dtype(x, alpha, weight, bias)
-        path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
+        path, alpha_flat, weight, bias, (y, mean, spread, count) = _dice_launch(
+            x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps)
         ctx.triton, ctx.cpp = path == "triton", path == "cpp"
-        alpha_flat = alpha.reshape(-1).contiguous()
-        if weight is not None:
-            weight, bias = weight.contiguous(), bias.contiguous()
-        if ctx.triton:
-            y, mean, var, count = dice_forward(x, alpha_flat, weight, bias, running_mean, running_var, mask,
-                                               training, momentum, eps, out_dtype)
-            ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, var, count)
+        if ctx.triton:  # spread: the variance (Triton) or 1 / std (C++, torch)
+            ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, spread, count)
         else:
-            forward = _dice_forward_cpp if ctx.cpp else functools.partial(_dice_forward_torch, out_dtype=out_dtype)
-            y, mean, rstd, count = forward(x, alpha_flat, weight, bias, running_mean, running_var, mask, training,
-                                           momentum, eps)
-            ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, rstd)
+            ctx.save_for_backward(x, alpha_flat, weight, bias, mask, mean, spread)
             ctx.count = count
         ctx.training = training
         ctx.eps = eps
@@ -727,15 +719,7 @@ def _dice_eval_op(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Opti
     op of its own because tracing into those launchers fails: the C++ op has no fake kernel, and the torch
     path writes into slices of preallocated buffers (``out=``), which export refuses. Training mode is not
     covered: its statistics count the valid rows on the host (a data-dependent ``int(mask.sum())``)."""
-    out_dtype = _out_dtype(x, alpha, weight, bias)
-    alpha = alpha.reshape(-1).contiguous()
-    if weight is not None:
-        weight, bias = weight.contiguous(), bias.contiguous()
-    path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
-    if path == "triton":
-        return dice_forward(x, alpha, weight, bias, running_mean, running_var, None, False, 0.0, eps, out_dtype)[0]
-    forward = _dice_forward_cpp if path == "cpp" else functools.partial(_dice_forward_torch, out_dtype=out_dtype)
-    return forward(x, alpha, weight, bias, running_mean, running_var, None, False, 0.0, eps)[0]
+    return _dice_launch(x, alpha, weight, bias, running_mean, running_var, None, False, 0.0, eps)[-1][0]
 
 
 @_dice_eval_op.register_fake
@@ -773,6 +757,24 @@ def _dice_eval_backward(ctx, dy):
 
 
 _dice_eval_op.register_autograd(_dice_eval_backward, setup_context=_dice_eval_setup_context)
+
+
+def _dice_launch(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
+    """The forward on the path chosen for ``x`` (Triton, C++ or torch): (path, alpha [C] or [1] contiguous,
+    weight, bias contiguous, (y, mean, variance (Triton) or 1 / std, count)). Shared by ``DiceFunction`` and
+    the eval-mode custom op, so both run the same launchers."""
+    out_dtype = _out_dtype(x, alpha, weight, bias)
+    path = select_path(x, cpp=_dice_cpp_takes(x, out_dtype))
+    alpha = alpha.reshape(-1).contiguous()
+    if weight is not None:
+        weight, bias = weight.contiguous(), bias.contiguous()
+    if path == "triton":
+        outputs = dice_forward(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps,
+                               out_dtype)
+    else:
+        forward = _dice_forward_cpp if path == "cpp" else functools.partial(_dice_forward_torch, out_dtype=out_dtype)
+        outputs = forward(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps)
+    return path, alpha, weight, bias, outputs
 
 
 def _out_dtype(x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:

@@ -393,19 +393,21 @@ def _long_row_backward(mlp: "_MLP", q: Tensor, keys: Tensor, key_rows, g_out: Te
                        normalize: str, scale: Optional[float], d_keys: Tensor, candidates: int) -> Tensor:
     """One long row's backward, segment by segment (the MLP recomputed per segment): dq [1, D]; writes its
     keys' gradient into ``d_keys``. q, g_out [1, D], w [1, Tc] the final weights."""
-    delta = 0.0  # softmax: sum_t w_t dattn_t over the whole row, before any segment's ds
-    if normalize == "softmax":
-        for t0, t1 in segments:
-            mlp.work.start_chunk(1, t1 - t0)
-            k = _gather_keys(keys[:, t0:t1], key_rows, t1 - t0, mlp.work)
-            delta += float(torch.mv(k[0], g_out[0]).dot(w[0, t0:t1]))
+    # dattn_t = k_t . g_out, kept for the row ([1, Tc], as w): the softmax needs delta = sum_t w_t dattn_t
+    # over the whole row before any segment's ds
+    d_attn = torch.empty_like(w)
+    for t0, t1 in segments:
+        mlp.work.start_chunk(1, t1 - t0)
+        k = _gather_keys(keys[:, t0:t1], key_rows, t1 - t0, mlp.work)
+        torch.mv(k[0], g_out[0], out=d_attn[0, t0:t1])
+    delta = float(d_attn[0].dot(w[0])) if normalize == "softmax" else 0.0
     dq = torch.zeros_like(q)
     for t0, t1 in segments:
         n = t1 - t0
         mlp.work.start_chunk(1, n)
         k = _gather_keys(keys[:, t0:t1], key_rows, n, mlp.work)  # [1, n, D]
         w_seg = w[:, t0:t1]
-        d_scores = torch.mv(k[0], g_out[0])[None]  # [1, n] (every position of a segment is valid)
+        d_scores = d_attn[:, t0:t1]  # [1, n] (every position of a segment is valid; consumed in place)
         if normalize == "softmax":
             d_scores = d_scores.sub_(delta).mul_(w_seg)
         if scale is not None:
