@@ -1,7 +1,7 @@
 """Many candidates per history: ``din_attention(query [B, C, D], keys [B, T, D])`` against what a user does
 without it, scoring a repeated batch (each history copied C times, ``query [B * C, D]``), same results.
 
-    python benchmarks/bench_candidates.py [--threads N] [--repeats 7] [--batch 1] [--train]
+    python benchmarks/bench_candidates.py [--threads N] [--repeats 7] [--batch 1] [--train] [--busy N]
 
 Serving (default): one request, B=1 user, C candidates, no gradient: the C++ op's forward takes the
 candidates on CPU. ``--train`` times forward + backward instead (several candidates per history with a
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import din_kernels as dk  # noqa: E402
 
-from _timing import DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header  # noqa: E402
+from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row,  # noqa: E402
+                     ratio_table_header)
 
 DIM, HIDDEN = 36, (80, 40)
 
@@ -67,13 +68,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--candidates", default="10,100,1000")
     parser.add_argument("--lengths", default="50,500", help="history lengths T (every history full)")
     parser.add_argument("--train", action="store_true", help="forward + backward instead of serving")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="neighbour processes doing torch work beside the timings (default 0: quiet)")
     args = parser.parse_args(argv)
     if min(args.threads, args.repeats, args.batch) < 1:
         parser.error("--threads, --repeats and --batch must be >= 1")
     torch.set_num_threads(args.threads)
     dk.set_cpu_threads(args.threads)
     mode = "forward+backward" if args.train else "forward (no grad)"
-    print(describe_machine() + f", {mode}, B={args.batch}, D={DIM}, hidden {HIDDEN}")
+    print(describe_machine() + f", {mode}, B={args.batch}, D={DIM}, hidden {HIDDEN}, {args.busy} busy neighbours")
+    with busy_neighbours(args.busy):
+        _table(args, mode)
+    return 0
+
+
+def _table(args, mode: str) -> None:
     print(*ratio_table_header(["din_kernels", "repeated"]), sep="\n")
     extra = []
     for seq_len in (int(t) for t in args.lengths.split(",")):
@@ -86,7 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             extra.append(f"{case}: {args.batch * candidates / median * 1e3:,.0f} candidates/s; the repeated "
                          f"batch copies {copy_mb:.1f} MB of history")
     print("\n".join(extra))
-    return 0
 
 
 if __name__ == "__main__":
