@@ -333,12 +333,16 @@ def test_explain_names_the_path_and_why(backend_name):
         small = dk.explain(query[:2], keys[:2, :3], lengths[:2].clamp(max=3), weights)
         assert small.startswith("composite-small: " if backend_name == "torch" else "cpp: ")
         assert "backend 'torch'" in text if backend_name == "torch" else "C++" in text
+        unit = dk.LocalActivationUnit(4, (8,), activation="dice").train()
+        dice = dict(activation="dice", alphas=[d.alpha for d in unit.dice], training=True)
+        explained = dk.explain(query, keys, lengths, unit.weights(), **dice)
+        assert explained.startswith("composite-autograd: Dice in training mode" if backend_name == "torch" else
+                                    "cpp: the C++ CPU op, Dice in training mode")
+        # several candidates per history: Dice's statistics span every candidate row, on the composite pass
+        several = dk.explain(torch.randn(40, 3, 4), keys, lengths, unit.weights(), **dice)
+        assert several.startswith("composite-autograd: Dice in training mode")
     finally:
         dk.set_backend(previous)
-    unit = dk.LocalActivationUnit(4, (8,), activation="dice").train()
-    explained = dk.explain(query, keys, lengths, unit.weights(), activation="dice",
-                           alphas=[d.alpha for d in unit.dice], training=True)
-    assert explained.startswith("composite-autograd: Dice in training mode")
     with pytest.raises(ValueError, match="lengths"):
         dk.explain(query, keys, torch.full((40,), 131), weights)
 

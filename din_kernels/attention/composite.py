@@ -147,7 +147,7 @@ class _Activation:
                 self.alpha_full[layer] = alpha.numel() == width
                 self.alphas[layer] = alpha.expand(width)
                 self.alpha_grads[layer] = torch.zeros(width, dtype=dtype, device=device)
-        if spec.has_stats:
+        if spec.has_stats and dice_eval is not None:  # (None: Dice in training, the call's own statistics)
             for layer in range(len(widths)):
                 mean, var = dice_eval[layer]
                 self.dice[layer] = (mean.to(dtype), torch.rsqrt(var.to(dtype) + eps))

@@ -28,12 +28,14 @@ import torch
 from .. import cpu_extension
 from .._dtypes import accumulation_dtype
 from ..activations import activation_spec
+from ..dice import _update_running
 from .composite import _Activation, _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_cpu_forward", "attention_cpu_backward"]
+__all__ = ["attention_cpu_forward", "attention_cpu_backward", "attention_cpu_dice_training_forward",
+           "attention_cpu_dice_training_backward"]
 
 # Activations the forward may keep for the backward, in floats per call (``kept=``): 64 MB in fp32, which
 # holds a whole DIN training call (B=256, T=50: 1.5 M floats with hidden (80, 40)) and B=1024, T=100 with
@@ -76,7 +78,8 @@ _NOTHING_KEPT = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32,
 
 
 class _Arguments:
-    """The op's network arguments, in the compute dtype: the first layer split as ``FirstLayer`` does."""
+    """The op's network arguments, in the compute dtype: the first layer split as ``FirstLayer`` does.
+    ``dice_eval=None`` with Dice: training mode (``training_tensors``), the statistics are the call's."""
 
     def __init__(self, keys: Tensor, weights: Sequence[Tensor], alphas, dice_eval, eps: float, form: str,
                  activation: str):
@@ -95,9 +98,14 @@ class _Arguments:
                         weights[-2].to(dtype).reshape(-1).contiguous(), weights[-1].to(dtype).reshape(1),
                         self.act.spec.code,
                         [a.contiguous() for a in self.act.alphas] if self.act.spec.has_alpha else [],
-                        [m.contiguous() for m, _ in self.act.dice] if self.act.spec.has_stats else [],
-                        [r.contiguous() for _, r in self.act.dice] if self.act.spec.has_stats else []]
+                        [m.contiguous() for m, _ in self.act.dice] if dice_eval is not None else [],
+                        [r.contiguous() for _, r in self.act.dice] if dice_eval is not None else []]
         self.widths = widths
+
+    @property
+    def training_tensors(self) -> list:
+        """The arguments of the Dice-training ops: the network's, then the alphas (no running statistics)."""
+        return self.tensors[:9] + [self.tensors[10]]
 
 
 def _no_rows_forward(query: Tensor, keys: Tensor, normalize: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -171,6 +179,12 @@ def attention_cpu_backward(
         _row_lengths(lengths, candidates_per_history(query, keys)), attn.to(dtype).contiguous(), *args.tensors,
         normalize == "softmax", scale, saved, cpu_extension.threads())
     _BUFFERS.give(saved)
+    return (d_query.to(query.dtype), d_keys.to(keys.dtype)) + _weight_grads(args, weights, alphas, grads, form)
+
+
+def _weight_grads(args: _Arguments, weights: Sequence[Tensor], alphas, grads: List[Tensor], form: str):
+    """(d_weights, d_alphas) from the op's flat gradient list (``GradLayout`` in csrc/attention_cpu.cpp), in
+    the weights' shapes and dtypes."""
     first, layers = args.first, len(args.widths)
     first.d_wu = grads[0].view(first.hidden, first.dim)
     first.d_b1 = grads[1]
@@ -190,4 +204,64 @@ def attention_cpu_backward(
     if alphas is not None and args.act.spec.has_alpha:
         args.act.alpha_grads = list(grads[slot + 2:slot + 2 + layers])
         d_alphas = args.act.alpha_grads_like(alphas)
-    return d_query.to(query.dtype), d_keys.to(keys.dtype), tuple(d_weights), d_alphas
+    return tuple(d_weights), d_alphas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dice in training mode (``din_attention(activation="dice", training=True)``): the C++ op computes each hidden
+# layer's batch statistics over the call's valid positions itself (one queue of blocks per layer, see
+# "Dice in training mode" in csrc/attention_cpu.cpp) and keeps z and the Dice gate p of every valid position
+# ([P, H_l] each: what the composite autograd pass keeps, without its [B, T, H] padding and intermediates)
+# for its backward, which goes through the statistics. One query row per history: several candidates take
+# the composite path (the plan), whose statistics span every candidate row.
+# ----------------------------------------------------------------------------------------------------------
+
+def attention_cpu_dice_training_forward(
+    query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+    alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
+    *, form: str, activation: str, normalize: str, scale: Optional[float], momentum: float,
+    kept: Optional[list] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Dice attention in training mode, forward (contract: ``composite.attention_torch_forward``, query
+    [B, D]): batch statistics per hidden layer over the valid positions; ``dice_eval``'s running statistics
+    (if given) updated in place with ``momentum`` as ``nn.BatchNorm1d`` does (nothing when no position is
+    valid). ``kept``: a list that gets what ``attention_cpu_dice_training_backward`` needs."""
+    if activation != "dice":
+        raise ValueError(f"the Dice-training op runs activation='dice', got {activation!r}")
+    _check_launcher_args(weights, alphas, [(None, None)] * (len(weights) // 2 - 1), form, activation, normalize)
+    if candidates_per_history(query, keys) != 1:
+        raise ValueError("the Dice-training op takes one query row per history (query [B, D])")
+    ops = cpu_extension.ops()
+    args = _Arguments(keys, weights, alphas, None, eps, form, activation)
+    lengths = lengths.to(torch.int64).contiguous()
+    out, attn, lse, saved, means, variances = ops.attention_dice_train_fwd(
+        query.to(args.dtype).contiguous(), keys.to(args.dtype).contiguous(), lengths, *args.training_tensors,
+        normalize == "softmax", scale, float(eps), cpu_extension.threads())
+    if dice_eval is not None:
+        count = int(lengths.sum())  # (valid positions: lengths lie in [0, T], checked by the op)
+        for (running_mean, running_var), mean, var in zip(dice_eval, means, variances):
+            _update_running(running_mean, running_var, mean, var, count, momentum)
+    if kept is not None:
+        kept.append((saved, list(means), list(variances), args))
+    return out.to(query.dtype), attn, lse
+
+
+def attention_cpu_dice_training_backward(
+    grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+    alphas: Optional[Sequence[Tensor]], dice_eval: Optional[Sequence[Tuple[Tensor, Tensor]]], eps: float,
+    out: Tensor, attn: Tensor, lse: Tensor,
+    *, form: str, activation: str, normalize: str, scale: Optional[float], kept: Optional[list] = None,
+):
+    """Dice attention in training mode, backward (contract: ``composite.attention_torch_backward``), through
+    the batch statistics; needs the ``kept`` list its forward filled (it has no recompute: the statistics
+    are the forward's)."""
+    if not kept:
+        raise RuntimeError("the Dice-training backward needs what its forward kept (kept=[...])")
+    # (read, not popped: a graph kept with retain_graph=True runs this backward again)
+    saved, means, variances, args = kept[-1]
+    dtype = args.dtype
+    d_query, d_keys, grads = cpu_extension.ops().attention_dice_train_bwd(
+        grad_out.to(dtype).contiguous(), query.to(dtype).contiguous(), keys.to(dtype).contiguous(),
+        lengths.to(torch.int64).contiguous(), attn.to(dtype).contiguous(), *args.training_tensors, means,
+        variances, saved, normalize == "softmax", scale, float(eps), cpu_extension.threads())
+    return (d_query.to(query.dtype), d_keys.to(keys.dtype)) + _weight_grads(args, weights, alphas, grads, form)

@@ -262,7 +262,7 @@ def din_attention(
             return _shaped(query, out, attn, return_scores)
     else:
         plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
-                              eager=True, candidates=candidates)
+                              eager=True, candidates=candidates, momentum=momentum)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("din_attention B=%d C=%d T=%d D=%d: %s", batch, candidates, seq_len, dim, plan)
     if plan.path == "reference":

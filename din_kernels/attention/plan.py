@@ -4,13 +4,15 @@ backward; ``explain`` and the DEBUG log print the plan.
 Paths, in the order tried: the Triton kernels (``fused.py``; CUDA, or CPU tensors under the interpreter)
 for problems they cover (``fused_supported``); on CPU the C++ op (``cpu.py``) where it is built; else the
 torch composite path (``composite.py``), or, in eager mode, for small problems
-(``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode runs one autograd pass of the
+(``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode runs on the C++ op (its own
+batch statistics; one query row per history) where the backend rule picks it, else one autograd pass of the
 small path through ``din_kernels.dice`` (the reference under ``torch.compile``). An activation without
 fused kernels (``ActivationSpec.fused``) runs on the composite paths. ``_backend.select_path`` holds the
 backend rule shared with Dice and MBA.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -19,7 +21,8 @@ import torch
 from .._backend import get_backend, select_path, use_cpu_extension
 from ..activations import activation_spec
 from .composite import attention_torch_backward, attention_torch_forward
-from .cpu import attention_cpu_backward, attention_cpu_forward
+from .cpu import (attention_cpu_backward, attention_cpu_dice_training_backward, attention_cpu_dice_training_forward,
+                  attention_cpu_forward)
 from .fused import attention_backward, attention_forward, fused_supported
 from . import small
 
@@ -71,7 +74,7 @@ class AttentionPlan:
 
 
 def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, training: bool = False,
-                   eager: bool = False, candidates: int = 1) -> AttentionPlan:
+                   eager: bool = False, candidates: int = 1, momentum: float = 0.1) -> AttentionPlan:
     """The plan of one call (``candidates``: query rows per history). An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
     runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
     call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
@@ -79,6 +82,12 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
     whose ops all trace)."""
     if activation_spec(activation).has_stats and training and len(weights) > 2:
         dice_pairs = list(zip(dice_means, dice_vars)) if dice_means else None
+        if eager and candidates == 1 and select_path(keys, cpp=True) == "cpp":
+            return AttentionPlan("cpp", "the C++ CPU op, Dice in training mode: batch statistics over the valid "
+                                 "positions, one pass of blocks per hidden layer",
+                                 functools.partial(attention_cpu_dice_training_forward, momentum=momentum),
+                                 attention_cpu_dice_training_backward, list(weights), alphas or None, dice_pairs,
+                                 activation)
         if eager:
             return AttentionPlan("composite-autograd", "Dice in training mode: one autograd pass of the composite, "
                                  "batch statistics over the valid positions (din_kernels.dice)", None, None,

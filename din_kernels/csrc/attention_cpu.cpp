@@ -384,12 +384,12 @@ void build_m(const Net<T>& net, const T* q, T* m) {
   }
 }
 
-// Scores of a block's valid positions into ws.s [P], packed row after row; every layer's activations
-// (and z, p where the activation needs them) into ``acts``.
+// First-layer pre-activations z1 = u_b + k M_b of a block's valid positions into ``z1`` [P, H1], packed row
+// after row.
 template <typename T>
-void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_t* lengths, const Block& blk,
-                  Workspace<T>& ws, const Acts<T>& acts) {
-  const int64_t d = net.dim, h1 = net.h1(), rows = blk.row_end - blk.row_begin, n = blk.positions;
+void first_layer_z(const Net<T>& net, const T* query, const T* keys, const int64_t* lengths, const Block& blk,
+                   Workspace<T>& ws, T* z1) {
+  const int64_t d = net.dim, h1 = net.h1(), rows = blk.row_end - blk.row_begin;
   // u for every row of the block at once: U = Q W_u^T  [rows, H1]
   mm<T>(false, true, rows, h1, d, T(1), query + blk.row_begin * d, d, net.w_u, d, T(0), ws.u.data(), h1);
   int64_t offset = 0;
@@ -397,7 +397,7 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     const int64_t row = blk.row_begin + r, length = blk.segment() ? blk.positions : lengths[row];
     if (length == 0) continue;
     build_m(net, query + row * d, ws.m.data());
-    T* z = acts.h[0] + offset * h1;
+    T* z = z1 + offset * h1;
     // z = (u + b1) first, then the product accumulated into it (beta = 1): one pass over z fewer than
     // writing the product (BLAS zeroes C first when beta = 0) and adding the bias after
     T* u = ws.u.data() + r * h1;
@@ -407,6 +407,23 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
           ws.m.data(), h1, T(1), z, h1);
     offset += length;
   }
+}
+
+// s = (h_L w_out + b_out) * scale over n positions.
+template <typename T>
+void output_scores(const Net<T>& net, const T* h_last, int64_t n, T* s) {
+  const int64_t last = net.widths.back();
+  mm<T>(false, false, n, 1, last, T(1), h_last, last, net.w_out, 1, T(0), s, 1);
+  for (int64_t i = 0; i < n; ++i) s[i] = (s[i] + net.b_out) * (net.has_scale ? net.scale : T(1));
+}
+
+// Scores of a block's valid positions into ws.s [P], packed row after row; every layer's activations
+// (and z, p where the activation needs them) into ``acts``.
+template <typename T>
+void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_t* lengths, const Block& blk,
+                  Workspace<T>& ws, const Acts<T>& acts) {
+  const int64_t n = blk.positions;
+  first_layer_z(net, query, keys, lengths, blk, ws, acts.h[0]);
   for (int64_t l = 0; l < net.layers(); ++l) {
     const int64_t width = net.widths[l];
     T* x = acts.h[l];
@@ -418,9 +435,7 @@ void block_scores(const Net<T>& net, const T* query, const T* keys, const int64_
     }
     activate(net, l, x, n, width, acts.z[l], acts.p[l]);
   }
-  const int64_t last = net.widths.back();
-  mm<T>(false, false, n, 1, last, T(1), acts.h.back(), last, net.w_out, 1, T(0), ws.s.data(), 1);
-  for (int64_t i = 0; i < n; ++i) ws.s[i] = (ws.s[i] + net.b_out) * (net.has_scale ? net.scale : T(1));
+  output_scores(net, acts.h.back(), n, ws.s.data());
 }
 
 template <typename T>
@@ -517,18 +532,47 @@ struct Plan {
 
 // ``group``: rows a block may not split (``make_blocks``); the forward that keeps activations for a backward
 // must cut the backward's blocks.
+// ``whole_rows``: no row is cut into segments (the target is raised to the longest row).
 template <typename T>
-Plan make_plan(const Net<T>& net, const int64_t* lengths, int64_t batch, int64_t group) {
+Plan make_plan(const Net<T>& net, const int64_t* lengths, int64_t batch, int64_t group, bool whole_rows = false) {
   Plan plan;
-  int64_t total = 0;
-  for (int64_t i = 0; i < batch; ++i) total += lengths[i];
+  int64_t total = 0, longest = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    total += lengths[i];
+    longest = std::max(longest, lengths[i]);
+  }
   if (batch == 0) return plan;
-  plan.blocks = make_blocks(lengths, batch, block_target(total, GradLayout(net).total), group);
+  const int64_t target = block_target(total, GradLayout(net).total);
+  plan.blocks = make_blocks(lengths, batch, whole_rows ? std::max(target, longest) : target, group);
   for (const auto& blk : plan.blocks) {
     plan.max_positions = std::max(plan.max_positions, blk.positions);
     plan.max_rows = std::max(plan.max_rows, blk.row_end - blk.row_begin);
   }
   return plan;
+}
+
+// A row's final weights from its scores s [length] (in place) into attn [R, T] (zeros over the padding), its
+// pooled output sum_t w_t k_t into out [R, D] and, with softmax, its log-sum-exp into lse [R].
+template <typename T>
+void finish_row(const Net<T>& net, int64_t row, int64_t length, T* s, const T* keys, T* attn, T* lse, T* out) {
+  const int64_t d = net.dim, seq_len = net.seq_len;
+  T* wr = attn + row * seq_len;
+  std::fill(wr + length, wr + seq_len, T(0));
+  if (net.softmax) lse[row] = 0;
+  if (length == 0) {
+    std::fill(out + row * d, out + (row + 1) * d, T(0));
+    return;
+  }
+  if (net.softmax) {
+    const T top = *std::max_element(s, s + length);
+    T sum = 0;
+    for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
+    for (int64_t t = 0; t < length; ++t) s[t] /= sum;
+    lse[row] = top + std::log(sum);
+  }
+  if (s != wr) std::copy(s, s + length, wr);
+  mm<T>(false, false, 1, d, length, T(1), s, length, keys + (row / net.candidates) * seq_len * d, d, T(0),
+        out + row * d, d);
 }
 
 template <typename T>
@@ -551,27 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
   T* w = attn.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   T* saved_base = saved.numel() ? saved.data_ptr<T>() : nullptr;
-  // a row's final weights from its scores s [length] (in place), its pooled output and log-sum-exp
-  auto finish_row = [&](int64_t row, T* s) {
-    const int64_t length = len[row];
-    T* wr = w + row * seq_len;
-    std::fill(wr + length, wr + seq_len, T(0));
-    if (net.softmax) l[row] = 0;
-    if (length == 0) {
-      std::fill(o + row * d, o + (row + 1) * d, T(0));
-      return;
-    }
-    if (net.softmax) {
-      const T top = *std::max_element(s, s + length);
-      T sum = 0;
-      for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
-      for (int64_t t = 0; t < length; ++t) s[t] /= sum;
-      l[row] = top + std::log(sum);
-    }
-    if (s != wr) std::copy(s, s + length, wr);
-    mm<T>(false, false, 1, d, length, T(1), s, length, k + (row / net.candidates) * seq_len * d, d, T(0),
-          o + row * d, d);
-  };
+  auto finish = [&](int64_t row, T* s) { finish_row(net, row, len[row], s, k, w, l, o); };
   std::vector<int64_t> segmented;  // rows cut into segments: finished after every block has scored them
   for (const auto& blk : plan.blocks)
     if (blk.segment() && blk.t_begin == 0) segmented.push_back(blk.row_begin);
@@ -588,15 +612,158 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Net<T>& net, c
     }
     int64_t offset = 0;
     for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
-      finish_row(row, ws.s.data() + offset);
+      finish(row, ws.s.data() + offset);
       offset += len[row];
     }
   });
   run_blocks(static_cast<int64_t>(segmented.size()), net.threads, [&](int64_t index) {
     const int64_t row = segmented[index];
-    finish_row(row, w + row * seq_len);
+    finish(row, w + row * seq_len);
   });
   return {out, attn, lse};
+}
+
+// The scores' gradient ds [P] of a block's rows, packed row after row: dw = k g_out, then with softmax
+// ds = w (dw - sum_t w dw) (``row_delta`` holds that sum for a segmented row), times the scale.
+template <typename T>
+void score_grads(const Net<T>& net, const Block& blk, const int64_t* len, const T* k, const T* g_out, const T* w,
+                 const std::vector<T>& row_delta, T* ds_all) {
+  const int64_t d = net.dim, seq_len = net.seq_len, candidates = net.candidates, t_begin = blk.t_begin;
+  int64_t offset = 0;
+  for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
+    const int64_t length = blk.segment() ? blk.positions : len[row];
+    if (length == 0) continue;
+    T* ds = ds_all + offset;
+    const T* wr = w + row * seq_len + t_begin;
+    mm<T>(false, false, length, 1, d, T(1), k + ((row / candidates) * seq_len + t_begin) * d, d, g_out + row * d, 1,
+          T(0), ds, 1);
+    if (net.softmax) {
+      T dot = 0;
+      if (blk.segment()) {
+        dot = row_delta[row];
+      } else {
+        for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
+      }
+      for (int64_t t = 0; t < length; ++t) ds[t] = wr[t] * (ds[t] - dot);
+    }
+    if (net.has_scale)
+      for (int64_t t = 0; t < length; ++t) ds[t] *= net.scale;
+    offset += length;
+  }
+}
+
+// The first layer's backward over a block's rows from dz1 [P, H1] (packed row after row): per row
+// du = sum_t dz1, dM = k^T dz1, dk = dz1 M^T + w g_out, d_base += dM, d_mq, dq; then the block's rows at once
+// dQ += DU W_u, dW_u += DU^T Q, db1 += sum DU. dq_block [rows, D] must be zeroed by the caller.
+template <typename T>
+void first_layer_backward(const Net<T>& net, const Block& blk, const int64_t* len, const T* q, const T* k,
+                          const T* w, const T* g_out, const T* dz1, Workspace<T>& ws, T* dq_block, T* dk_all,
+                          T* d_wu, T* d_b1, T* d_base, T* d_mq) {
+  const int64_t d = net.dim, h1 = net.h1(), seq_len = net.seq_len, candidates = net.candidates;
+  const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions, t_begin = blk.t_begin;
+  std::fill(ws.du.begin(), ws.du.begin() + rows * h1, T(0));
+  int64_t offset = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = blk.row_begin + r, length = blk.segment() ? n : len[row];
+    if (length == 0) continue;
+    const T* dz = dz1 + offset * h1;
+    const T* kr = k + ((row / candidates) * seq_len + t_begin) * d;
+    const T* qr = q + row * d;
+    T* du = ws.du.data() + r * h1;
+    for (int64_t t = 0; t < length; ++t)
+      for (int64_t j = 0; j < h1; ++j) du[j] += dz[t * h1 + j];
+    T* dm = ws.dm.data();
+    mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
+    build_m(net, qr, ws.m.data());
+    T* dk = dk_all + ((row / candidates) * seq_len + t_begin) * d;
+    const T* wr = w + row * seq_len + t_begin;
+    const T* go = g_out + row * d;
+    // the pooling term w g_out first (added to the other candidates' when there are several), then dz1 M^T
+    // added (beta = 1)
+    if (candidates == 1) {
+      for (int64_t t = 0; t < length; ++t)
+        for (int64_t c = 0; c < d; ++c) dk[t * d + c] = wr[t] * go[c];
+    } else {
+      for (int64_t t = 0; t < length; ++t)
+        for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
+    }
+    mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
+    T* dq = dq_block + r * d;
+    for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
+    if (net.outer) {
+      mm<T>(true, false, d, d * h1, 1, T(1), qr, d, dm, d * h1, T(1), d_mq, d * h1);  // q dM_flat^T
+      mm<T>(false, true, 1, d, d * h1, T(1), dm, d * h1, net.mq, d * h1, T(1), dq, d);
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const T* dmr = dm + i * h1;
+        const T* mqr = net.mq + i * h1;
+        T* dmq = d_mq + i * h1;
+        T acc = 0;
+        for (int64_t j = 0; j < h1; ++j) {
+          dmq[j] += qr[i] * dmr[j];
+          acc += dmr[j] * mqr[j];
+        }
+        dq[i] += acc;
+      }
+    }
+    offset += length;
+  }
+  // the block's rows at once: dQ += DU W_u, dW_u += DU^T Q, db1 += sum DU
+  mm<T>(false, false, rows, d, h1, T(1), ws.du.data(), h1, net.w_u, d, T(1), dq_block, d);
+  mm<T>(true, false, h1, d, rows, T(1), ws.du.data(), h1, q + blk.row_begin * d, d, T(1), d_wu, d);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < h1; ++j) d_b1[j] += ws.du[r * h1 + j];
+}
+
+// Zeros where a block's rows get no other write: its rows of dq (``dq_block``), the padding of their keys
+// gradient (a segment: its row's padding, once; several candidates: the block's histories whole, which
+// their rows add into).
+template <typename T>
+void zero_block_grads(const Net<T>& net, const Block& blk, const int64_t* len, T* dq_block, T* dk_all) {
+  const int64_t d = net.dim, seq_len = net.seq_len, candidates = net.candidates;
+  std::fill(dq_block, dq_block + (blk.row_end - blk.row_begin) * d, T(0));
+  if (blk.segment()) {
+    const int64_t row = blk.row_begin;
+    if (blk.t_begin == 0)  // the row's padding, once
+      std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+  } else if (candidates == 1) {
+    for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
+      std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
+  } else {  // the block's histories, whole: their rows add into them
+    std::fill(dk_all + blk.row_begin / candidates * seq_len * d, dk_all + blk.row_end / candidates * seq_len * d,
+              T(0));
+  }
+}
+
+// The output layer's backward over n positions: d_wout += h_L^T ds, d_bout += sum ds, dh = ds w_out^T [n, H_L].
+template <typename T>
+void output_layer_backward(const Net<T>& net, const T* h_last, const T* ds, int64_t n, T* d_wout, T* d_bout,
+                           T* dh) {
+  const int64_t last = net.widths.back();
+  mm<T>(true, false, last, 1, n, T(1), h_last, last, ds, 1, T(1), d_wout, 1);
+  T db_out = 0;
+  for (int64_t i = 0; i < n; ++i) db_out += ds[i];
+  *d_bout += db_out;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < last; ++j) dh[i * last + j] = ds[i] * net.w_out[j];
+}
+
+// The weight gradients: the block partials summed in block order (deterministic whatever thread ran which
+// block), one tensor per ``GradLayout`` entry.
+template <typename T>
+std::vector<at::Tensor> summed_partials(const GradLayout& layout, const Buffer<T>& partials, int64_t nblocks,
+                                        int64_t stride, const at::TensorOptions& options) {
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < layout.offset.size(); ++i) {
+    at::Tensor grad = at::zeros({layout.size[i]}, options);
+    T* g = grad.data_ptr<T>();
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const T* src = partials.data() + b * stride + layout.offset[i];
+      for (int64_t j = 0; j < layout.size[i]; ++j) g[j] += src[j];
+    }
+    grads.push_back(grad);
+  }
+  return grads;
 }
 
 template <typename T>
@@ -655,57 +822,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     T* d_b1 = grads + layout.offset[1];
     T* d_base = grads + layout.offset[2];
     T* d_mq = grads + layout.offset[3];
-    const int64_t rows = blk.row_end - blk.row_begin, n = blk.positions, t_begin = blk.t_begin;
+    const int64_t n = blk.positions;
     // where the block's dq goes: its rows of d_query, or this segment's slot
     T* dq_block = blk.segment() ? segment_dq.data() + index * d : dq_all + blk.row_begin * d;
-    std::fill(dq_block, dq_block + rows * d, T(0));
-    if (blk.segment()) {
-      const int64_t row = blk.row_begin;
-      if (t_begin == 0)  // the row's padding, once
-        std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
-    } else if (candidates == 1) {
-      for (int64_t row = blk.row_begin; row < blk.row_end; ++row)  // padding (and empty rows) get zeros
-        std::fill(dk_all + (row * seq_len + len[row]) * d, dk_all + (row + 1) * seq_len * d, T(0));
-    } else {  // the block's histories, whole: their rows add into them
-      std::fill(dk_all + blk.row_begin / candidates * seq_len * d, dk_all + blk.row_end / candidates * seq_len * d,
-                T(0));
-    }
+    zero_block_grads(net, blk, len, dq_block, dk_all);
     if (n == 0) return;
     const bool was_kept = index < static_cast<int64_t>(kept.size());
     const Acts<T> acts = was_kept ? saved_acts(net, saved_base + kept[index], n) : workspace_acts(net, ws);
     if (!was_kept) block_scores(net, q, k, len, blk, ws, acts);
-    // scores' gradient ds [P]
-    int64_t offset = 0;
-    for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
-      const int64_t length = blk.segment() ? n : len[row];
-      if (length == 0) continue;
-      T* ds = ws.ds.data() + offset;
-      const T* wr = w + row * seq_len + t_begin;
-      mm<T>(false, false, length, 1, d, T(1), k + ((row / candidates) * seq_len + t_begin) * d, d, g_out + row * d, 1,
-            T(0), ds, 1);
-      if (net.softmax) {
-        T dot = 0;
-        if (blk.segment()) {
-          dot = row_delta[row];
-        } else {
-          for (int64_t t = 0; t < length; ++t) dot += wr[t] * ds[t];
-        }
-        for (int64_t t = 0; t < length; ++t) ds[t] = wr[t] * (ds[t] - dot);
-      }
-      if (net.has_scale)
-        for (int64_t t = 0; t < length; ++t) ds[t] *= net.scale;
-      offset += length;
-    }
-    // output layer
-    const int64_t last = net.widths.back();
-    mm<T>(true, false, last, 1, n, T(1), acts.h.back(), last, ws.ds.data(), 1, T(1), grads + layout.offset[out_slot], 1);
-    T db_out = 0;
-    for (int64_t i = 0; i < n; ++i) db_out += ws.ds[i];
-    grads[layout.offset[out_slot + 1]] += db_out;
+    score_grads(net, blk, len, k, g_out, w, row_delta, ws.ds.data());
     T* dh = ws.dh_a.data();
     T* dh_prev = ws.dh_b.data();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < last; ++j) dh[i * last + j] = ws.ds[i] * net.w_out[j];
+    output_layer_backward(net, acts.h.back(), ws.ds.data(), n, grads + layout.offset[out_slot],
+                          grads + layout.offset[out_slot + 1], dh);
     // hidden layers, last to first
     for (int64_t l = layers - 1; l >= 0; --l) {
       const int64_t width = net.widths[l];
@@ -721,59 +850,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
       mm<T>(false, false, n, prev, width, T(1), dh, width, net.w[l], prev, T(0), dh_prev, prev);
       std::swap(dh, dh_prev);
     }
-    // first layer, row by row: dh now holds dz1 [P, H1]
-    std::fill(ws.du.begin(), ws.du.begin() + rows * h1, T(0));
-    offset = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = blk.row_begin + r, length = blk.segment() ? n : len[row];
-      if (length == 0) continue;
-      const T* dz = dh + offset * h1;
-      const T* kr = k + ((row / candidates) * seq_len + t_begin) * d;
-      const T* qr = q + row * d;
-      T* du = ws.du.data() + r * h1;
-      for (int64_t t = 0; t < length; ++t)
-        for (int64_t j = 0; j < h1; ++j) du[j] += dz[t * h1 + j];
-      T* dm = ws.dm.data();
-      mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
-      build_m(net, qr, ws.m.data());
-      T* dk = dk_all + ((row / candidates) * seq_len + t_begin) * d;
-      const T* wr = w + row * seq_len + t_begin;
-      const T* go = g_out + row * d;
-      // the pooling term w g_out first (added to the other candidates' when there are several), then dz1 M^T
-      // added (beta = 1)
-      if (candidates == 1) {
-        for (int64_t t = 0; t < length; ++t)
-          for (int64_t c = 0; c < d; ++c) dk[t * d + c] = wr[t] * go[c];
-      } else {
-        for (int64_t t = 0; t < length; ++t)
-          for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
-      }
-      mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
-      T* dq = dq_block + r * d;
-      for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
-      if (net.outer) {
-        mm<T>(true, false, d, d * h1, 1, T(1), qr, d, dm, d * h1, T(1), d_mq, d * h1);  // q dM_flat^T
-        mm<T>(false, true, 1, d, d * h1, T(1), dm, d * h1, net.mq, d * h1, T(1), dq, d);
-      } else {
-        for (int64_t i = 0; i < d; ++i) {
-          const T* dmr = dm + i * h1;
-          const T* mqr = net.mq + i * h1;
-          T* dmq = d_mq + i * h1;
-          T acc = 0;
-          for (int64_t j = 0; j < h1; ++j) {
-            dmq[j] += qr[i] * dmr[j];
-            acc += dmr[j] * mqr[j];
-          }
-          dq[i] += acc;
-        }
-      }
-      offset += length;
-    }
-    // the block's rows at once: dQ += DU W_u, dW_u += DU^T Q, db1 += sum DU
-    mm<T>(false, false, rows, d, h1, T(1), ws.du.data(), h1, net.w_u, d, T(1), dq_block, d);
-    mm<T>(true, false, h1, d, rows, T(1), ws.du.data(), h1, q + blk.row_begin * d, d, T(1), d_wu, d);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < h1; ++j) d_b1[j] += ws.du[r * h1 + j];
+    // first layer: dh now holds dz1 [P, H1]
+    first_layer_backward(net, blk, len, q, k, w, g_out, dh, ws, dq_block, dk_all, d_wu, d_b1, d_base, d_mq);
   });
   // a segmented row's dq: the sum of its segments', in segment order
   for (int64_t index = 0; index < nblocks; ++index) {
@@ -783,18 +861,354 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_impl(
     T* dq = dq_all + blk.row_begin * d;
     for (int64_t i = 0; i < d; ++i) dq[i] = blk.t_begin == 0 ? part[i] : dq[i] + part[i];
   }
-  // Sum the block partials in block order: deterministic whatever thread ran which block.
-  std::vector<at::Tensor> grads;
-  for (size_t i = 0; i < layout.offset.size(); ++i) {
-    at::Tensor grad = at::zeros({layout.size[i]}, keys.options());
-    T* g = grad.data_ptr<T>();
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const T* src = partials.data() + b * stride + layout.offset[i];
-      for (int64_t j = 0; j < layout.size[i]; ++j) g[j] += src[j];
-    }
-    grads.push_back(grad);
+  return {d_query, d_keys, summed_partials(layout, partials, nblocks, stride, keys.options())};
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Dice in training mode: batch statistics over every valid position of the call
+// ----------------------------------------------------------------------------------------------------------
+// Hidden layer l normalises z_l with the mean and biased variance of z_l over all the call's valid positions
+// (padding never enters: only valid positions are scored), so no block can go on to layer l + 1 before every
+// block has its z_l: the forward runs one queue of blocks per hidden layer plus one for the scores (L + 1
+// "regions" instead of 1), and so does the backward, since BatchNorm's backward needs two sums over the whole
+// call before any dz. Between regions the per-block partial sums are merged in block order (deterministic).
+//     forward:  xhat = (z - mean) rstd,  rstd = (var + eps)^-1/2,  p = sigmoid(xhat),  h = z (a + (1 - a) p)
+//     backward: g = dL/dh;  g_xhat = g z (1 - a) p (1 - p);  dalpha = sum g z (1 - p);
+//               dz = g (a + (1 - a) p) + rstd (g_xhat - mean(g_xhat) - xhat mean(g_xhat xhat))
+// z_l and p_l of every valid position are kept ([P, H_l] each, ``DiceKept``) for the next region and the
+// backward, which rebuilds h_l = z_l (a + (1 - a) p_l) from them (no exp); the gradients travel between the
+// backward's regions as [P, H_l] arrays too. One candidate row per history (the Python side runs several on
+// the composite path), every row whole (``make_plan(whole_rows)``). Block moments are computed in double (two
+// passes over the block) and merged with Chan et al.'s pairwise update: exact enough for fp64 gradcheck,
+// robust to a large mean.
+
+// z_l and p_l [P, H_l] of every valid position, packed in block order, layer after layer in one tensor.
+template <typename T>
+struct DiceKept {
+  std::vector<T*> z, p;
+  static int64_t floats(const Net<T>& net, int64_t positions) {
+    int64_t floats = 0;
+    for (int64_t width : net.widths) floats += 2 * aligned_size<T>(positions * width);
+    return floats;
   }
-  return {d_query, d_keys, grads};
+  DiceKept(const Net<T>& net, T* base, int64_t positions) {
+    for (int64_t width : net.widths) {
+      z.push_back(base);
+      base += aligned_size<T>(positions * width);
+      p.push_back(base);
+      base += aligned_size<T>(positions * width);
+    }
+  }
+};
+
+// Each block's first position in the call's packed order.
+inline std::vector<int64_t> block_firsts(const std::vector<Block>& blocks) {
+  std::vector<int64_t> firsts;
+  int64_t first = 0;
+  for (const auto& blk : blocks) {
+    firsts.push_back(first);
+    first += blk.positions;
+  }
+  return firsts;
+}
+
+// Per-unit sums of one block for the statistics, in double: ``first`` [width] and ``second`` [width].
+// forward: mean and M2 = sum (z - mean)^2 of z [n, width] (two passes).
+template <typename T>
+void block_moments(const T* z, int64_t n, int64_t width, double* mean, double* m2) {
+  std::fill(mean, mean + width, 0.0);
+  std::fill(m2, m2 + width, 0.0);
+  if (n == 0) return;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) mean[j] += z[i * width + j];
+  for (int64_t j = 0; j < width; ++j) mean[j] /= static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      const double centred = z[i * width + j] - mean[j];
+      m2[j] += centred * centred;
+    }
+}
+
+// The call's per-unit mean and biased variance from the blocks' (count, mean, M2), merged in block order.
+inline void merge_moments(const std::vector<Block>& blocks, const std::vector<double>& moments, int64_t width,
+                          std::vector<double>& mean, std::vector<double>& var) {
+  mean.assign(width, 0.0);
+  std::vector<double> m2(width, 0.0);
+  double count = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const double n_b = static_cast<double>(blocks[b].positions);
+    if (n_b == 0) continue;
+    const double* mean_b = moments.data() + b * 2 * width;
+    const double* m2_b = mean_b + width;
+    const double total = count + n_b;
+    for (int64_t j = 0; j < width; ++j) {
+      const double delta = mean_b[j] - mean[j];
+      mean[j] += delta * n_b / total;
+      m2[j] += m2_b[j] + delta * delta * count * n_b / total;
+    }
+    count = total;
+  }
+  var.assign(width, 0.0);
+  if (count > 0)
+    for (int64_t j = 0; j < width; ++j) var[j] = m2[j] / count;
+}
+
+// h = z (a + (1 - a) p) on [n, width], from the kept z and p.
+template <typename T>
+void dice_output(const T* z, const T* p, T* h, int64_t n, int64_t width, const T* a) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j)
+      h[i * width + j] = z[i * width + j] * (a[j] + (T(1) - a[j]) * p[i * width + j]);
+}
+
+// p = sigmoid((z - mean) rstd) into ``p``, h = z (a + (1 - a) p) into ``h``, on [n, width].
+template <typename T>
+void dice_batch_forward(const T* z, T* p, T* h, int64_t n, int64_t width, const T* mean, const T* rstd,
+                        const T* a) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) p[i * width + j] = (z[i * width + j] - mean[j]) * rstd[j];
+  sigmoid_(p, n * width);
+  dice_output(z, p, h, n, width, a);
+}
+
+// The backward's per-block sums of a layer from g = dL/dh [n, width]: dalpha += sum g z (1 - p); in double
+// ``s1`` = sum g_xhat and ``s2`` = sum g_xhat xhat [width] each.
+template <typename T>
+void dice_backward_sums(const T* g, const T* z, const T* p, int64_t n, int64_t width, const T* mean,
+                        const T* rstd, const T* a, T* dalpha, double* s1, double* s2) {
+  std::fill(s1, s1 + width, 0.0);
+  std::fill(s2, s2 + width, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t at = i * width + j;
+      const T one_minus_p = T(1) - p[at];
+      dalpha[j] += g[at] * z[at] * one_minus_p;
+      const T g_xhat = g[at] * z[at] * (T(1) - a[j]) * p[at] * one_minus_p;
+      s1[j] += g_xhat;
+      s2[j] += static_cast<double>(g_xhat) * ((z[at] - mean[j]) * rstd[j]);
+    }
+}
+
+// dz [n, width] from g: g (a + (1 - a) p) + rstd (g_xhat - c1 - xhat c2), c1 = mean(g_xhat), c2 =
+// mean(g_xhat xhat) over the call.
+template <typename T>
+void dice_backward_dz(const T* g, const T* z, const T* p, T* dz, int64_t n, int64_t width, const T* mean,
+                      const T* rstd, const T* a, const T* c1, const T* c2) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t at = i * width + j;
+      const T g_xhat = g[at] * z[at] * (T(1) - a[j]) * p[at] * (T(1) - p[at]);
+      const T xhat = (z[at] - mean[j]) * rstd[j];
+      dz[at] = g[at] * (a[j] + (T(1) - a[j]) * p[at]) + rstd[j] * (g_xhat - c1[j] - xhat * c2[j]);
+    }
+}
+
+// The statistics a layer's Dice uses, in the compute dtype: mean and rstd = (var + eps)^-1/2 [width].
+template <typename T>
+struct LayerStats {
+  Buffer<T> mean, rstd;
+  void set(const T* mean_in, const T* var_in, int64_t width, double eps) {
+    mean.assign(mean_in, mean_in + width);
+    rstd.resize(width);
+    for (int64_t j = 0; j < width; ++j) rstd[j] = T(1) / std::sqrt(var_in[j] + static_cast<T>(eps));
+  }
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
+                        double eps) {
+  const int64_t batch = query.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
+  const int64_t layers = net.layers();
+  at::Tensor out = at::empty({batch, d}, keys.options());
+  at::Tensor attn = at::empty({batch, seq_len}, keys.options());
+  at::Tensor lse = at::empty({net.softmax ? batch : 0}, keys.options());
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const Plan plan = make_plan(net, len, batch, 1, /*whole_rows=*/true);
+  const std::vector<int64_t> firsts = block_firsts(plan.blocks);
+  int64_t total = 0;
+  for (int64_t i = 0; i < batch; ++i) total += len[i];
+  at::Tensor kept_tensor = at::empty({DiceKept<T>::floats(net, total)}, keys.options());
+  const DiceKept<T> kept(net, kept_tensor.data_ptr<T>(), total);
+  const T* q = query.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  T* w = attn.data_ptr<T>();
+  T* l_out = lse.data_ptr<T>();
+  const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
+  std::vector<LayerStats<T>> stats(layers);
+  net.mean.assign(layers, nullptr);
+  net.rstd.assign(layers, nullptr);
+  std::vector<at::Tensor> means, vars;
+  // region l < L: z_l of every block (layer 0: the first layer; else from h_{l-1} = Dice(z_{l-1})) and its
+  // moments; region L: h_{L-1}, the scores, each row's softmax and pooling
+  for (int64_t l = 0; l <= layers; ++l) {
+    const int64_t width = l < layers ? net.widths[l] : 0;
+    std::vector<double> moments(nblocks * 2 * width);
+    run_blocks(nblocks, net.threads, [&](int64_t index) {
+      const Block& blk = plan.blocks[index];
+      const int64_t n = blk.positions, first = firsts[index];
+      Workspace<T>& ws = thread_workspace<T>();
+      ws.reserve(net, plan.max_positions, plan.max_rows, false);
+      if (l == 0) {
+        if (n) first_layer_z(net, q, k, len, blk, ws, kept.z[0] + first * h1);
+      } else if (n) {
+        const int64_t prev = net.widths[l - 1];
+        T* h = ws.h[l - 1].data();
+        dice_batch_forward(kept.z[l - 1] + first * prev, kept.p[l - 1] + first * prev, h, n, prev,
+                           net.mean[l - 1], net.rstd[l - 1], net.alpha[l - 1]);
+        if (l < layers) {
+          T* z = kept.z[l] + first * width;
+          for (int64_t i = 0; i < n; ++i) std::copy(net.b[l], net.b[l] + width, z + i * width);  // beta = 1
+          mm<T>(false, true, n, width, prev, T(1), h, prev, net.w[l], prev, T(1), z, width);
+        } else {
+          output_scores(net, h, n, ws.s.data());
+        }
+      }
+      if (l < layers) {
+        block_moments(kept.z[l] + first * width, n, width, moments.data() + index * 2 * width,
+                      moments.data() + index * 2 * width + width);
+        return;
+      }
+      int64_t offset = 0;
+      for (int64_t row = blk.row_begin; row < blk.row_end; ++row) {
+        finish_row(net, row, len[row], ws.s.data() + offset, k, w, l_out, o);
+        offset += len[row];
+      }
+    });
+    if (l == layers) break;
+    std::vector<double> mean, var;
+    merge_moments(plan.blocks, moments, width, mean, var);
+    at::Tensor mean_t = at::empty({width}, keys.options()), var_t = at::empty({width}, keys.options());
+    for (int64_t j = 0; j < width; ++j) {
+      mean_t.data_ptr<T>()[j] = static_cast<T>(mean[j]);
+      var_t.data_ptr<T>()[j] = static_cast<T>(var[j]);
+    }
+    stats[l].set(mean_t.data_ptr<T>(), var_t.data_ptr<T>(), width, eps);
+    net.mean[l] = stats[l].mean.data();
+    net.rstd[l] = stats[l].rstd.data();
+    means.push_back(mean_t);
+    vars.push_back(var_t);
+  }
+  return {out, attn, lse, kept_tensor, means, vars};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_impl(
+    Net<T>& net, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
+    const at::Tensor& lengths, const at::Tensor& attn, at::TensorList means, at::TensorList vars,
+    const at::Tensor& kept_tensor, double eps) {
+  const int64_t batch = query.size(0), d = keys.size(2), layers = net.layers();
+  at::Tensor d_query = at::empty_like(query);
+  at::Tensor d_keys = at::empty_like(keys);
+  const GradLayout layout(net);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const Plan plan = make_plan(net, len, batch, 1, /*whole_rows=*/true);
+  const std::vector<int64_t> firsts = block_firsts(plan.blocks);
+  int64_t total = 0, widest = 0;
+  for (int64_t i = 0; i < batch; ++i) total += len[i];
+  for (int64_t width : net.widths) widest = std::max(widest, width);
+  TORCH_CHECK(kept_tensor.numel() == DiceKept<T>::floats(net, total),
+              "din_kernels_cpu: the kept activations do not match this problem");
+  const DiceKept<T> kept(net, const_cast<T*>(kept_tensor.data_ptr<T>()), total);
+  std::vector<LayerStats<T>> stats(layers);
+  net.mean.assign(layers, nullptr);
+  net.rstd.assign(layers, nullptr);
+  for (int64_t l = 0; l < layers; ++l) {  // the forward's statistics, rstd computed as the forward did
+    stats[l].set(means[l].data_ptr<T>(), vars[l].data_ptr<T>(), net.widths[l], eps);
+    net.mean[l] = stats[l].mean.data();
+    net.rstd[l] = stats[l].rstd.data();
+  }
+  const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
+  const int64_t stride = aligned_size<T>(layout.total);
+  Buffer<T> partials(nblocks * stride, T(0));
+  Buffer<T> g_layer(total * widest), g_below(total * widest);  // dL/dh of a layer, then of the one below
+  const T* q = query.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
+  const T* g_out = grad_out.data_ptr<T>();
+  const T* w = attn.data_ptr<T>();
+  T* dq_all = d_query.data_ptr<T>();
+  T* dk_all = d_keys.data_ptr<T>();
+  const int64_t out_slot = 4 + 2 * (layers - 1);  // d_wout in GradLayout
+  const std::vector<T> no_delta;  // (no segmented rows)
+  std::vector<double> sums(nblocks * 2 * widest);
+  // the call's mean(g_xhat) and mean(g_xhat xhat) of a layer from the blocks' sums, in block order
+  Buffer<T> c1(widest), c2(widest);
+  auto merge_sums = [&](int64_t width) {
+    std::vector<double> s1(width, 0.0), s2(width, 0.0);
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t j = 0; j < width; ++j) {
+        s1[j] += sums[b * 2 * width + j];
+        s2[j] += sums[b * 2 * width + width + j];
+      }
+    for (int64_t j = 0; j < width; ++j) {
+      c1[j] = static_cast<T>(s1[j] / std::max<double>(static_cast<double>(total), 1.0));
+      c2[j] = static_cast<T>(s2[j] / std::max<double>(static_cast<double>(total), 1.0));
+    }
+  };
+  // region 0: the scores' and the output layer's gradients, dL/dh_{L-1}, and that layer's sums
+  const int64_t last = net.widths.back();
+  std::fill(sums.begin(), sums.end(), 0.0);  // (a block without positions leaves its sums at zero)
+  run_blocks(nblocks, net.threads, [&](int64_t index) {
+    const Block& blk = plan.blocks[index];
+    const int64_t n = blk.positions, first = firsts[index];
+    zero_block_grads(net, blk, len, dq_all + blk.row_begin * d, dk_all);
+    if (n == 0) return;
+    Workspace<T>& ws = thread_workspace<T>();
+    ws.reserve(net, plan.max_positions, plan.max_rows, true);
+    T* grads = partials.data() + index * stride;
+    const T *z = kept.z[layers - 1] + first * last, *p = kept.p[layers - 1] + first * last;
+    T* h = ws.h[layers - 1].data();
+    dice_output(z, p, h, n, last, net.alpha[layers - 1]);
+    score_grads(net, blk, len, k, g_out, w, no_delta, ws.ds.data());
+    T* g = g_layer.data() + first * last;
+    output_layer_backward(net, h, ws.ds.data(), n, grads + layout.offset[out_slot],
+                          grads + layout.offset[out_slot + 1], g);
+    dice_backward_sums(g, z, p, n, last, net.mean[layers - 1], net.rstd[layers - 1], net.alpha[layers - 1],
+                       grads + layout.offset[out_slot + 2 + layers - 1], sums.data() + index * 2 * last,
+                       sums.data() + index * 2 * last + last);
+  });
+  merge_sums(last);
+  // region L - l: layer l's dz; below it layer l's weight gradients and dL/dh_{l-1} with its sums, or at l = 0
+  // the first layer's backward
+  for (int64_t l = layers - 1; l >= 0; --l) {
+    const int64_t width = net.widths[l], prev = l > 0 ? net.widths[l - 1] : 0;
+    std::fill(sums.begin(), sums.end(), 0.0);
+    run_blocks(nblocks, net.threads, [&](int64_t index) {
+      const Block& blk = plan.blocks[index];
+      const int64_t n = blk.positions, first = firsts[index];
+      if (n == 0) return;
+      Workspace<T>& ws = thread_workspace<T>();
+      ws.reserve(net, plan.max_positions, plan.max_rows, true);
+      T* grads = partials.data() + index * stride;
+      T* dz = ws.dh_a.data();
+      dice_backward_dz(g_layer.data() + first * width, kept.z[l] + first * width, kept.p[l] + first * width, dz, n,
+                       width, net.mean[l], net.rstd[l], net.alpha[l], c1.data(), c2.data());
+      if (l == 0) {
+        first_layer_backward(net, blk, len, q, k, w, g_out, dz, ws, dq_all + blk.row_begin * d, dk_all,
+                             grads + layout.offset[0], grads + layout.offset[1], grads + layout.offset[2],
+                             grads + layout.offset[3]);
+        return;
+      }
+      const T *z = kept.z[l - 1] + first * prev, *p = kept.p[l - 1] + first * prev;
+      T* h = ws.h[l - 1].data();
+      dice_output(z, p, h, n, prev, net.alpha[l - 1]);
+      T* d_w = grads + layout.offset[4 + 2 * (l - 1)];
+      T* d_b = grads + layout.offset[5 + 2 * (l - 1)];
+      mm<T>(true, false, width, prev, n, T(1), dz, width, h, prev, T(1), d_w, prev);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < width; ++j) d_b[j] += dz[i * width + j];
+      T* g = g_below.data() + first * prev;
+      mm<T>(false, false, n, prev, width, T(1), dz, width, net.w[l], prev, T(0), g, prev);
+      dice_backward_sums(g, z, p, n, prev, net.mean[l - 1], net.rstd[l - 1], net.alpha[l - 1],
+                         grads + layout.offset[out_slot + 2 + l - 1], sums.data() + index * 2 * prev,
+                         sums.data() + index * 2 * prev + prev);
+    });
+    if (l == 0) break;
+    merge_sums(prev);
+    std::swap(g_layer, g_below);
+  }
+  return {d_query, d_keys, summed_partials(layout, partials, nblocks, stride, keys.options())};
 }
 
 // Floats ``saved`` needs to keep every block of this problem (the caller bounds the buffer it passes).
@@ -854,6 +1268,49 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
   return result;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+attention_dice_train_fwd(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
+                         const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base, const at::Tensor& mq,
+                         bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
+                         const at::Tensor& b_out, at::TensorList alphas, bool softmax, std::optional<double> scale,
+                         double eps, int64_t threads) {
+  const int64_t layers = 1 + static_cast<int64_t>(layer_w.size());
+  auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, {}, {});
+  // (checked with prelu's rule, alphas only: the statistics are the call's own)
+  check_inputs(query, keys, lengths, params, kPrelu, alphas, {}, layers);
+  TORCH_CHECK(query.size(0) == keys.size(0), "din_kernels_cpu: Dice in training takes one query row per history");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_dice_train_fwd", [&] {
+    auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, kDice, alphas, {},
+                                  {}, softmax, scale);
+    net.threads = threads;
+    result = dice_train_forward_impl<scalar_t>(net, query, keys, lengths, eps);
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_dice_train_bwd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
+    const at::Tensor& attn, const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
+    const at::Tensor& mq, bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
+    const at::Tensor& b_out, at::TensorList alphas, at::TensorList means, at::TensorList vars,
+    const at::Tensor& kept, bool softmax, std::optional<double> scale, double eps, int64_t threads) {
+  const int64_t layers = 1 + static_cast<int64_t>(layer_w.size());
+  auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, vars);
+  for (const auto& t : {grad_out, attn, kept}) params.push_back(t);
+  check_inputs(query, keys, lengths, params, kDice, alphas, means, layers);
+  TORCH_CHECK(query.size(0) == keys.size(0) && static_cast<int64_t>(vars.size()) == layers,
+              "din_kernels_cpu: Dice in training: one query row per history, statistics per layer");
+  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_dice_train_bwd", [&] {
+    auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, kDice, alphas, {},
+                                  {}, softmax, scale);
+    net.threads = threads;
+    result = dice_train_backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, means, vars, kept, eps);
+  });
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(din_kernels_cpu, m) {
@@ -866,6 +1323,15 @@ TORCH_LIBRARY(din_kernels_cpu, m) {
       "Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, "
       "Tensor b_out, int act, Tensor[] alphas, Tensor[] means, Tensor[] rstds, bool softmax, float? scale, "
       "Tensor saved, int threads) -> (Tensor, Tensor, Tensor[])");
+  m.def(
+      "attention_dice_train_fwd(Tensor query, Tensor keys, Tensor lengths, Tensor w_u, Tensor b1, Tensor base, "
+      "Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, Tensor b_out, Tensor[] alphas, "
+      "bool softmax, float? scale, float eps, int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])");
+  m.def(
+      "attention_dice_train_bwd(Tensor grad_out, Tensor query, Tensor keys, Tensor lengths, Tensor attn, "
+      "Tensor w_u, Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, "
+      "Tensor w_out, Tensor b_out, Tensor[] alphas, Tensor[] means, Tensor[] vars, Tensor kept, bool softmax, "
+      "float? scale, float eps, int threads) -> (Tensor, Tensor, Tensor[])");
   m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act, int candidates=1) -> int");
 }
 
@@ -873,4 +1339,6 @@ TORCH_LIBRARY_IMPL(din_kernels_cpu, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_saved_floats", &attention_saved_floats);
+  m.impl("attention_dice_train_fwd", &attention_dice_train_fwd);
+  m.impl("attention_dice_train_bwd", &attention_dice_train_bwd);
 }
