@@ -10,7 +10,9 @@ Where each idea lives (one file per piece, in the spirit of fla's ``ops/<op>/``)
                     tile and warp choices (compiled for sm_90 / sm_80: ``benchmarks/gpu_compile_report.py``)
     composite.py    the torch composite path: chunked rows sorted by length, hand-written backward
     small.py        its plain-autograd variant for small problems, and Dice attention in training mode
-    cpu.py          the C++ op's launchers (``csrc/attention_cpu.cpp``)
+                    where the C++ op does not run it (Triton backend, torch backend, several candidates)
+    cpu.py          the C++ op's launchers (``csrc/attention_cpu.cpp``), Dice attention in training mode
+                    (the op's own batch statistics) included
     plan.py         which path runs a call and why (``plan_attention``), decided once per call
     function.py     the custom op (``torch.compile``), ``DinAttentionFunction`` (eager), ``din_attention``,
                     ``explain``

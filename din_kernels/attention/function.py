@@ -236,9 +236,10 @@ def din_attention(
     width <= 256 and D <= 256 (padded D x H1 and H1 x H2 tiles up to 128 x 128; ``fused_supported``) in
     fp32/fp16/bf16; on CPU the C++ op (``attention_cpu``) where it is built, else the torch composite path
     (same results). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
-    ``activation="dice"`` with ``training=True`` runs one autograd pass of the composite through
-    ``din_kernels.dice`` (batch statistics over the valid positions, running statistics updated in place;
-    the reference under ``torch.compile``); every other mode runs the launchers through
+    ``activation="dice"`` with ``training=True`` (batch statistics over the valid positions, running
+    statistics updated in place) runs on the C++ op where it runs (one query row per history), else one
+    autograd pass of the composite through ``din_kernels.dice``, and the reference under ``torch.compile``;
+    every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``
     under ``torch.compile`` (``fullgraph=True`` keeps it as one node), except that small problems on the
     composite path (B x T <= ``small.SMALL_POSITIONS``) run ``attention_torch_small`` eagerly.

@@ -29,7 +29,9 @@
 // order, so results do not depend on the number of threads or on which thread took which block.
 //
 // Activations (codes: ActivationSpec.code in din_kernels/activations.py): 0 identity, 1 sigmoid, 2 relu, 3 prelu,
-// 4 dice (eval: running statistics, f(z) = z (a + (1 - a) p), p = sigmoid((z - mean) rstd)).
+// 4 dice (eval: running statistics, f(z) = z (a + (1 - a) p), p = sigmoid((z - mean) rstd)). Dice in training
+// mode, whose statistics span the whole call, has ops of its own (``attention_dice_train_fwd`` / ``_bwd``, the
+// section "Dice in training mode" below) built from the same pieces.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -1015,9 +1017,9 @@ struct LayerStats {
 };
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
-                        double eps) {
+                        at::Tensor& kept_tensor, double eps) {
   const int64_t batch = query.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
   const int64_t layers = net.layers();
   at::Tensor out = at::empty({batch, d}, keys.options());
@@ -1028,7 +1030,8 @@ dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& 
   const std::vector<int64_t> firsts = block_firsts(plan.blocks);
   int64_t total = 0;
   for (int64_t i = 0; i < batch; ++i) total += len[i];
-  at::Tensor kept_tensor = at::empty({DiceKept<T>::floats(net, total)}, keys.options());
+  TORCH_CHECK(kept_tensor.numel() >= DiceKept<T>::floats(net, total),
+              "din_kernels_cpu: the buffer for the kept activations is too small (attention_dice_train_floats)");
   const DiceKept<T> kept(net, kept_tensor.data_ptr<T>(), total);
   const T* q = query.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
@@ -1090,14 +1093,14 @@ dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& 
     means.push_back(mean_t);
     vars.push_back(var_t);
   }
-  return {out, attn, lse, kept_tensor, means, vars};
+  return {out, attn, lse, means, vars};
 }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_impl(
     Net<T>& net, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
     const at::Tensor& lengths, const at::Tensor& attn, at::TensorList means, at::TensorList vars,
-    const at::Tensor& kept_tensor, double eps) {
+    const at::Tensor& kept_tensor, at::Tensor& scratch, double eps) {
   const int64_t batch = query.size(0), d = keys.size(2), layers = net.layers();
   at::Tensor d_query = at::empty_like(query);
   at::Tensor d_keys = at::empty_like(keys);
@@ -1108,8 +1111,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
   int64_t total = 0, widest = 0;
   for (int64_t i = 0; i < batch; ++i) total += len[i];
   for (int64_t width : net.widths) widest = std::max(widest, width);
-  TORCH_CHECK(kept_tensor.numel() == DiceKept<T>::floats(net, total),
-              "din_kernels_cpu: the kept activations do not match this problem");
+  TORCH_CHECK(kept_tensor.numel() >= DiceKept<T>::floats(net, total) && scratch.numel() >= 2 * total * widest,
+              "din_kernels_cpu: the kept activations or the scratch do not fit this problem");
   const DiceKept<T> kept(net, const_cast<T*>(kept_tensor.data_ptr<T>()), total);
   std::vector<LayerStats<T>> stats(layers);
   net.mean.assign(layers, nullptr);
@@ -1122,7 +1125,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
   const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
   const int64_t stride = aligned_size<T>(layout.total);
   Buffer<T> partials(nblocks * stride, T(0));
-  Buffer<T> g_layer(total * widest), g_below(total * widest);  // dL/dh of a layer, then of the one below
+  // dL/dh of a layer, then of the one below, [P, H_l] each: in the caller's scratch (reused across calls:
+  // fresh pages of that size cost their faults again every call)
+  T* g_layer = scratch.data_ptr<T>();
+  T* g_below = g_layer + total * widest;
   const T* q = query.data_ptr<T>();
   const T* k = keys.data_ptr<T>();
   const T* g_out = grad_out.data_ptr<T>();
@@ -1161,7 +1167,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
     T* h = ws.h[layers - 1].data();
     dice_output(z, p, h, n, last, net.alpha[layers - 1]);
     score_grads(net, blk, len, k, g_out, w, no_delta, ws.ds.data());
-    T* g = g_layer.data() + first * last;
+    T* g = g_layer + first * last;
     output_layer_backward(net, h, ws.ds.data(), n, grads + layout.offset[out_slot],
                           grads + layout.offset[out_slot + 1], g);
     dice_backward_sums(g, z, p, n, last, net.mean[layers - 1], net.rstd[layers - 1], net.alpha[layers - 1],
@@ -1182,7 +1188,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
       ws.reserve(net, plan.max_positions, plan.max_rows, true);
       T* grads = partials.data() + index * stride;
       T* dz = ws.dh_a.data();
-      dice_backward_dz(g_layer.data() + first * width, kept.z[l] + first * width, kept.p[l] + first * width, dz, n,
+      dice_backward_dz(g_layer + first * width, kept.z[l] + first * width, kept.p[l] + first * width, dz, n,
                        width, net.mean[l], net.rstd[l], net.alpha[l], c1.data(), c2.data());
       if (l == 0) {
         first_layer_backward(net, blk, len, q, k, w, g_out, dz, ws, dq_all + blk.row_begin * d, dk_all,
@@ -1198,7 +1204,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
       mm<T>(true, false, width, prev, n, T(1), dz, width, h, prev, T(1), d_w, prev);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < width; ++j) d_b[j] += dz[i * width + j];
-      T* g = g_below.data() + first * prev;
+      T* g = g_below + first * prev;
       mm<T>(false, false, n, prev, width, T(1), dz, width, net.w[l], prev, T(0), g, prev);
       dice_backward_sums(g, z, p, n, prev, net.mean[l - 1], net.rstd[l - 1], net.alpha[l - 1],
                          grads + layout.offset[out_slot + 2 + l - 1], sums.data() + index * 2 * prev,
@@ -1268,23 +1274,41 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_bwd(
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+// (kept floats, backward scratch floats) that Dice in training needs for these lengths and hidden widths.
+std::tuple<int64_t, int64_t> attention_dice_train_floats(const at::Tensor& lengths, std::vector<int64_t> widths,
+                                                         bool fp64) {
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.dim() == 1 && lengths.scalar_type() == at::kLong &&
+              lengths.is_contiguous(), "din_kernels_cpu: lengths must be a contiguous int64 CPU vector");
+  int64_t total = 0;
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lengths.size(0); ++i) total += std::max<int64_t>(len[i], 0);
+  const int64_t widest = widths.empty() ? 0 : *std::max_element(widths.begin(), widths.end());
+  auto kept = [&](auto zero) {
+    Net<decltype(zero)> net;
+    net.widths = widths;
+    return DiceKept<decltype(zero)>::floats(net, total);
+  };
+  return {fp64 ? kept(0.0) : kept(0.0f), 2 * total * widest};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 attention_dice_train_fwd(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
                          const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base, const at::Tensor& mq,
                          bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
                          const at::Tensor& b_out, at::TensorList alphas, bool softmax, std::optional<double> scale,
-                         double eps, int64_t threads) {
+                         double eps, at::Tensor& kept, int64_t threads) {
   const int64_t layers = 1 + static_cast<int64_t>(layer_w.size());
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, {}, {});
   // (checked with prelu's rule, alphas only: the statistics are the call's own)
+  params.push_back(kept);
   check_inputs(query, keys, lengths, params, kPrelu, alphas, {}, layers);
   TORCH_CHECK(query.size(0) == keys.size(0), "din_kernels_cpu: Dice in training takes one query row per history");
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> result;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "din_kernels_cpu::attention_dice_train_fwd", [&] {
     auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, kDice, alphas, {},
                                   {}, softmax, scale);
     net.threads = threads;
-    result = dice_train_forward_impl<scalar_t>(net, query, keys, lengths, eps);
+    result = dice_train_forward_impl<scalar_t>(net, query, keys, lengths, kept, eps);
   });
   return result;
 }
@@ -1294,10 +1318,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_dice_train
     const at::Tensor& attn, const at::Tensor& w_u, const at::Tensor& b1, const at::Tensor& base,
     const at::Tensor& mq, bool outer, at::TensorList layer_w, at::TensorList layer_b, const at::Tensor& w_out,
     const at::Tensor& b_out, at::TensorList alphas, at::TensorList means, at::TensorList vars,
-    const at::Tensor& kept, bool softmax, std::optional<double> scale, double eps, int64_t threads) {
+    const at::Tensor& kept, at::Tensor& scratch, bool softmax, std::optional<double> scale, double eps,
+    int64_t threads) {
   const int64_t layers = 1 + static_cast<int64_t>(layer_w.size());
   auto params = all_params(w_u, b1, base, mq, layer_w, layer_b, w_out, b_out, alphas, means, vars);
-  for (const auto& t : {grad_out, attn, kept}) params.push_back(t);
+  for (const auto& t : {grad_out, attn, kept, scratch}) params.push_back(t);
   check_inputs(query, keys, lengths, params, kDice, alphas, means, layers);
   TORCH_CHECK(query.size(0) == keys.size(0) && static_cast<int64_t>(vars.size()) == layers,
               "din_kernels_cpu: Dice in training: one query row per history, statistics per layer");
@@ -1306,7 +1331,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_dice_train
     auto net = make_net<scalar_t>(keys, w_u, b1, base, mq, outer, layer_w, layer_b, w_out, b_out, kDice, alphas, {},
                                   {}, softmax, scale);
     net.threads = threads;
-    result = dice_train_backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, means, vars, kept, eps);
+    result = dice_train_backward_impl<scalar_t>(net, grad_out, query, keys, lengths, attn, means, vars, kept, scratch,
+                                                eps);
   });
   return result;
 }
@@ -1326,12 +1352,14 @@ TORCH_LIBRARY(din_kernels_cpu, m) {
   m.def(
       "attention_dice_train_fwd(Tensor query, Tensor keys, Tensor lengths, Tensor w_u, Tensor b1, Tensor base, "
       "Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, Tensor w_out, Tensor b_out, Tensor[] alphas, "
-      "bool softmax, float? scale, float eps, int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])");
+      "bool softmax, float? scale, float eps, Tensor(a!) kept, int threads) -> (Tensor, Tensor, Tensor, Tensor[], "
+      "Tensor[])");
   m.def(
       "attention_dice_train_bwd(Tensor grad_out, Tensor query, Tensor keys, Tensor lengths, Tensor attn, "
       "Tensor w_u, Tensor b1, Tensor base, Tensor mq, bool outer, Tensor[] layer_w, Tensor[] layer_b, "
-      "Tensor w_out, Tensor b_out, Tensor[] alphas, Tensor[] means, Tensor[] vars, Tensor kept, bool softmax, "
-      "float? scale, float eps, int threads) -> (Tensor, Tensor, Tensor[])");
+      "Tensor w_out, Tensor b_out, Tensor[] alphas, Tensor[] means, Tensor[] vars, Tensor kept, "
+      "Tensor(b!) scratch, bool softmax, float? scale, float eps, int threads) -> (Tensor, Tensor, Tensor[])");
+  m.def("attention_dice_train_floats(Tensor lengths, int[] widths, bool fp64) -> (int, int)");
   m.def("attention_saved_floats(Tensor lengths, int dim, bool outer, int[] widths, int act, int candidates=1) -> int");
 }
 
@@ -1341,4 +1369,5 @@ TORCH_LIBRARY_IMPL(din_kernels_cpu, CPU, m) {
   m.impl("attention_saved_floats", &attention_saved_floats);
   m.impl("attention_dice_train_fwd", &attention_dice_train_fwd);
   m.impl("attention_dice_train_bwd", &attention_dice_train_bwd);
+  m.impl("attention_dice_train_floats", &attention_dice_train_floats);
 }
