@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+import din_kernels as dk
+
 Tensor = torch.Tensor
 
 #: embedding initialisation schemes (``ModelConfig.embedding_init``):
@@ -41,68 +43,28 @@ def init_embedding_(weight: Tensor, scheme: str, std: float, padding_idx: Option
     return weight
 
 
-class _DenseLookup(torch.autograd.Function):
-    """``cat([w_i[ids_i] for each table], dim=-1)`` for plain tables, gathered straight into the column slices
-    of one output (no concatenation pass: 13k ids into two [*, 18] tables, one thread: 88 us against 340 us
-    for gathers and ``torch.cat``), whose backward is ``zeros.index_add_(0, ids_i, grad_i)`` per table with
-    ``grad_i`` made contiguous first (index_add_ over a strided slice runs 1.7x slower than a copy and a
-    contiguous one): the same dense gradients as ``nn.Embedding``'s (padding row zero), 3.5x faster on CPU
-    than aten's ``embedding_dense_backward`` (26k ids into [9763, 18]: 0.34 ms against 1.2 ms), which was
-    the larger part of a MovieLens step's embedding cost. CPU only: on CUDA ``index_add_`` accumulates with
-    atomics, in no fixed order. Arguments: ``(padding_idxs, *ids, *weights)``, one ids tensor (all of one
-    shape) and one [N_i, D_i] weight per table."""
-
-    @staticmethod
-    def forward(ctx, padding_idxs: Tuple[Optional[int], ...], *tensors: Tensor) -> Tensor:
-        count = len(padding_idxs)
-        ids, weights = tensors[:count], tensors[count:]
-        ctx.save_for_backward(*ids)
-        ctx.padding_idxs, ctx.rows = padding_idxs, [w.shape[0] for w in weights]
-        ctx.widths = [w.shape[1] for w in weights]
-        flat = [i.reshape(-1) for i in ids]
-        out = weights[0].new_empty(flat[0].numel(), sum(ctx.widths))  # [N, sum D_i]
-        column = 0
-        for index, weight, width in zip(flat, weights, ctx.widths):
-            torch.index_select(weight, 0, index, out=out[:, column:column + width])
-            column += width
-        return out.view(*ids[0].shape, out.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        ids = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        grads, column = [], 0
-        for index, rows, width, padding_idx in zip(ids, ctx.rows, ctx.widths, ctx.padding_idxs):
-            part = grad[:, column:column + width].contiguous()
-            grad_weight = grad.new_zeros(rows, width).index_add_(0, index.reshape(-1), part)
-            if padding_idx is not None:
-                grad_weight[padding_idx] = 0
-            grads.append(grad_weight)
-            column += width
-        return (None,) + (None,) * len(ids) + tuple(grads)
-
-
 def _plain(table: nn.Module, grad: bool) -> bool:
-    """A CPU ``nn.Embedding`` whose lookup :class:`_DenseLookup` reproduces exactly (the value; with
+    """A CPU ``nn.Embedding`` whose lookup ``din_kernels.embedding_concat`` reproduces exactly (the value; with
     ``grad``, the gradient too: dense, unscaled)."""
     return (type(table) is nn.Embedding and table.weight.device.type == "cpu" and table.max_norm is None
             and not (grad and (table.sparse or table.scale_grad_by_freq)))
 
 
 def lookup(table: nn.Module, ids: Tensor) -> Tensor:
-    """``table(ids)``; a plain CPU ``nn.Embedding`` through :class:`_DenseLookup` (same values and gradient)."""
+    """``table(ids)``; a plain CPU ``nn.Embedding`` through ``din_kernels.embedding_concat`` (same values and
+    gradient)."""
     return lookup_concat([table], [ids])
 
 
 def lookup_concat(tables: Sequence[nn.Module], ids: Sequence[Tensor]) -> Tensor:
     """``torch.cat([table(i) for table, i in zip(tables, ids)], dim=-1)`` (ids of one shape); plain CPU
-    ``nn.Embedding`` tables through :class:`_DenseLookup` in one pass, any others as they are. Under
+    ``nn.Embedding`` tables through ``din_kernels.embedding_concat`` in one pass, any others as they are. Under
     ``torch.compile`` / ``torch.export`` the tables' own lookups: the gathers into slices of one output
     (``index_select(out=)``) trace into a graph whose parameters cannot take gradients through them."""
     if torch.compiler.is_compiling() or not all(_plain(t, torch.is_grad_enabled()) for t in tables):
         parts = [table(i) for table, i in zip(tables, ids)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return _DenseLookup.apply(tuple(t.padding_idx for t in tables), *ids, *(t.weight for t in tables))
+    return dk.embedding_concat([t.weight for t in tables], ids, [t.padding_idx for t in tables])
 
 
 class ItemEmbedding(nn.Module):

@@ -5,7 +5,8 @@ Public API (see DESIGN.md): ``din_attention`` / ``LocalActivationUnit`` (local a
 activation unit, Dice) ``cpu_op_available`` and ``set_cpu_threads`` / ``get_cpu_threads``;
 ``set_length_check("device")`` checks lengths without a host sync (CUDA graphs); ``explain(...)`` says which
 path a ``din_attention`` call takes and why; ``ACTIVATIONS`` names the local activation unit's activations,
-``MBA_OPTIMIZERS`` the optimizers ``MBAEmbedding`` fuses into its backward.
+``MBA_OPTIMIZERS`` the optimizers ``MBAEmbedding`` fuses into its backward; ``embedding_concat`` looks up
+several plain tables into one concatenated output (DIN's item vector) with a fast dense gradient.
 """
 from ._backend import get_backend, set_backend
 from .activations import ACTIVATIONS
@@ -15,6 +16,7 @@ from .cpu_extension import available as cpu_op_available
 from .cpu_extension import get_num_threads as get_cpu_threads
 from .cpu_extension import set_num_threads as set_cpu_threads
 from .dice import Dice, dice
+from .embedding import embedding_concat
 from .mba import MBA_OPTIMIZERS, MBAEmbedding, inverse_frequencies, mba_adagrad_, mba_embedding, mba_sgd_, row_frequencies
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "MBAEmbedding",
     "dice",
     "cpu_op_available",
+    "embedding_concat",
     "din_attention",
     "explain",
     "get_cpu_threads",
