@@ -9,6 +9,7 @@ from din_kernels.testing import ATTENTION_LAUNCHERS, attention_function, attenti
 from din_kernels.testing import attention_small_module
 
 from conftest import BACKENDS
+from problems import Case, build
 
 
 def linear_weights(dim, hidden, form="concat"):
@@ -18,8 +19,8 @@ def linear_weights(dim, hidden, form="concat"):
 
 @pytest.fixture
 def args():
-    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
-    return query, keys, torch.tensor([5, 0, 2]), linear_weights(4, (8,))
+    """query [3, 4], keys [3, 5, 4], lengths [5, 0, 2], weights of one hidden layer of 8."""
+    return build(Case(3, 5, 4, (8,), lengths=(5, 0, 2))).op_args()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,17 +201,11 @@ def test_torch_compile_fullgraph_composite_path():
 
 @pytest.mark.parametrize("activation,normalize", [("sigmoid", "softmax"), ("dice", "none")])
 def test_opcheck(backend, activation, normalize):
-    torch.manual_seed(1)
-    dim, hidden = 4, 16
-    query = torch.randn(2, dim, requires_grad=True)
-    keys = torch.randn(2, 3, dim, requires_grad=True)
-    weights = [w.requires_grad_(True) for w in linear_weights(dim, (hidden,))]
-    alphas = [torch.rand(hidden, requires_grad=True)] if activation == "dice" else []
-    means = [torch.randn(hidden)] if activation == "dice" else []
-    variances = [torch.rand(hidden) + 0.5] if activation == "dice" else []
+    query, keys, lengths, weights, alphas, stats = build(
+        Case(2, 3, 4, (16,), lengths=(0, 3), activation=activation, normalize=normalize), seed=1, requires_grad=True)
     torch.library.opcheck(torch.ops.din_kernels.din_attention.default,
-                          (query, keys, torch.tensor([0, 3]), weights, alphas, means, variances, 1e-8, "concat",
-                           activation, normalize, 0.5))
+                          (query, keys, lengths, weights, alphas or [], [m for m, _ in stats or ()],
+                           [v for _, v in stats or ()], 1e-8, "concat", activation, normalize, 0.5))
 
 
 @pytest.mark.parametrize("activation,normalize", [("sigmoid", "none"), ("prelu", "softmax"), ("dice", "softmax")])
@@ -218,16 +213,13 @@ def test_eager_function_matches_the_custom_op(monkeypatch, backend, activation, 
     """Eager calls go through DinAttentionFunction, compiled ones through the custom op: same launchers, so
     the same outputs and gradients, bit for bit."""
     monkeypatch.setattr(attention_small_module, "SMALL_POSITIONS", 0)  # not the small-problem path
-    torch.manual_seed(2)
-    dim, hidden = 5, (8, 4)
-    query = torch.randn(3, dim, requires_grad=True)
-    keys = torch.randn(3, 7, dim, requires_grad=True)
-    lengths = torch.tensor([7, 0, 3])
-    weights = [w.requires_grad_(True) for w in linear_weights(dim, hidden)]
-    alphas = [torch.rand(h, requires_grad=True) for h in hidden] if activation != "sigmoid" else []
-    stats = [(torch.randn(h), torch.rand(h) + 0.5) for h in hidden] if activation == "dice" else []
+    torch.manual_seed(2)  # (grad_out)
+    query, keys, lengths, weights, alphas, stats = build(
+        Case(3, 7, 5, (8, 4), lengths=(7, 0, 3), activation=activation, normalize=normalize), seed=2,
+        requires_grad=True)
+    alphas, stats = alphas or [], stats or []
     inputs = [query, keys, *weights, *alphas]
-    grad_out = torch.randn(3, dim)
+    grad_out = torch.randn(3, 5)
 
     out, attn = dk.din_attention(query, keys, lengths, weights, activation=activation, normalize=normalize,
                                  scale=0.5, return_scores=True, alphas=alphas or None, dice_stats=stats or None)

@@ -16,7 +16,8 @@ import din_kernels as dk
 from din_kernels.testing import attention_cpu as ac
 from din_kernels.testing import attention_plan
 from din_kernels.testing import cpu_extension, use_cpu_extension
-from test_attention_torch import assert_matches, cpp, make_problem
+from problems import Case, build
+from test_attention_torch import assert_matches, cpp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,14 @@ def test_many_blocks_match_the_reference(monkeypatch, kept, form, activation, no
     and the backward recomputes the rest."""
     if kept == "some":
         monkeypatch.setattr(ac, "KEEP_FLOATS", 4000 * 2 * 12)
-    problem = make_problem(300, 120, 4, (8, 4), form=form, activation=activation,
-                           lengths=torch.randint(0, 121, (300,)), dtype=torch.float64)
+    problem = build(Case(300, 120, 4, (8, 4), form=form, activation=activation, dtype=torch.float64))
     options = dict(form=form, activation=activation, normalize=normalize, scale=0.5)
     path = "cpp" if kept is None else "cpp-kept"
     assert_matches(problem, options, atol=1e-10, rtol=1e-8, path=path)
 
 
 def test_kept_activations_change_nothing():
-    problem = make_problem(200, 40, 6, (12, 6), activation="dice", lengths=torch.randint(0, 41, (200,)))
+    problem = build(Case(200, 40, 6, (12, 6), activation="dice"))
     grad_out = torch.randn(200, 6)
     options = dict(form="concat", activation="dice", normalize="softmax", scale=None)
     plain = cpp(*problem, grad_out, **options)
@@ -61,7 +61,7 @@ def test_results_do_not_depend_on_the_thread_count():
     """Blocks are fixed by the lengths and the weight gradients summed in block order: bit for bit equal,
     whether the helpers are torch's OpenMP team (the op's threads following torch's, 0) or the library's own
     threads (more threads than torch runs)."""
-    problem = make_problem(256, 50, 8, (16, 8), lengths=torch.randint(0, 51, (256,)))
+    problem = build(Case(256, 50, 8, (16, 8)))
     grad_out = torch.randn(256, 8)
     options = dict(form="concat", activation="sigmoid", normalize="softmax", scale=None)
     before = torch.get_num_threads()
@@ -83,7 +83,7 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_the_threads_setting_is_restored():
     """The op runs each block single-threaded (OpenMP and MKL settings of the calling thread) and restores
     them: torch's own ops keep their threads."""
-    problem = make_problem(64, 20, 4, (8,), lengths=[20] * 64)
+    problem = build(Case(64, 20, 4, (8,), lengths="full"))
     before = torch.get_num_threads()
     cpp(*problem, torch.randn(64, 4), form="concat", activation="sigmoid", normalize="none", scale=None)
     assert torch.get_num_threads() == before
@@ -92,7 +92,7 @@ def test_the_threads_setting_is_restored():
 def test_the_op_checks_its_inputs():
     """Lengths beyond T reach the op only through a caller that skipped validation: an error, not a read out
     of bounds."""
-    query, keys, lengths, weights, _, _ = make_problem(2, 3, 4, (5,), lengths=[3, 1])
+    query, keys, lengths, weights, _, _ = build(Case(2, 3, 4, (5,), lengths=(3, 1)))
     args = ac._Arguments(keys, weights, None, None, 1e-8, "concat", "sigmoid")
     ops = torch.ops.din_kernels_cpu
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):

@@ -13,30 +13,10 @@ from din_kernels import reference
 from din_kernels.testing import attention_composite as at
 from din_kernels.testing import attention_cpu as ac
 from din_kernels.testing import attention_first_layer, attention_small
+from problems import WEIRD_SHAPES, Case, build, cases
 
 FORMS = ("concat", "outer")
 ACTIVATIONS = ("sigmoid", "relu", "identity", "prelu", "dice")
-
-
-def make_problem(batch, seq_len, dim, hidden, *, form="concat", activation="sigmoid", lengths=None,
-                 dtype=torch.float32, shared_alpha=False):
-    """Random inputs, weights in nn.Linear layout, prelu/dice slopes and dice running statistics."""
-    query = torch.randn(batch, dim, dtype=dtype)
-    keys = torch.randn(batch, seq_len, dim, dtype=dtype)
-    if lengths is None:
-        lengths = torch.randint(0, seq_len + 1, (batch,))
-    lengths = torch.as_tensor(lengths, dtype=torch.int64)
-    widths = (4 * dim if form == "concat" else 2 * dim + dim * dim,) + tuple(hidden) + (1,)
-    weights = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        weights += [torch.randn(fan_out, fan_in, dtype=dtype) / math.sqrt(fan_in),
-                    0.1 * torch.randn(fan_out, dtype=dtype)]
-    alphas = dice_eval = None
-    if activation in ("prelu", "dice"):
-        alphas = [0.25 + 0.5 * torch.randn(1 if shared_alpha else h, dtype=dtype) for h in hidden]
-    if activation == "dice":
-        dice_eval = [(0.2 * torch.randn(h, dtype=dtype), 0.5 + torch.rand(h, dtype=dtype)) for h in hidden]
-    return query, keys, lengths, weights, alphas, dice_eval
 
 
 def reference_grads(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options):
@@ -132,12 +112,13 @@ def assert_matches(problem, options, atol=1e-5, rtol=1e-4, path="chunked"):
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("normalize,scale", [("none", None), ("softmax", None), ("softmax", 0.4), ("none", 1.7)])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("form", FORMS)
-def test_matches_reference(form, activation, normalize, scale, path):
-    problem = make_problem(6, 9, 5, (8, 4), form=form, activation=activation, lengths=[9, 0, 3, 1, 7, 9])
-    assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=scale), path=path)
+@pytest.mark.parametrize("case", cases(
+    Case(6, 9, 5, (8, 4), lengths=(9, 0, 3, 1, 7, 9), form=form, activation=activation, normalize=normalize,
+         scale=scale)
+    for form in FORMS for activation in ACTIVATIONS
+    for normalize, scale in [("none", None), ("softmax", None), ("softmax", 0.4), ("none", 1.7)]))
+def test_matches_reference(case, path):
+    assert_matches(build(case), case.options(), path=path)
 
 
 @pytest.mark.parametrize("path", ["chunked", "small"])
@@ -145,29 +126,22 @@ def test_matches_reference(form, activation, normalize, scale, path):
 @pytest.mark.parametrize("form", FORMS)
 def test_an_activation_without_fused_kernels_runs_on_the_composite_paths(form, normalize, path):
     # tanh: a registry entry without a kernel code, so only the composite paths take it
-    problem = make_problem(6, 9, 5, (8, 4), form=form, activation="tanh", lengths=[9, 0, 3, 1, 7, 9])
+    problem = build(Case(6, 9, 5, (8, 4), form=form, activation="tanh", lengths=(9, 0, 3, 1, 7, 9)))
     assert_matches(problem, dict(form=form, activation="tanh", normalize=normalize, scale=None), path=path)
     with pytest.raises(ValueError, match="no C\\+\\+ kernel"):
         cpp(*problem, torch.randn(6, 5), form=form, activation="tanh", normalize=normalize, scale=None)
 
 
-@pytest.mark.parametrize("batch,seq_len,dim,hidden,lengths", [
-    (1, 1, 1, (2,), [1]),                    # smallest everything
-    (1, 1, 3, (4, 3), [0]),                  # a single empty history
-    (3, 13, 7, (5, 3), [13, 6, 1]),          # prime T, odd D
-    (4, 8, 4, (6,), [0, 0, 0, 0]),           # all histories empty
-    (4, 8, 4, (6, 5, 4, 3), [8, 8, 8, 8]),   # four hidden layers, full histories (in-order chunks)
-    (5, 11, 6, (9, 2), [1, 2, 3, 4, 11]),     # increasing lengths: the sort reverses them
-    (0, 5, 4, (3,), []),                     # empty batch
-    (3, 0, 4, (3,), [0, 0, 0]),              # empty histories, T = 0
-])
+@pytest.mark.parametrize("case", cases(WEIRD_SHAPES, [
+    Case(4, 8, 4, (6, 5, 4, 3), lengths="full"),      # four hidden layers, full histories (in-order chunks)
+    Case(5, 11, 6, (9, 2), lengths=(1, 2, 3, 4, 11)),  # increasing lengths: the sort reverses them
+]))
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
-def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize, path):
+def test_weird_shapes(case, normalize, path):
     for form, activation in (("concat", "sigmoid"), ("outer", "dice")):
-        problem = make_problem(batch, seq_len, dim, hidden, form=form, activation=activation, lengths=lengths)
-        assert_matches(problem, dict(form=form, activation=activation, normalize=normalize, scale=None),
-                       path=path)
+        variant = case.replace(form=form, activation=activation, normalize=normalize)
+        assert_matches(build(variant), variant.options(), path=path)
 
 
 @pytest.mark.parametrize("chunk_floats", [1, 300, 2000])
@@ -175,9 +149,9 @@ def test_weird_shapes(batch, seq_len, dim, hidden, lengths, normalize, path):
 def test_many_chunks_unsorted_lengths(monkeypatch, chunk_floats, normalize):
     """Chunks of a row (or a few) at a time, gathered out of order and cut to their longest history."""
     monkeypatch.setattr(at, "CHUNK_FLOATS", chunk_floats)
-    problem = make_problem(17, 10, 6, (7, 5), activation="prelu", lengths=torch.randint(0, 11, (17,)))
+    problem = build(Case(17, 10, 6, (7, 5), activation="prelu"))
     assert_matches(problem, dict(form="concat", activation="prelu", normalize=normalize, scale=0.5))
-    problem = make_problem(9, 10, 6, (7, 5), form="outer", activation="sigmoid", lengths=[10] * 9)
+    problem = build(Case(9, 10, 6, (7, 5), form="outer", activation="sigmoid", lengths="full"))
     assert_matches(problem, dict(form="outer", activation="sigmoid", normalize=normalize, scale=None))
 
 
@@ -195,7 +169,7 @@ def test_both_first_layer_strategies(monkeypatch, normalize):
         return used[-1]
 
     monkeypatch.setattr(attention_first_layer.FirstLayer, "per_position", spy)
-    problem = make_problem(14, 12, 8, (9, 5), lengths=list(range(13)) + [12])
+    problem = build(Case(14, 12, 8, (9, 5), lengths=tuple(range(13)) + (12,)))
     assert_matches(problem, dict(form="concat", activation="sigmoid", normalize=normalize, scale=None))
     assert True in used and False in used
 
@@ -203,12 +177,12 @@ def test_both_first_layer_strategies(monkeypatch, normalize):
 @pytest.mark.parametrize("activation", ["prelu", "dice"])
 def test_shared_slope_broadcasts(activation):
     """A slope tensor with one entry (nn.PReLU()) is shared by every unit; its gradient is the sum."""
-    problem = make_problem(4, 6, 3, (5, 4), activation=activation, shared_alpha=True, lengths=[6, 2, 0, 5])
+    problem = build(Case(4, 6, 3, (5, 4), activation=activation, shared_alpha=True, lengths=(6, 2, 0, 5)))
     assert_matches(problem, dict(form="concat", activation=activation, normalize="softmax", scale=None))
 
 
 def test_padding_values_are_ignored():
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(3, 7, 4, (6, 3), lengths=[2, 7, 0])
+    query, keys, lengths, weights, alphas, dice_eval = build(Case(3, 7, 4, (6, 3), lengths=(2, 7, 0)))
     noisy = keys.clone()
     noisy[0, 2:] = 1e4
     noisy[2] = float("nan")
@@ -222,11 +196,11 @@ def test_padding_values_are_ignored():
 
 
 def test_noncontiguous_inputs():
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(4, 10, 5, (6, 3), lengths=[10, 3, 7, 0])
+    problem = build(Case(4, 10, 5, (6, 3), lengths=(10, 3, 7, 0)))
     wide = torch.randn(4, 20, 10)
-    wide[:, ::2, ::2] = keys
-    problem = (torch.randn(5, 4).t(), wide[:, ::2, ::2], lengths, weights, alphas, dice_eval)
-    assert not problem[1].is_contiguous()
+    wide[:, ::2, ::2] = problem.keys
+    problem = problem.replace(query=torch.randn(5, 4).t(), keys=wide[:, ::2, ::2])
+    assert not problem.keys.is_contiguous() and not problem.query.is_contiguous()
     assert_matches(problem, dict(form="concat", activation="sigmoid", normalize="none", scale=None))
 
 
@@ -239,7 +213,7 @@ def test_noncontiguous_inputs():
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
 def test_low_precision(dtype, normalize, path):
     options = dict(form="concat", activation="sigmoid", normalize=normalize, scale=None)
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(8, 12, 6, (10, 5), lengths=None)
+    query, keys, lengths, weights, alphas, dice_eval = build(Case(8, 12, 6, (10, 5)))
     grad_out = torch.randn_like(query)
     want_out, _, want = reference_grads(query, keys, lengths, weights, alphas, dice_eval, grad_out, **options)
     low = [t.to(dtype) for t in (query, keys, *weights)]
@@ -296,11 +270,10 @@ class _LauncherFunction(torch.autograd.Function):
 ])
 def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale, path):
     monkeypatch.setattr(at, "CHUNK_FLOATS", 1)  # a chunk per row, out of order; Tc=1 runs per position
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(
-        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
-    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
-    query.requires_grad_()
-    keys.requires_grad_()
+    query, keys, lengths, weights, alphas, dice_eval = build(
+        Case(4, 5, 3, (4, 3), form=form, activation=activation, lengths=(3, 5, 0, 1), dtype=torch.float64),
+        requires_grad=True)
+    params = [*weights, *(alphas or ())]
 
     def fn(q, k, *p):
         options = dict(form=form, activation=activation, normalize=normalize, scale=scale, dice_eval=dice_eval)
@@ -315,16 +288,17 @@ def test_gradcheck_fp64(monkeypatch, form, activation, normalize, scale, path):
     ("concat", "sigmoid", "none", 2.0),
 ])
 def test_gradcheck_fp64_small_path(form, activation, normalize, scale):
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(
-        4, 5, 3, (4, 3), form=form, activation=activation, lengths=[3, 5, 0, 1], dtype=torch.float64)
-    params = [t.requires_grad_() for t in (*weights, *(alphas or ()))]
+    query, keys, lengths, weights, alphas, dice_eval = build(
+        Case(4, 5, 3, (4, 3), form=form, activation=activation, lengths=(3, 5, 0, 1), dtype=torch.float64),
+        requires_grad=True)
+    params = [*weights, *(alphas or ())]
 
     def fn(q, k, *p):
         ws, als = p[:len(weights)], p[len(weights):]
         return attention_small(q, k, lengths, ws, als or None, dice_eval, 1e-8, form=form,
                                         activation=activation, normalize=normalize, scale=scale)[0]
 
-    inputs = (query.requires_grad_(), keys.requires_grad_(), *params)
+    inputs = (query, keys, *params)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -333,7 +307,7 @@ def test_gradcheck_fp64_small_path(form, activation, normalize, scale):
 # --------------------------------------------------------------------------------------------------------
 
 def test_launcher_rejects_bad_options():
-    query, keys, lengths, weights, _, _ = make_problem(2, 3, 2, (3,), lengths=[3, 1])
+    query, keys, lengths, weights, _, _ = build(Case(2, 3, 2, (3,), lengths=(3, 1)))
     options = dict(form="concat", activation="sigmoid", normalize="none", scale=None)
 
     def forward(weights=weights, alphas=None, dice_eval=None, **change):
@@ -364,7 +338,7 @@ def test_workspace_sized_once_for_the_largest_chunk(monkeypatch, form):
         return buffer
 
     monkeypatch.setattr(at.Workspace, "take", spy)
-    problem = make_problem(40, 12, 6, (7, 5), form=form, lengths=torch.randint(0, 13, (40,)))
+    problem = build(Case(40, 12, 6, (7, 5), form=form))
     assert_matches(problem, dict(form=form, activation="sigmoid", normalize="none", scale=None))
     assert storages and all(len(pointers) == 1 for pointers in storages.values())
 
@@ -407,8 +381,8 @@ def test_kept_activations_skip_the_recompute_with_the_same_results(monkeypatch, 
     monkeypatch.setattr(at, "CHUNK_FLOATS", 2500)  # several chunks, both first-layer strategies for concat
     monkeypatch.setattr(attention_first_layer, "PER_POSITION_MAX_LEN", 5)
     monkeypatch.setattr(at, "KEEP_FLOATS", keep_floats)
-    query, keys, lengths, weights, alphas, dice_eval = make_problem(
-        30, 11, 6, (7, 5), form=form, activation=activation, lengths=torch.randint(0, 12, (30,)))
+    query, keys, lengths, weights, alphas, dice_eval = build(Case(30, 11, 6, (7, 5), form=form,
+                                                                  activation=activation))
     options = dict(form=form, activation=activation, normalize=normalize, scale=0.5)
     args = (query, keys, lengths, weights, alphas, dice_eval, 1e-8)
     grad_out = torch.randn_like(query)

@@ -10,24 +10,7 @@ from din_kernels import reference
 from din_kernels.testing import ATTENTION_LAUNCHERS
 
 from conftest import BACKENDS
-
-
-def unit_and_args(activation, form="concat", normalize="softmax"):
-    unit = dk.LocalActivationUnit(5, (8, 4), activation=activation, form=form, normalize=normalize).eval()
-    with torch.no_grad():  # parameters away from their initial values (prelu 0.25, dice statistics 0 / 1)
-        for p in unit.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        if unit.dice is not None:
-            for d in unit.dice:
-                d.running_mean.normal_(0, 0.2)
-                d.running_var.uniform_(0.5, 1.5)
-    options = dict(form=form, activation=activation, normalize=normalize)
-    if activation == "prelu":
-        options["alphas"] = list(unit.prelu_alphas)
-    if activation == "dice":
-        options["alphas"] = [d.alpha for d in unit.dice]
-        options["dice_stats"] = [(d.running_mean, d.running_var) for d in unit.dice]
-    return unit, options
+from problems import Case, build, cases, unit_kwargs
 
 
 def grads_of(out, inputs, grad):
@@ -53,22 +36,30 @@ def assert_matches_reference(unit, options, query, keys, lengths, atol=1e-5, rto
             torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, i=index: f"gradient {i}: {m}")
 
 
-@pytest.mark.parametrize("batch,candidates,seq_len,lengths", [
-    (3, 4, 7, [7, 0, 3]),        # an empty history among them
-    (1, 1, 1, [1]),              # one of everything
-    (2, 7, 13, [13, 5]),         # prime C and T
-    (40, 3, 30, None),           # beyond the small-problem path: chunked composite / C++ plan
-    (2, 0, 5, [5, 2]),           # no candidates
-    (0, 3, 5, []),               # no histories
-])
-@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
-@pytest.mark.parametrize("form", ["concat", "outer"])
-def test_every_candidate_matches_the_reference(backend, form, activation, batch, candidates, seq_len, lengths):
-    unit, options = unit_and_args(activation, form)
-    query = torch.randn(batch, candidates, 5, requires_grad=True)
-    keys = torch.randn(batch, seq_len, 5, requires_grad=True)
-    lengths = torch.randint(0, seq_len + 1, (batch,)) if lengths is None else torch.tensor(lengths, dtype=torch.long)
-    assert_matches_reference(unit, options, query, keys, lengths)
+def unit_and_options(problem):
+    """The module holding the problem's weights, and din_attention's keywords for the reference run on the
+    module's own parameters (so that both runs' gradients reach the same tensors)."""
+    unit = problem.unit()
+    return unit, {**problem.case.options(), **unit_kwargs(unit)}
+
+
+SHAPES = (
+    Case(3, 7, 5, lengths=(7, 0, 3), candidates=4),    # an empty history among them
+    Case(1, 1, 5, lengths=(1,), candidates=1),         # one of everything
+    Case(2, 13, 5, lengths=(13, 5), candidates=7),     # prime C and T
+    Case(40, 30, 5, candidates=3),                     # past the small-problem path: chunked composite, C++ plan
+    Case(2, 5, 5, lengths=(5, 2), candidates=0),       # no candidates
+    Case(0, 5, 5, lengths="empty", candidates=3),      # no histories
+)
+
+
+@pytest.mark.parametrize("case", cases(shape.replace(form=form, activation=activation, normalize="softmax")
+                                       for form in ["concat", "outer"]
+                                       for activation in ["sigmoid", "prelu", "dice"] for shape in SHAPES))
+def test_every_candidate_matches_the_reference(backend, case):
+    problem = build(case, requires_grad=True)
+    unit, options = unit_and_options(problem)
+    assert_matches_reference(unit, options, problem.query, problem.keys, problem.lengths)
 
 
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
@@ -76,10 +67,9 @@ def test_launchers_take_candidate_rows(normalize):
     """The launcher contract with query [R, D], R = B * C: Triton, C++ (with and without kept activations)
     and composite agree, and the keys' gradient sums over each history's candidates."""
     batch, candidates, seq_len, dim = 3, 5, 11, 6
-    unit = dk.LocalActivationUnit(dim, (16, 8), normalize=normalize)
-    query, keys = torch.randn(batch * candidates, dim), torch.randn(batch, seq_len, dim)
-    lengths = torch.tensor([11, 0, 4])
-    args = (query, keys, lengths, list(unit.weights()), None, None, 1e-8)
+    problem = build(Case(batch, seq_len, dim, (16, 8), lengths=(11, 0, 4), candidates=candidates))
+    query, keys, lengths, weights = problem.query.reshape(batch * candidates, dim), *problem.op_args()[1:]
+    args = (query, keys, lengths, weights, None, None, 1e-8)
     kw = dict(form="concat", activation="sigmoid", normalize=normalize, scale=0.5)
     results = {}
     paths = ["triton", "composite"] + (["cpp", "cpp-kept"] if "cpp" in BACKENDS else [])
@@ -101,8 +91,8 @@ def test_launchers_take_candidate_rows(normalize):
     single = torch.zeros_like(keys)
     for c in range(candidates):
         q_c = query.view(batch, candidates, dim)[:, c]
-        out, attn, lse = forward(q_c, keys, lengths, list(unit.weights()), None, None, 1e-8, **kw)
-        single += backward(torch.ones_like(out), q_c, keys, lengths, list(unit.weights()), None, None, 1e-8,
+        out, attn, lse = forward(q_c, keys, lengths, weights, None, None, 1e-8, **kw)
+        single += backward(torch.ones_like(out), q_c, keys, lengths, weights, None, None, 1e-8,
                            out, attn, lse, **kw)[1]
     torch.testing.assert_close(results["composite"][4], single.cpu(), atol=1e-5, rtol=1e-4)
 
@@ -124,13 +114,16 @@ def test_the_plan_names_the_candidates():
         dk.set_backend(previous)
 
 
-@pytest.mark.parametrize("batch,candidates,seq_len", [(1, 1000, 50), (3, 7, 13), (40, 3, 30), (2, 0, 4)])
-@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
-def test_scoring_without_gradients_matches_the_reference(backend, activation, batch, candidates, seq_len):
+@pytest.mark.parametrize("case", cases(Case(batch, seq_len, 5, candidates=candidates, activation=activation,
+                                            normalize="softmax")
+                                       for activation in ["sigmoid", "dice"]
+                                       for batch, candidates, seq_len in [(1, 1000, 50), (3, 7, 13), (40, 3, 30),
+                                                                          (2, 0, 4)]))
+def test_scoring_without_gradients_matches_the_reference(backend, case):
     """Serving: no gradient (the C++ op then spreads one history's candidates over its blocks)."""
-    unit, options = unit_and_args(activation)
-    query, keys = torch.randn(batch, candidates, 5), torch.randn(batch, seq_len, 5)
-    lengths = torch.randint(0, seq_len + 1, (batch,))
+    problem = build(case)
+    unit, options = unit_and_options(problem)
+    query, keys, lengths = problem.query, problem.keys, problem.lengths
     with torch.no_grad():
         out, attn = unit(query, keys, lengths, return_scores=True)
         want_out, want_attn = reference.din_attention(query, keys, lengths, unit.weights(), return_scores=True,
@@ -143,11 +136,9 @@ def test_scoring_without_gradients_matches_the_reference(backend, activation, ba
 
 
 def test_dice_training_statistics_span_every_candidate(backend):
-    unit = dk.LocalActivationUnit(5, (8, 4), activation="dice").train()
-    query, keys = torch.randn(4, 3, 5, requires_grad=True), torch.randn(4, 9, 5)
-    lengths = torch.tensor([9, 0, 2, 5])
-    twin = dk.LocalActivationUnit(5, (8, 4), activation="dice").train()
-    twin.load_state_dict(unit.state_dict())
+    problem = build(Case(4, 9, 5, (8, 4), lengths=(9, 0, 2, 5), candidates=3, activation="dice"))
+    unit, twin = problem.unit().train(), problem.unit().train()
+    query, keys, lengths = problem.query.requires_grad_(), problem.keys, problem.lengths
     out = unit(query, keys, lengths)
     q_ref = query.detach().clone().requires_grad_()
     want = reference.din_attention(q_ref, keys, lengths, twin.weights(), activation="dice", training=True,
@@ -185,14 +176,17 @@ def test_the_candidate_block_kernel(monkeypatch, dtype, tf32, activation, hidden
     blocks = []
     choose = attention_fused._candidate_block
     monkeypatch.setattr(attention_fused, "_candidate_block", lambda c: blocks.append(choose(c)) or blocks[-1])
+    # 7 candidates: blocks of 4, the second one padded with an empty candidate. The module keeps its own
+    # initialization: the 16-bit tolerance below is sized for a freshly built module's weights (the builder's
+    # larger ones and slopes make unnormalized bf16 sums over 40 positions err up to 0.04).
+    problem = build(Case(3, 40, 5, hidden, lengths=(40, 0, 23), candidates=7, activation=activation,
+                         normalize=normalize, dtype=dtype))
     unit = dk.LocalActivationUnit(5, hidden, activation=activation, normalize=normalize).eval().to(dtype)
+    query, keys, lengths = problem.query, problem.keys, problem.lengths
     options = dict(activation=activation, normalize=normalize)
     if activation == "dice":
         options.update(alphas=[d.alpha.float() for d in unit.dice],
                        dice_stats=[(d.running_mean.float(), d.running_var.float()) for d in unit.dice])
-    # 7 candidates: blocks of 4, the second one padded with an empty candidate
-    query, keys = torch.randn(3, 7, 5).to(dtype), torch.randn(3, 40, 5).to(dtype)
-    lengths = torch.tensor([40, 0, 23])
     previous, previous_tf32 = dk.get_backend(), torch.backends.cuda.matmul.allow_tf32
     try:
         dk.set_backend("triton")

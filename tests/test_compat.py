@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from din_kernels.compat import AttentionSequencePoolingLayer
+from problems import Case, build
 
 deepctr_sequence = pytest.importorskip("deepctr_torch.layers.sequence")  # prints a version-check line offline
 DeepCTRLayer = deepctr_sequence.AttentionSequencePoolingLayer
@@ -33,12 +34,12 @@ def pair(**config):
     return theirs, ours
 
 
-def inputs(batch=5, seq_len=7, lengths=None):
-    query = torch.randn(batch, 1, EMB)
-    keys = torch.randn(batch, seq_len, EMB)
-    if lengths is None:
-        lengths = torch.randint(1, seq_len + 1, (batch,))
-    return query, keys, torch.as_tensor(lengths).reshape(batch, 1)
+def inputs(batch=5, seq_len=7, lengths="nonempty", seed=0):
+    """A shared-builder problem in DeepCTR's layout: query [B, 1, E], keys [B, T, E], keys_length [B, 1]
+    (the layers hold their own weights). Nonempty histories unless told: DeepCTR's softmax over an empty
+    one differs by design (test_length_zero_rows)."""
+    problem = build(Case(batch, seq_len, EMB, lengths=lengths, candidates=1), seed=seed)
+    return problem.query, problem.keys, problem.lengths.reshape(batch, 1)
 
 
 def run(layer, query, keys, keys_length, mask=None):
@@ -192,7 +193,7 @@ def test_module_class_activation_matches_deepctr(weight_normalization, module_cl
     direct = AttentionSequencePoolingLayer(att_hidden_units=(8, 4), att_activation=module_class,
                                            weight_normalization=weight_normalization, embedding_dim=EMB)
     direct.load_state_dict(theirs.state_dict())
-    assert_same(theirs, direct, *inputs())
+    assert_same(theirs, direct, *inputs(seed=1))
 
 
 def test_from_deepctr_takes_a_layer_already_holding_our_dice():

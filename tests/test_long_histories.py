@@ -8,19 +8,16 @@ import torch
 import din_kernels as dk
 from din_kernels import reference
 from din_kernels.testing import ATTENTION_LAUNCHERS
+from problems import Case, build, unit_kwargs
 
 
-def problem(activation, batch, seq_len, lengths, dtype=torch.float64):
-    unit = dk.LocalActivationUnit(6, (8, 4), activation=activation, normalize="softmax").to(dtype).eval()
-    query = torch.randn(batch, 6, dtype=dtype, requires_grad=True)
-    keys = torch.randn(batch, seq_len, 6, dtype=dtype, requires_grad=True)
-    options = {}
-    if activation == "prelu":
-        options["alphas"] = list(unit.prelu_alphas)
-    if activation == "dice":
-        options.update(alphas=[d.alpha for d in unit.dice],
-                       dice_stats=[(d.running_mean, d.running_var) for d in unit.dice])
-    return unit, query, keys, torch.tensor(lengths), options
+def problem(activation, batch, seq_len, lengths, dtype=torch.float64, candidates=None):
+    """The module (D=6, (8, 4), softmax, eval) on a shared-builder problem: unit, query and keys (leaves),
+    lengths, and the unit's slopes / Dice statistics as din_attention's keywords."""
+    built = build(Case(batch, seq_len, 6, (8, 4), lengths=tuple(lengths), activation=activation,
+                       normalize="softmax", candidates=candidates, dtype=dtype), requires_grad=True)
+    unit = built.unit()
+    return unit, built.query, built.keys, built.lengths, unit_kwargs(unit)
 
 
 @pytest.mark.parametrize("normalize", ["softmax", "none"])
@@ -80,9 +77,8 @@ def test_the_composite_path_runs_long_rows_in_segments(monkeypatch, normalize, c
     segments = attention_composite._segments
     monkeypatch.setattr(attention_composite, "_segments", lambda rows, length: used.append(segments(rows, length))
                         or used[-1])
-    unit, query, keys, lengths, _ = problem("sigmoid", 3, 2000, [2000, 5, 1500])
+    unit, query, keys, lengths, _ = problem("sigmoid", 3, 2000, [2000, 5, 1500], candidates=candidates)
     unit.normalize = normalize
-    query = torch.randn(3, candidates, 6, dtype=torch.float64, requires_grad=True)
     previous = dk.get_backend()
     try:
         dk.set_backend("torch")

@@ -11,7 +11,8 @@ import din_kernels as dk
 from din_kernels import reference
 
 from conftest import BACKENDS
-from test_attention_triton import assert_matches_reference, make_problem
+from problems import Case, build
+from test_attention_triton import assert_matches_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -33,10 +34,10 @@ def _on_every_backend(check):
        activation=st.sampled_from(["sigmoid", "relu", "prelu", "dice"]),
        normalize=st.sampled_from(["none", "softmax"]), strided=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_attention_equals_the_reference(batch, seq_len, dim, hidden, form, activation, normalize, strided, seed):
-    torch.manual_seed(seed)
-    problem = make_problem(batch, seq_len, dim, hidden, form=form, activation=activation)
+    torch.manual_seed(seed)  # (grad_out)
+    problem = build(Case(batch, seq_len, dim, hidden, form=form, activation=activation), seed=seed)
     if strided:  # keys as a transposed view of a [B, D, T] tensor: not contiguous
-        problem["keys"] = problem["keys"].transpose(1, 2).contiguous().transpose(1, 2)
+        problem.keys = problem.keys.transpose(1, 2).contiguous().transpose(1, 2)
     _on_every_backend(lambda name: assert_matches_reference(problem, form=form, activation=activation,
                                                             normalize=normalize))
 
@@ -45,17 +46,16 @@ def test_attention_equals_the_reference(batch, seq_len, dim, hidden, form, activ
 @given(batch=st.integers(1, 4), seq_len=st.integers(1, 6), bad=st.sampled_from([-1, 1]),
        seed=st.integers(0, 2 ** 16))
 def test_attention_refuses_lengths_out_of_range_and_changes_nothing(batch, seq_len, bad, seed):
-    torch.manual_seed(seed)
-    problem = make_problem(batch, seq_len, 3, (4,))
-    lengths = problem["lengths"].clone()
+    problem = build(Case(batch, seq_len, 3, (4,)), seed=seed)
+    lengths = problem.lengths.clone()
     lengths[-1] = -1 if bad < 0 else seq_len + 1
-    before = {k: problem[k].clone() for k in ("query", "keys")}
+    before = {k: getattr(problem, k).clone() for k in ("query", "keys")}
 
     def check(name):
         with pytest.raises(ValueError, match="lengths"):
-            dk.din_attention(problem["query"], problem["keys"], lengths, problem["weights"])
+            dk.din_attention(problem.query, problem.keys, lengths, problem.weights)
         for key, value in before.items():
-            assert torch.equal(problem[key], value), (name, key)
+            assert torch.equal(getattr(problem, key), value), (name, key)
     _on_every_backend(check)
 
 
@@ -145,14 +145,11 @@ def test_poisoned_padding_dtypes_and_candidates(batch, seq_len, dim, dtype, pois
     """NaN or inf stored in the padded key positions never reaches an output or a gradient, in every dtype,
     one candidate per history or several (query [B, C, D]), on every path; the valid part equals the
     reference (computed in fp64 from the same values)."""
-    torch.manual_seed(seed)
-    unit = dk.LocalActivationUnit(dim, (5,), normalize=normalize).to(dtype)
-    keys = torch.randn(batch, seq_len, dim).to(dtype)
-    lengths = torch.randint(0, seq_len + 1, (batch,))
+    problem = build(Case(batch, seq_len, dim, (5,), normalize=normalize, candidates=candidates or None,
+                         dtype=dtype), seed=seed)
+    unit, query, keys, lengths = problem.unit(), problem.query, problem.keys, problem.lengths
     padded = torch.arange(seq_len)[None, :] >= lengths[:, None]  # [B, T]
     keys[padded] = poison
-    shape = (batch, candidates, dim) if candidates else (batch, dim)
-    query = torch.randn(*shape).to(dtype)
     want = reference.din_attention(query.double(), torch.where(padded[..., None], 0.0, keys.double()), lengths,
                                    [w.double() for w in unit.weights()], normalize=normalize)
     tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)

@@ -5,14 +5,7 @@ import pytest
 import torch
 
 from din_kernels import reference as ref
-
-
-def _mlp_weights(in_features, hidden, dtype=torch.float64):
-    widths = (in_features,) + tuple(hidden) + (1,)
-    weights = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        weights += [torch.randn(b, a, dtype=dtype) / math.sqrt(a), torch.randn(b, dtype=dtype) * 0.1]
-    return weights
+from problems import Case, build
 
 
 def test_attention_hand_computed_none_and_softmax():
@@ -40,9 +33,7 @@ def test_attention_features_layout():
 
 
 def test_attention_empty_rows_are_zero_with_finite_gradients():
-    query = torch.randn(2, 3, requires_grad=True)
-    keys = torch.randn(2, 4, 3, requires_grad=True)
-    weights = [w.float().requires_grad_() for w in _mlp_weights(12, (5,))]
+    query, keys, _, weights, _, _ = build(Case(2, 4, 3, (5,), lengths="empty"), requires_grad=True)
     for normalize in ("none", "softmax"):
         out = ref.din_attention(query, keys, torch.tensor([0, 0]), weights, normalize=normalize)
         assert torch.equal(out, torch.zeros(2, 3))
@@ -51,10 +42,7 @@ def test_attention_empty_rows_are_zero_with_finite_gradients():
 
 
 def test_attention_padding_is_ignored():
-    query = torch.randn(3, 4)
-    keys = torch.randn(3, 6, 4)
-    lengths = torch.tensor([2, 6, 0])
-    weights = [w.float() for w in _mlp_weights(16, (8, 4))]
+    query, keys, lengths, weights, _, _ = build(Case(3, 6, 4, (8, 4), lengths=(2, 6, 0)))
     noisy = keys.clone()
     noisy[0, 2:] = 1e3
     noisy[2] = -7.0
@@ -68,17 +56,15 @@ def test_attention_padding_is_ignored():
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "identity", "prelu", "dice"])
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
 def test_attention_gradcheck(form, activation, normalize):
-    batch, seq_len, dim = 2, 3, 3
-    query = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
-    keys = torch.randn(batch, seq_len, dim, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([3, 1])
-    in_features = 4 * dim if form == "concat" else 2 * dim + dim * dim
-    weights = [w.requires_grad_() for w in _mlp_weights(in_features, (4, 3))]
-    alphas = [torch.rand(h, dtype=torch.float64, requires_grad=True) for h in (4, 3)]
+    # dice in training mode (batch statistics): no running statistics needed
+    query, keys, lengths, weights, alphas, _ = build(
+        Case(2, 3, 3, (4, 3), lengths=(3, 1), form=form, activation=activation, dtype=torch.float64),
+        requires_grad=True)
+    alphas = alphas or []
 
     def fn(q, k, *params):
         return ref.din_attention(q, k, lengths, params[:6], form=form, activation=activation,
-                                 normalize=normalize, scale=0.7, alphas=params[6:], training=True)
+                                 normalize=normalize, scale=0.7, alphas=params[6:] or None, training=True)
 
     assert torch.autograd.gradcheck(fn, (query, keys, *weights, *alphas))
 
