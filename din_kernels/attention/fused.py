@@ -24,6 +24,7 @@ fp32/fp16/bf16; ``plan.py`` sends every other problem elsewhere.
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import List, Optional, Sequence, Tuple
 
@@ -548,9 +549,10 @@ def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
 
 
 def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False,
-                 dot_precision: str = "tf32"):
-    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem, chosen from compiles for
-    sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``): autotuning needs a GPU to measure."""
+                 dot_precision: str = "tf32", backward_pass: int = 0):
+    """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem (and backward ``PASS``,
+    ``_backward_passes``), chosen from compiles for sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``):
+    autotuning needs a GPU to measure."""
     block_d, block_h1 = _block(dim), _block(widths[0])
     block_h2 = _block(widths[1]) if len(widths) == 2 else 16
     widest = max(block_d, block_h1, block_h2)
@@ -563,10 +565,22 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
         # on Triton 3.6 (ptxas fell back to 32 registers), none at 16 on 3.6 or 3.9
         block_t //= 2
     block_t = max(16, min(block_t, _block(seq_len)))
+    if backward_pass == 2 and _fp32_dot_min_k() <= 8:
+        # the two-pass fp32 TF32-off backward's second pass (dk, dM, du: five FMA products a tile, one [BD,
+        # BH1] accumulator) at 16 positions spilled 176-192 bytes on sm_90 with Triton 3.9 even without
+        # pipelining (``_backward_stages``), none at 8 (144 registers on sm_90, 128 on sm_80). The price is
+        # no FMA: each tile re-reads M_b and W2 from shared memory into the FMA operand layout, so per
+        # position that pass issues ~45% more shared-memory loads and ~26% more instructions (static SASS
+        # counts of the kernel, sm_90: 418 LDS / 2,928 instructions at 8 positions against 575 / 4,656 at
+        # 16). A third pass over 16 positions would instead recompute the forward's two products once more
+        # (+16 K of the ~64 K FMAs a position costs): more work than the extra loads. Triton 3.6 rejects an
+        # fp32 tl.dot with K < 16 (dM's K is the position tile) and compiles 16 without a spill: it keeps 16.
+        block_t = 8
     # 8 warps from DIN's 64 x 128 tiles up: compiled for sm_90 / sm_80 (benchmarks/gpu_compile_report.py,
     # RESULTS.md section 9), 4 warps there left ptxas at 32 registers with 35-68 KB spilled for fp32 without
     # TF32 and at 255 registers with 0.3-1.8 KB spilled in every backward; 8 warps spill nothing in the
-    # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB)
+    # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB in one pass,
+    # none in two, unpipelined, the second at 8 positions: ``_backward_passes``)
     num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
     return block_t, block_d, block_h1, block_h2, num_warps
 
@@ -574,8 +588,37 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
 def _backward_passes(dtype: torch.dtype, widths: Sequence[int]) -> Tuple[int, ...]:
     """The backward kernel's ``PASS`` values, launched in order: two passes over the positions (each
     recomputing the forward) for fp32 without TF32 and two hidden layers, whose one-pass form spilled
-    2.2-2.8 KB per thread on sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``); one pass otherwise."""
+    2.2-2.8 KB per thread on sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``); one pass otherwise. The
+    two passes as Triton pipelines them still spilled (pass 1 1.3-1.5 KB, pass 2 up to 184 bytes on Triton
+    3.9); unpipelined (``_backward_stages``) and with 8 positions a tile in pass 2 (``_block_sizes``) neither
+    spills on sm_90 / sm_80 with Triton 3.9 (benchmarks/RESULTS.md, section 9). Triton 3.6 (16 positions in
+    both): none either, except 24 bytes in pass 2 with several candidates on sm_80."""
     return (1, 2) if _dot_precision(dtype) == "ieee" and len(widths) == 2 else (0,)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_dot_min_k() -> int:
+    """The smallest K this Triton's CUDA backend accepts in an fp32 ``tl.dot`` (8 on Triton 3.9, 16 on
+    3.6; 16 when it cannot be read)."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        return int(min_dot_size(None)(tl.float32, tl.float32)[2])
+    except Exception:  # no triton, another backend layout, another signature: the safe size
+        return 16
+
+
+def _backward_stages(backward_pass: int) -> dict:
+    """Launch options of one backward ``PASS`` beyond the block sizes: the two-pass fp32 TF32-off backward
+    (``PASS`` 1 and 2) runs its loop unpipelined (``num_stages=1``). Triton's default software pipelining
+    prefetches the next key and weight tile through shared memory (cp.async) and kept ptxas at 255 registers
+    with 1,284-1,512 bytes spilled in pass 1 (``num_stages`` 2 or 3 alike); unpipelined, pass 1 compiles to
+    142-196 registers without a spill on sm_90 / sm_80 (Triton 3.9), and so does pass 2 at 8 positions
+    (pipelined there: up to 296 bytes). The price: each tile's key and weight
+    loads are no longer in flight during the previous tile's FMAs (about 4 KB a tile of 16 positions against
+    ~1,500 FMAs per thread, which the 8 warps' other tiles partly hide); the TF32 / 16-bit backward (one pass,
+    tensor cores, no spill) keeps Triton's default."""
+    return dict(num_stages=1) if backward_pass in (1, 2) else {}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -699,14 +742,15 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
         (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
         w2, b2 = (weights[2], weights[3]) if two else (u, u)
         delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [R]
-        block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(seq_len, dim, widths, backward=True,
-                                                                       dot_precision=_dot_precision(keys.dtype))
+        dot_precision = _dot_precision(keys.dtype)
         for c in range(candidates):
             # candidate c of every history: its rows b * C + c (the whole of them for C = 1, no copy)
             pick = (lambda t: t) if candidates == 1 else (lambda t: t.view(batch, candidates, *t.shape[1:])[:, c]
                                                           .contiguous())
             dm_c, du_c = (dm, du) if candidates == 1 else (torch.empty_like(dm[:batch]), torch.empty_like(du[:batch]))
             for backward_pass in _backward_passes(keys.dtype, widths):
+                block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(
+                    seq_len, dim, widths, backward=True, dot_precision=dot_precision, backward_pass=backward_pass)
                 _din_attention_bwd_kernel[(batch,)](
                     keys, pick(m), pick(u), w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
                     pick(attn), pick(grad_out), pick(delta) if softmax else delta, dkeys, dm_c, du_c,
@@ -714,9 +758,10 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
                     seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
                     keys.stride(0), keys.stride(1),
                     **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
-                    DOT_PRECISION=_dot_precision(keys.dtype),
+                    DOT_PRECISION=dot_precision,
                     BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
                     INTERPRETED=interpreter_enabled(), PASS=backward_pass, ACCUMULATE=c > 0, num_warps=num_warps,
+                    **_backward_stages(backward_pass),
                 )
             if candidates != 1:
                 dm.view(batch, candidates, dim, h1)[:, c] = dm_c
