@@ -95,6 +95,82 @@ void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, co
 }
 
 
+// The first layer's per-row products (a row's length x D x H1, e.g. 50 x 36 x 80): z += k M_b, dM = k^T dz1,
+// dk += dz1 M_b^T. Why not BLAS: M_b differs per row, and MKL spent about half of each such call packing it
+// (5.0 us for 50 x 36 x 80 on one core, 52% of its FMA peak; the large products of the other layers run at
+// 80-90% there). Here C[m, n] (+)= A[m, k] B[k, n] is a loop over blocks of 4 rows x 64 columns of C held in
+// 16 vector registers, B read in place row by row, A read through strides (``a_row``, ``a_col``: k^T needs
+// no copy). AVX-512 only (32 vector registers; with -march=native the build knows); elsewhere, and in fp64,
+// ``mm`` (BLAS). Deterministic like BLAS on one thread: each C entry sums over k in order.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16_unaligned*>(p); }
+inline void store16(float* p, vec16 v) { *reinterpret_cast<vec16_unaligned*>(p) = v; }
+
+template <int R, int V>
+inline void small_mm_block(int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                           float* c, int64_t ldc, bool accumulate) {
+  vec16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? load16(c + r * ldc + 16 * v) : vec16{};
+  for (int64_t p = 0; p < k; ++p) {
+    vec16 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = load16(b + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const float av = a[r * a_row + p * a_col];
+      for (int v = 0; v < V; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store16(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int R>
+inline void small_mm_rows(int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) small_mm_block<R, 4>(k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+  for (; j + 16 <= n; j += 16) small_mm_block<R, 1>(k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+  if (j == n) return;
+  // the last n % 16 columns (D = 36: 4 of them) with masked loads and stores
+  const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1u);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = accumulate ? _mm512_maskz_loadu_ps(mask, c + r * ldc + j) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const __m512 bv = _mm512_maskz_loadu_ps(mask, b + p * ldb + j);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * a_row + p * a_col]), bv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + j, mask, acc[r]);
+}
+#endif
+
+// C[m, n] (+)= A[m, k] B[k, n], A(i, p) = a[i * a_row + p * a_col], B and C row-major.
+template <typename T>
+void small_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+              T* c, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4)
+      small_mm_rows<4>(n, k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    const int64_t rest = m - i;
+    const float* ai = a + i * a_row;
+    float* ci = c + i * ldc;
+    if (rest == 3) small_mm_rows<3>(n, k, ai, a_row, a_col, b, ldb, ci, ldc, accumulate);
+    if (rest == 2) small_mm_rows<2>(n, k, ai, a_row, a_col, b, ldb, ci, ldc, accumulate);
+    if (rest == 1) small_mm_rows<1>(n, k, ai, a_row, a_col, b, ldb, ci, ldc, accumulate);
+    return;
+  }
+#endif
+  // BLAS: A as stored (a_col == 1: row-major, lda = a_row; a_row == 1: A^T row-major, lda = a_col)
+  const bool trans_a = a_col != 1;
+  mm<T>(trans_a, false, m, n, k, T(1), a, trans_a ? a_col : a_row, b, ldb, accumulate ? T(1) : T(0), c, ldc);
+}
+
 // The network's parameters as raw pointers (all contiguous, in the compute dtype T).
 template <typename T>
 struct Net {
@@ -193,7 +269,7 @@ std::vector<Block> make_blocks(const int64_t* lengths, int64_t batch, int64_t ta
 template <typename T>
 struct Workspace {
   std::vector<Buffer<T>> h, z, p;  // per layer [P, H_l]: activations, pre-activations, Dice gates
-  Buffer<T> s, ds, dh_a, dh_b, u, du, m, dm;
+  Buffer<T> s, ds, dh_a, dh_b, u, du, m, dm, m_t;
   void reserve(const Net<T>& net, int64_t positions, int64_t rows, bool backward) {
     const int64_t layers = net.layers(), h1 = net.h1(), d = net.dim;
     int64_t widest = 0;
@@ -217,6 +293,7 @@ struct Workspace {
       grow(dh_b, positions * widest);
       grow(du, rows * h1);
       grow(dm, d * h1);
+      grow(m_t, d * h1);
     }
   }
 };
@@ -405,8 +482,8 @@ void first_layer_z(const Net<T>& net, const T* query, const T* keys, const int64
     T* u = ws.u.data() + r * h1;
     for (int64_t j = 0; j < h1; ++j) u[j] += net.b1[j];
     for (int64_t t = 0; t < length; ++t) std::copy(u, u + h1, z + t * h1);
-    mm<T>(false, false, length, h1, d, T(1), keys + ((row / net.candidates) * net.seq_len + blk.t_begin) * d, d,
-          ws.m.data(), h1, T(1), z, h1);
+    small_mm<T>(length, h1, d, keys + ((row / net.candidates) * net.seq_len + blk.t_begin) * d, d, 1, ws.m.data(),
+                h1, z, h1, true);
     offset += length;
   }
 }
@@ -675,7 +752,7 @@ void first_layer_backward(const Net<T>& net, const Block& blk, const int64_t* le
     for (int64_t t = 0; t < length; ++t)
       for (int64_t j = 0; j < h1; ++j) du[j] += dz[t * h1 + j];
     T* dm = ws.dm.data();
-    mm<T>(true, false, d, h1, length, T(1), kr, d, dz, h1, T(0), dm, h1);  // k^T dz1 [D, H1]
+    small_mm<T>(d, h1, length, kr, 1, d, dz, h1, dm, h1, false);  // k^T dz1 [D, H1]
     build_m(net, qr, ws.m.data());
     T* dk = dk_all + ((row / candidates) * seq_len + t_begin) * d;
     const T* wr = w + row * seq_len + t_begin;
@@ -689,7 +766,10 @@ void first_layer_backward(const Net<T>& net, const Block& blk, const int64_t* le
       for (int64_t t = 0; t < length; ++t)
         for (int64_t c = 0; c < d; ++c) dk[t * d + c] += wr[t] * go[c];
     }
-    mm<T>(false, true, length, d, h1, T(1), dz, h1, ws.m.data(), h1, T(1), dk, d);
+    T* m_t = ws.m_t.data();  // M_b^T [H1, D], for small_mm's row-major B
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < h1; ++j) m_t[j * d + i] = ws.m[i * h1 + j];
+    small_mm<T>(length, d, h1, dz, h1, 1, m_t, d, dk, d, true);
     T* dq = dq_block + r * d;
     for (int64_t i = 0; i < d * h1; ++i) d_base[i] += dm[i];
     if (net.outer) {
