@@ -231,7 +231,9 @@ class _KeptDice:
         self.buffer, self.means, self.variances, self.args = buffer, means, variances, args
 
     def __del__(self):
-        _DICE_BUFFERS.give(self.buffer)
+        pool = globals().get("_DICE_BUFFERS")  # (None once the interpreter tears the module down)
+        if pool is not None:
+            pool.give(self.buffer)
 
 
 def attention_cpu_dice_training_forward(
