@@ -2,7 +2,7 @@
 path against ``reference.din_attention``: the forward, every gradient (through the batch statistics) and the
 running statistics. On the C++ op the statistics are the call's own, merged over blocks of rows, so the
 problems here include calls of several blocks (more than ~768 valid positions), blocks without a valid
-position, and thread counts 1 and 2.
+position, and thread counts 1, 2 and 3.
 """
 import pytest
 import torch
