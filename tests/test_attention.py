@@ -177,6 +177,31 @@ def test_module_names_a_mismatched_embedding_dim():
 # the custom op: torch.compile(fullgraph=True) and opcheck
 # --------------------------------------------------------------------------------------------------------
 
+def test_torch_compile_fullgraph_dice_training():
+    """Dice in the attention MLP in training mode compiles as one graph (the reference's ops, which all trace:
+    the C++ op and Dice's launchers have no fake kernels for training) and gives the eager results: outputs,
+    gradients and the running statistics it updates."""
+    torch._dynamo.reset()
+    eager = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
+    twin = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    query = torch.randn(4, 8, requires_grad=True)
+    keys, lengths = torch.randn(4, 6, 8), torch.tensor([0, 6, 2, 3])
+    out = compiled(query, keys, lengths)
+    out.square().sum().backward()
+    grad_compiled = query.grad.clone()
+    query.grad = None
+    expected = eager(query, keys, lengths)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_compiled, query.grad)
+    for ours, theirs in zip(twin.dice, eager.dice):
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        torch.testing.assert_close(ours.alpha.grad, theirs.alpha.grad)
+
+
 def test_torch_compile_fullgraph_composite_path():
     """On CPU without the interpreter the op runs the composite path; it compiles as one graph."""
     previous = dk.get_backend()

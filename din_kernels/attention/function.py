@@ -264,7 +264,9 @@ def din_attention(
     else:
         plan = plan_attention(keys, weights, alpha_list, means, variances, activation, training=training,
                               eager=True, candidates=candidates, momentum=momentum)
-    if _log.isEnabledFor(logging.DEBUG):
+    # (not while compiling: dynamo refuses a logger call inside a fullgraph compile, which Dice in training
+    # reaches; the compiled graph logs nothing per call anyway)
+    if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug("din_attention B=%d C=%d T=%d D=%d: %s", batch, candidates, seq_len, dim, plan)
     if plan.path == "reference":
         out, attn = reference.din_attention(
