@@ -178,14 +178,14 @@ def test_module_names_a_mismatched_embedding_dim():
 # --------------------------------------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph_dice_training():
-    """Dice in the attention MLP in training mode compiles as one graph (the reference's ops, which all trace:
-    the C++ op and Dice's launchers have no fake kernels for training) and gives the eager results: outputs,
-    gradients and the running statistics it updates."""
+    """Dice in the attention MLP in training mode compiles as one graph (the composite pass with masked batch
+    statistics: the C++ op and Dice's launchers have no fake kernels for training) and gives the eager
+    results (the C++ op here): outputs, gradients and the running statistics it updates."""
     torch._dynamo.reset()
     eager = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
     twin = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
     twin.load_state_dict(eager.state_dict())
-    compiled = torch.compile(twin, backend="aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     query = torch.randn(4, 8, requires_grad=True)
     keys, lengths = torch.randn(4, 6, 8), torch.tensor([0, 6, 2, 3])
     out = compiled(query, keys, lengths)
@@ -200,6 +200,11 @@ def test_torch_compile_fullgraph_dice_training():
         torch.testing.assert_close(ours.running_mean, theirs.running_mean)
         torch.testing.assert_close(ours.running_var, theirs.running_var)
         torch.testing.assert_close(ours.alpha.grad, theirs.alpha.grad)
+    # no valid position: zeros out, the running statistics left as they were (the count is a traced tensor)
+    before = [(d.running_mean.clone(), d.running_var.clone()) for d in twin.dice]
+    assert bool((compiled(query, keys, torch.zeros(4, dtype=torch.int64)) == 0).all())
+    for dice, (mean, var) in zip(twin.dice, before):
+        assert torch.equal(dice.running_mean, mean) and torch.equal(dice.running_var, var)
 
 
 def test_torch_compile_fullgraph_composite_path():

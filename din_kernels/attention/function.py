@@ -9,7 +9,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference
 from .._checks import check_attention_args, check_momentum_eps
 from .._dtypes import accumulation_dtype
 from ..activations import activation_spec
@@ -195,7 +194,7 @@ def explain(query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tens
             alphas: Optional[Sequence[Tensor]] = None,
             dice_stats: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, training: bool = False) -> str:
     """Which path ``din_attention`` takes for these arguments in eager mode, and why: ``"path: reason"``
-    (path: triton, cpp, composite, composite-small, composite-autograd or reference). Validates like
+    (path: triton, cpp, composite, composite-small or composite-autograd). Validates like
     ``din_attention``; runs
     nothing. The same line is logged at DEBUG level by every call (logger ``din_kernels``)."""
     lengths, weights, alpha_list, means, variances = _checked(query, keys, lengths, weights, form, activation,
@@ -238,7 +237,8 @@ def din_attention(
     (same results). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
     ``activation="dice"`` with ``training=True`` (batch statistics over the valid positions, running
     statistics updated in place) runs on the C++ op where it runs (one query row per history), else one
-    autograd pass of the composite through ``din_kernels.dice``, and the reference under ``torch.compile``;
+    autograd pass of the composite through ``din_kernels.dice``, and under ``torch.compile`` one traced pass
+    of the composite with masked batch statistics (``small._dice_training_traced``: one graph);
     every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``
     under ``torch.compile`` (``fullgraph=True`` keeps it as one node), except that small problems on the
@@ -268,11 +268,6 @@ def din_attention(
     # reaches; the compiled graph logs nothing per call anyway)
     if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug("din_attention B=%d C=%d T=%d D=%d: %s", batch, candidates, seq_len, dim, plan)
-    if plan.path == "reference":
-        out, attn = reference.din_attention(
-            query, keys, lengths, weights, form=form, activation=activation, normalize=normalize, scale=scale,
-            return_scores=True, alphas=alphas, dice_stats=dice_stats, training=True, momentum=momentum, eps=eps)
-        return (out, attn.detach()) if return_scores else out
     rows, keys = rows.contiguous(), keys.contiguous()
     if plan.path in ("composite-small", "composite-autograd"):
         out, attn = attention_torch_small(rows, keys, lengths, plan.weights, plan.alphas, plan.dice_eval,

@@ -6,7 +6,7 @@ for problems they cover (``fused_supported``); on CPU the C++ op (``cpu.py``) wh
 torch composite path (``composite.py``), or, in eager mode, for small problems
 (``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode runs on the C++ op (its own
 batch statistics; one query row per history) where the backend rule picks it, else one autograd pass of the
-small path through ``din_kernels.dice`` (the reference under ``torch.compile``). An activation without
+small path through ``din_kernels.dice`` (under ``torch.compile`` its traced variant, masked statistics). An activation without
 fused kernels (``ActivationSpec.fused``) runs on the composite paths. ``_backend.select_path`` holds the
 backend rule shared with Dice and MBA.
 """
@@ -58,7 +58,7 @@ def _launchers(keys: Tensor, weights: Sequence[Tensor], activation: str = "sigmo
 @dataclass
 class AttentionPlan:
     """How one call runs, decided once (``plan_attention``) and kept for its backward: the path ("triton",
-    "cpp", "composite", "composite-small", "composite-autograd" or "reference"), why, the launchers, and their
+    "cpp", "composite", "composite-small" or "composite-autograd"), why, the launchers, and their
     arguments."""
     path: str
     reason: str
@@ -78,8 +78,9 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
     """The plan of one call (``candidates``: query rows per history). An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
     runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
     call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
-    Dice in training mode its autograd pass through ``din_kernels.dice`` (under compilation: the reference,
-    whose ops all trace)."""
+    Dice in training mode the C++ op (one query row per history, backend "cpp") or the composite's autograd
+    pass through ``din_kernels.dice`` (under compilation: that pass with masked statistics, which traces as
+    one graph)."""
     if activation_spec(activation).has_stats and training and len(weights) > 2:
         dice_pairs = list(zip(dice_means, dice_vars)) if dice_means else None
         if eager and candidates == 1 and select_path(keys, cpp=True) == "cpp":
@@ -88,12 +89,12 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
                                  functools.partial(attention_cpu_dice_training_forward, momentum=momentum),
                                  attention_cpu_dice_training_backward, list(weights), alphas or None, dice_pairs,
                                  activation)
-        if eager:
-            return AttentionPlan("composite-autograd", "Dice in training mode: one autograd pass of the composite, "
-                                 "batch statistics over the valid positions (din_kernels.dice)", None, None,
-                                 list(weights), alphas or None, dice_pairs, activation)
-        return AttentionPlan("reference", "Dice in training mode under torch.compile: reference.din_attention",
-                             None, None, list(weights), alphas or None, dice_pairs, activation)
+        reason = ("Dice in training mode: one autograd pass of the composite, batch statistics over the valid "
+                  "positions (din_kernels.dice)" if eager else
+                  "Dice in training mode under torch.compile: one traced pass of the composite, masked batch "
+                  "statistics")
+        return AttentionPlan("composite-autograd", reason, None, None, list(weights), alphas or None, dice_pairs,
+                             activation)
     weights = list(weights)
     if len(weights) == 2:
         weights += [keys.new_ones(1, 1, dtype=weights[0].dtype), keys.new_zeros(1, dtype=weights[1].dtype)]

@@ -67,7 +67,8 @@ def attention_torch_small(
     # (0 * inf = NaN) reaches neither the output nor a gradient, as on the other paths
     k = keys.to(dtype).masked_fill(invalid[..., None], 0.0)  # [B, T, D]
     packed = None  # the flat indices of the valid positions, when only those are scored
-    if dice_training is not None and form == "concat" and batch * max_len:
+    traced = dice_training is not None and torch.compiler.is_compiling()  # (no host read, no packing)
+    if dice_training is not None and form == "concat" and batch * max_len and not traced:
         valid_count = int(lengths.clamp(0, max_len).sum())  # (Dice training runs eagerly: one read)
         if valid_count < 0.75 * batch * max_len:
             packed = (~invalid).reshape(-1).nonzero().squeeze(1)  # [P]
@@ -94,8 +95,11 @@ def attention_torch_small(
         alpha = alphas[layer].to(dtype) if spec.has_alpha else None
         if dice_training is not None:
             running_mean, running_var = dice_eval[layer]
-            h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
-                        mask=~invalid if packed is None else None)
+            if traced:
+                h = _dice_training_traced(h, alpha, running_mean, running_var, ~invalid, dice_training, eps)
+            else:
+                h = dice_op(h, alpha, running_mean, running_var, training=True, momentum=dice_training, eps=eps,
+                            mask=~invalid if packed is None else None)
             continue
         mean, rstd = (None, None)
         if spec.has_stats:
@@ -115,3 +119,27 @@ def attention_torch_small(
         attn = torch.softmax(filled, dim=1).masked_fill(invalid, 0.0)
     out = torch.bmm(attn[:, None, :], k).squeeze(1)  # sum_t w * k
     return out.to(query.dtype), attn
+
+
+def _dice_training_traced(h: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          valid: Tensor, momentum: float, eps: float) -> Tensor:
+    """Dice in training mode on h [B, T, H] with the batch statistics over the ``valid`` [B, T] positions, in
+    ops that ``torch.compile`` traces into one graph (``din_kernels.dice`` calls launchers without fake
+    kernels, and the reference indexes the valid rows out, a data-dependent shape): masked sums, the count a
+    tensor. The running statistics are updated as ``nn.BatchNorm1d`` does (unbiased variance), not at all
+    when no position is valid. Same math as ``reference.dice``; padding rows are left as they come (their
+    scores are masked out after the MLP)."""
+    weight = valid[..., None].to(h.dtype)  # [B, T, 1]
+    count = weight.sum()
+    denominator = count.clamp(min=1.0)
+    mean = (h * weight).sum(dim=(0, 1)) / denominator  # [H]
+    var = ((h - mean).square() * weight).sum(dim=(0, 1)) / denominator
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1.0).clamp(min=1.0))
+            seen = count > 0
+            for running, batch_value in ((running_mean, mean), (running_var, unbiased)):
+                updated = running * (1.0 - momentum) + momentum * batch_value.to(running.dtype)
+                running.copy_(torch.where(seen, updated, running))
+    p = torch.sigmoid((h - mean) * torch.rsqrt(var + eps))
+    return p * h + (1.0 - p) * alpha * h
