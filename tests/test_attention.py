@@ -177,25 +177,32 @@ def test_module_names_a_mismatched_embedding_dim():
 # the custom op: torch.compile(fullgraph=True) and opcheck
 # --------------------------------------------------------------------------------------------------------
 
-def test_torch_compile_fullgraph_dice_training():
-    """Dice in the attention MLP in training mode compiles as one graph (the composite pass with masked batch
-    statistics: the C++ op and Dice's launchers have no fake kernels for training) and gives the eager
-    results (the C++ op here): outputs, gradients and the running statistics it updates."""
+def assert_compiled_matches_eager(compiled_unit, eager_unit):
+    """One graph (fullgraph=True, aot_eager) of ``compiled_unit`` against ``eager_unit`` (the same weights, or
+    the same module): the output and the query's gradient on a batch with an empty history."""
     torch._dynamo.reset()
-    eager = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
-    twin = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
-    twin.load_state_dict(eager.state_dict())
-    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(compiled_unit, fullgraph=True, backend="aot_eager")
     query = torch.randn(4, 8, requires_grad=True)
     keys, lengths = torch.randn(4, 6, 8), torch.tensor([0, 6, 2, 3])
     out = compiled(query, keys, lengths)
     out.square().sum().backward()
     grad_compiled = query.grad.clone()
     query.grad = None
-    expected = eager(query, keys, lengths)
+    expected = eager_unit(query, keys, lengths)
     expected.square().sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad_compiled, query.grad)
+    return compiled, query, keys
+
+
+def test_torch_compile_fullgraph_dice_training():
+    """Dice in the attention MLP in training mode compiles as one graph (the composite pass with masked batch
+    statistics: the C++ op and Dice's launchers have no fake kernels for training) and gives the eager
+    results (the C++ op here): outputs, gradients and the running statistics it updates."""
+    eager = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
+    twin = dk.LocalActivationUnit(8, (16, 8), activation="dice", normalize="softmax", scale=8 ** -0.5).train()
+    twin.load_state_dict(eager.state_dict())
+    compiled, query, keys = assert_compiled_matches_eager(twin, eager)
     for ours, theirs in zip(twin.dice, eager.dice):
         torch.testing.assert_close(ours.running_mean, theirs.running_mean)
         torch.testing.assert_close(ours.running_var, theirs.running_var)
@@ -212,19 +219,8 @@ def test_torch_compile_fullgraph_composite_path():
     previous = dk.get_backend()
     dk.set_backend("torch")
     try:
-        torch._dynamo.reset()
         unit = dk.LocalActivationUnit(8, (16, 8), normalize="softmax", scale=8 ** -0.5)
-        compiled = torch.compile(unit, fullgraph=True, backend="aot_eager")
-        query = torch.randn(4, 8, requires_grad=True)
-        keys, lengths = torch.randn(4, 6, 8), torch.tensor([0, 6, 2, 3])
-        out = compiled(query, keys, lengths)
-        out.square().sum().backward()
-        grad_compiled = query.grad.clone()
-        query.grad = None
-        expected = unit(query, keys, lengths)
-        expected.square().sum().backward()
-        torch.testing.assert_close(out, expected)
-        torch.testing.assert_close(grad_compiled, query.grad)
+        assert_compiled_matches_eager(unit, unit)
     finally:
         dk.set_backend(previous)
 
