@@ -104,8 +104,10 @@ class _Arguments:
 
     @property
     def training_tensors(self) -> list:
-        """The arguments of the Dice-training ops: the network's, then the alphas (no running statistics)."""
-        return self.tensors[:9] + [self.tensors[10]]
+        """The arguments of the Dice-training ops: ``tensors`` without the activation code (the ops are Dice's)
+        and the running statistics (the ops compute the call's own): the network's nine, then the alphas."""
+        network, alphas = self.tensors[:9], self.tensors[10]
+        return network + [alphas]
 
 
 def _no_rows_forward(query: Tensor, keys: Tensor, normalize: str) -> Tuple[Tensor, Tensor, Tensor]:

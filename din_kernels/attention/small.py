@@ -127,8 +127,8 @@ def _dice_training_traced(h: Tensor, alpha: Tensor, running_mean: Optional[Tenso
     ops that ``torch.compile`` traces into one graph (``din_kernels.dice`` calls launchers without fake
     kernels, and the reference indexes the valid rows out, a data-dependent shape): masked sums, the count a
     tensor. The running statistics are updated as ``nn.BatchNorm1d`` does (unbiased variance), not at all
-    when no position is valid. Same math as ``reference.dice``; padding rows are left as they come (their
-    scores are masked out after the MLP)."""
+    when no position is valid; then the registry's Dice formula. Same math as ``reference.dice``; padding
+    rows are left as they come (their scores are masked out after the MLP)."""
     weight = valid[..., None].to(h.dtype)  # [B, T, 1]
     count = weight.sum()
     denominator = count.clamp(min=1.0)
@@ -141,5 +141,4 @@ def _dice_training_traced(h: Tensor, alpha: Tensor, running_mean: Optional[Tenso
             for running, batch_value in ((running_mean, mean), (running_var, unbiased)):
                 updated = running * (1.0 - momentum) + momentum * batch_value.to(running.dtype)
                 running.copy_(torch.where(seen, updated, running))
-    p = torch.sigmoid((h - mean) * torch.rsqrt(var + eps))
-    return p * h + (1.0 - p) * alpha * h
+    return activation_spec("dice").apply(h, alpha, mean, torch.rsqrt(var + eps))
