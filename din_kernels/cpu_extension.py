@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "attention_cpu.cpp", CSRC / "dice_cpu.cpp", CSRC / "embedding_cpu.cpp")  # one library; csrc/cpu_runtime.h shared
+# one library; csrc/cpu_runtime.h shared
+SOURCES = (CSRC / "attention_cpu.cpp", CSRC / "dice_cpu.cpp", CSRC / "embedding_cpu.cpp")
 LIBRARY_NAME = "din_kernels_cpu"
 
 

@@ -6,8 +6,8 @@ for problems they cover (``fused_supported``); on CPU the C++ op (``cpu.py``) wh
 torch composite path (``composite.py``), or, in eager mode, for small problems
 (``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode runs on the C++ op (its own
 batch statistics; one query row per history) where the backend rule picks it, else one autograd pass of the
-small path through ``din_kernels.dice`` (under ``torch.compile`` its traced variant, masked statistics). An activation without
-fused kernels (``ActivationSpec.fused``) runs on the composite paths. ``_backend.select_path`` holds the
+small path through ``din_kernels.dice`` (under ``torch.compile`` its traced variant, masked statistics).
+An activation without fused kernels (``ActivationSpec.fused``) runs on the composite paths. ``_backend.select_path`` holds the
 backend rule shared with Dice and MBA.
 """
 from __future__ import annotations
