@@ -124,7 +124,9 @@ class _Activation(nn.Module):
 
 
 class _Head(nn.Module):
-    """``BatchNorm -> [Linear -> act] * len(hidden) -> Linear(.., 1)``; the input norm as in the official code."""
+    """``BatchNorm -> [Linear -> act] * len(hidden) -> Linear(.., 1)``; the input norm as in the official code.
+    With Dice the layers after the norm run as one op (``din_kernels.dice_mlp``) over these modules'
+    parameters and statistics (the state_dict is that of the modules)."""
 
     def __init__(self, in_features: int, hidden_units: Tuple[int, ...], activation: str, input_norm: bool = True):
         super().__init__()
@@ -138,7 +140,17 @@ class _Head(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.norm(x)).squeeze(-1)  # [B]
+        x = self.norm(x)
+        linears, dices = list(self.mlp)[0::2], [act.fn for act in list(self.mlp)[1::2]]
+        # the Linear and Dice layers as one op (din_kernels.dice_mlp), unless a layer was replaced by one with
+        # other statistics (din.distributed's SyncDice: the global batch's)
+        if dices and all(type(d) is dk.Dice and not d.affine for d in dices):
+            logits = dk.dice_mlp(x, [t for m in linears for t in (m.weight, m.bias)], [d.alpha for d in dices],
+                                 [d.running_mean for d in dices], [d.running_var for d in dices],
+                                 training=self.training, momentum=dices[0].momentum, eps=dices[0].eps)
+        else:
+            logits = self.mlp(x)
+        return logits.squeeze(-1)  # [B]
 
 
 class _InterestModel(nn.Module):

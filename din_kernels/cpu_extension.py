@@ -31,7 +31,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # one library; csrc/cpu_runtime.h shared
-SOURCES = (CSRC / "attention_cpu.cpp", CSRC / "dice_cpu.cpp", CSRC / "embedding_cpu.cpp")
+SOURCES = (CSRC / "attention_cpu.cpp", CSRC / "dice_cpu.cpp", CSRC / "embedding_cpu.cpp",
+           CSRC / "mlp_cpu.cpp")
 LIBRARY_NAME = "din_kernels_cpu"
 
 

@@ -98,6 +98,27 @@ def dice(
     return p * x + (1.0 - p) * alpha * x
 
 
+def dice_mlp(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    running_means: Optional[Sequence[Tensor]],
+    running_vars: Optional[Sequence[Tensor]],
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+) -> Tensor:
+    """DIN's head: ``[Linear -> Dice] * L -> Linear`` over x [N, F]; ``weights = (W_1, b_1, ..., W_out, b_out)``
+    as ``nn.Linear`` keeps them, one alpha (and optionally one pair of running statistics) per hidden layer."""
+    h = x
+    for layer in range(len(weights) // 2 - 1):
+        stats = (running_means[layer], running_vars[layer]) if running_means is not None else (None, None)
+        h = dice(h @ weights[2 * layer].T + weights[2 * layer + 1], alphas[layer], *stats, training=training,
+                 momentum=momentum, eps=eps)
+    return h @ weights[-2].T + weights[-1]
+
+
 def _hidden_activation(
     h: Tensor,
     activation: str,

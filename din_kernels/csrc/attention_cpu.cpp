@@ -57,43 +57,11 @@
 #include <type_traits>
 #include <vector>
 
-extern "C" {
-// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS inside the wheel).
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
-
 namespace {
 
-using namespace din_kernels_cpu;  // cpu_runtime.h: blocks, helper threads, aligned buffers, sigmoid
+using namespace din_kernels_cpu;  // cpu_runtime.h: blocks, helper threads, aligned buffers, sigmoid, mm
 
 enum Activation : int64_t { kIdentity = 0, kSigmoid = 1, kRelu = 2, kPrelu = 3, kDice = 4 };
-
-// Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
-template <typename T>
-void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-        int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-    return;
-  }
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-  const int LDA = static_cast<int>(std::max<int64_t>(lda, 1)), LDB = static_cast<int>(std::max<int64_t>(ldb, 1));
-  const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
-  } else {
-    dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
-  }
-}
-
 
 // The first layer's per-row products (a row's length x D x H1, e.g. 50 x 36 x 80): z += k M_b, dM = k^T dz1,
 // dk += dz1 M_b^T. Why not BLAS: M_b differs per row, and MKL spent about half of each such call packing it

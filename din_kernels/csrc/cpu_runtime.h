@@ -1,7 +1,7 @@
 // What the C++ CPU ops share: work cut into blocks that the calling thread and helper threads pull from a
 // counter (``run_blocks``: one "parallel region" per call, robust when other processes hold cores), the
-// helpers themselves (torch's OpenMP team or a pool of our own), 64-byte aligned scratch, and a vectorisable
-// sigmoid.
+// helpers themselves (torch's OpenMP team or a pool of our own), 64-byte aligned scratch, a vectorisable
+// sigmoid, and row-major products on the BLAS inside torch (``mm``).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -21,9 +22,17 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS inside the wheel).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
 // MKL's per-thread thread count (absent from a wheel whose BLAS is not MKL: then only the OpenMP setting).
 int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));  // the C entry (lower case is Fortran)
 }
@@ -55,6 +64,27 @@ inline double exp_fast(double x) { return std::exp(x); }  // fp64 (gradcheck): t
 template <typename T>
 void sigmoid_(T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = T(1) / (T(1) + exp_fast(-x[i]));
+}
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C, as the column-major product C^T = op(B)^T op(A)^T.
+template <typename T>
+void mm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+        int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(std::max<int64_t>(lda, 1)), LDB = static_cast<int>(std::max<int64_t>(ldb, 1));
+  const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  } else {
+    dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  }
 }
 
 // Every scratch buffer and every kept block starts on a 64-byte boundary: BLAS picks its code path by the
@@ -152,20 +182,31 @@ class HelperPool {
       ++threads_;
     }
     for (int64_t i = 0; i < helpers; ++i) tasks_.push_back(queue);
+    pending_.fetch_add(helpers);
     ready_.notify_all();
   }
 
  private:
   HelperPool() : pid_(getpid()) {}
 
+  // A helper that finished its blocks watches for the next queue a while before it sleeps: an op of several
+  // passes (the head MLP: six of ~0.1 ms) submits one queue per pass, and waking a parked thread (futex,
+  // scheduler) cost about as much as its share of such a pass. Bounded, so that a busy machine loses at most
+  // ``kSpin`` of a core per call, and yielding, so that a neighbour that wants the core gets it.
+  static constexpr std::chrono::microseconds kSpin{100};
+
   void loop() {
     for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      while (pending_.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
       std::shared_ptr<BlockQueue> queue;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         ready_.wait(lock, [&] { return !tasks_.empty(); });
         queue = std::move(tasks_.front());
         tasks_.pop_front();
+        pending_.fetch_sub(1);
       }
       queue->drain();  // a queue already drained by the caller returns at once
     }
@@ -175,6 +216,7 @@ class HelperPool {
   std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<std::shared_ptr<BlockQueue>> tasks_;
+  std::atomic<int64_t> pending_{0};  // tasks_.size(), read without the lock by a watching helper
   size_t threads_ = 0;
 };
 
