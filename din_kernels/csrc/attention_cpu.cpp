@@ -1068,6 +1068,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& lengths,
                         at::Tensor& kept_tensor, double eps) {
+  const HelperPasses passes;  // one pass of blocks per hidden layer, then the scores'
   const int64_t batch = query.size(0), seq_len = keys.size(1), d = keys.size(2), h1 = net.h1();
   const int64_t layers = net.layers();
   at::Tensor out = at::empty({batch, d}, keys.options());
@@ -1149,6 +1150,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
     Net<T>& net, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
     const at::Tensor& lengths, const at::Tensor& attn, at::TensorList means, at::TensorList vars,
     const at::Tensor& kept_tensor, at::Tensor& scratch, double eps) {
+  const HelperPasses passes;  // a pass of blocks per layer, back to the first
   const int64_t batch = query.size(0), d = keys.size(2), layers = net.layers();
   at::Tensor d_query = at::empty_like(query);
   at::Tensor d_keys = at::empty_like(keys);

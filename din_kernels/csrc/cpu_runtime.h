@@ -186,19 +186,24 @@ class HelperPool {
     ready_.notify_all();
   }
 
+  void begin_passes() { passes_.fetch_add(1); }
+  void end_passes() { passes_.fetch_sub(1); }
+
  private:
   HelperPool() : pid_(getpid()) {}
 
-  // A helper that finished its blocks watches for the next queue a while before it sleeps: an op of several
-  // passes (the head MLP: six of ~0.1 ms) submits one queue per pass, and waking a parked thread (futex,
-  // scheduler) cost about as much as its share of such a pass. Bounded, so that a busy machine loses at most
-  // ``kSpin`` of a core per call, and yielding, so that a neighbour that wants the core gets it.
-  static constexpr std::chrono::microseconds kSpin{100};
+  // While an op of several passes runs (``HelperPasses``), a helper that finished its blocks watches for the
+  // next pass's queue instead of sleeping: the head MLP submits six queues of ~0.1 ms each, and waking a
+  // parked thread (futex, scheduler) cost about its share of such a pass (measured: B=256 forward 243 ->
+  // 180 us at two threads). Between ops it sleeps at once (watching there cost a busy machine's neighbours
+  // the core); yielding, so that a neighbour that wants the core gets it, and bounded by ``kWatch``.
+  static constexpr std::chrono::microseconds kWatch{1000};
 
   void loop() {
     for (;;) {
-      const auto until = std::chrono::steady_clock::now() + kSpin;
-      while (pending_.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until)
+      const auto until = std::chrono::steady_clock::now() + kWatch;
+      while (pending_.load(std::memory_order_acquire) == 0 && passes_.load(std::memory_order_acquire) > 0 &&
+             std::chrono::steady_clock::now() < until)
         std::this_thread::yield();
       std::shared_ptr<BlockQueue> queue;
       {
@@ -217,7 +222,18 @@ class HelperPool {
   std::condition_variable ready_;
   std::deque<std::shared_ptr<BlockQueue>> tasks_;
   std::atomic<int64_t> pending_{0};  // tasks_.size(), read without the lock by a watching helper
+  std::atomic<int64_t> passes_{0};   // ops of several passes in progress (``HelperPasses``)
   size_t threads_ = 0;
+};
+
+// Held by an op that calls ``run_blocks`` once per pass (several passes): between its passes the helpers watch
+// for the next queue rather than sleep (``HelperPool::loop``).
+class HelperPasses {
+ public:
+  HelperPasses() { HelperPool::get().begin_passes(); }
+  ~HelperPasses() { HelperPool::get().end_passes(); }
+  HelperPasses(const HelperPasses&) = delete;
+  HelperPasses& operator=(const HelperPasses&) = delete;
 };
 
 // Whether the helpers' share of a call runs on torch's OpenMP team rather than on ``HelperPool``: when torch

@@ -5,10 +5,11 @@
 // calls forward and backward, each paying its dispatch (and the Dice wrapper its Python), all on one thread
 // (``din train`` keeps torch's own ops at 1 thread: its parallel regions collapse on a busy machine). Here the
 // rows are cut into blocks (fixed by the shape alone) that ``run_blocks`` (cpu_runtime.h) hands to the caller
-// and its helpers: one region per layer pass, L + 1 forward and L + 1 backward. A block takes its rows through
-// one layer on BLAS (single-threaded) and, where the next Dice needs the batch statistics, its moments;
-// statistics, Dice's gradient sums and the weight-gradient partials are merged in block order, so the
-// results do not depend on the thread count.
+// and its helpers: one region per layer pass, L + 1 forward and L + 1 backward (the helpers watching for the
+// next pass between them: ``HelperPasses``). A block takes its rows through one layer on BLAS
+// (single-threaded) and, where the next Dice needs the batch statistics, its moments; statistics, Dice's
+// gradient sums and the weight-gradient partials are merged in block order, so the results do not depend on
+// the thread count.
 //
 // Forward, phase l = 0..L: rows of h_{l-1} = Dice_{l-1}(z_{l-1}) (h_{-1} = x) times W_l^T plus b_l give
 // z_l (l < L; its block moments, in double, merged as sum_k n_k mean_k / n and
@@ -128,6 +129,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 forward_impl(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& alphas,
              const std::vector<at::Tensor>& running_means, const std::vector<at::Tensor>& running_vars,
              bool training, double eps, int64_t threads) {
+  const HelperPasses passes;  // L + 1 passes
   Net<T> net(x, weights, alphas);
   const int64_t n = x.size(0), hidden = net.hidden;
   TORCH_CHECK(training || (static_cast<int64_t>(running_means.size()) == hidden &&
@@ -201,6 +203,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> backwar
     const std::vector<at::Tensor>& alphas, const std::vector<at::Tensor>& zs, const std::vector<at::Tensor>& hs,
     const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& vars, bool training, double eps,
     bool need_dx, int64_t threads) {
+  const HelperPasses passes;  // L + 1 passes
   Net<T> net(x, weights, alphas);
   const int64_t n = x.size(0), hidden = net.hidden;
   TORCH_CHECK(dout.dim() == 2 && dout.size(0) == n && dout.size(1) == net.width(hidden + 1) &&
