@@ -42,6 +42,18 @@ def time_ms(step: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def thread_counts(text: str) -> List[int]:
+    """``--threads`` of the benchmarks that time several thread counts: "1,2" -> [1, 2]; ValueError (its message
+    for ``parser.error``) on anything but positive integers."""
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--threads: expected integers like '1,2', got {text!r}") from None
+    if not counts or min(counts) <= 0:
+        raise ValueError("--threads needs positive integers")
+    return counts
+
+
 def describe_machine() -> str:
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     return f"device {DEVICE} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"

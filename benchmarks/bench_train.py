@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import busy_neighbours  # noqa: E402
+from _timing import busy_neighbours, thread_counts  # noqa: E402
 from quality_peer import import_peer, peer_columns, peer_inputs  # noqa: E402
 
 from din.cli import _model_config, build_parser, configure_threads, keep_freed_memory  # noqa: E402
@@ -132,11 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.busy < 0:
         parser.error("--busy must be >= 0")
     try:
-        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        parser.error(f"--threads: expected integers like '1,2', got {args.threads!r}")
-    if not thread_counts or min(thread_counts) <= 0:
-        parser.error("--threads needs positive integers")
+        counts = thread_counts(args.threads)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         import_peer()
     except ValueError as error:
@@ -148,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if condition != "quiet" and not args.busy:
             continue
         with busy_neighbours(neighbours):
-            for threads in thread_counts:
+            for threads in counts:
                 print(f"{condition}:", file=sys.stderr)
                 results[condition, threads] = measure(args, threads)
     print(f"{args.data}: {samples:,} training samples, batch {args.batch_size}, histories cut at "

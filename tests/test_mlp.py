@@ -204,3 +204,17 @@ def test_tensors_on_two_devices_are_refused():
     x, weights, alphas, means, variances = head_problem()
     with pytest.raises(ValueError, match="one device"):
         dk.dice_mlp(x, weights, alphas, [means[0].to("meta"), means[1]], variances, training=True)
+
+
+def test_bench_head_prints_its_table(capsys):
+    """benchmarks/bench_head.py end to end at a tiny size (each provider in its own process)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
+    spec = importlib.util.spec_from_file_location("bench_head", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--rows", "8", "--repeats", "1", "--rounds", "2", "--calls", "1", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| quiet | 1 |")]
+    assert len(rows) == 1 and rows[0].count("x |") == 2  # modules and deepctr over din_kernels
