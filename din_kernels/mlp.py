@@ -50,12 +50,12 @@ class DiceMLPFunction(torch.autograd.Function):
     def forward(ctx, x, running_means, running_vars, training, momentum, eps, hidden, *params):
         weights, alphas = list(params[:2 * hidden + 2]), list(params[2 * hidden + 2:])
         stats = ([], []) if training else (list(running_means), list(running_vars))
-        out, zs, hs, means, variances = cpu_extension.ops().dice_mlp_fwd(
+        out, zs, ps, hs, means, variances = cpu_extension.ops().dice_mlp_fwd(
             x, weights, alphas, *stats, training, eps, cpu_extension.threads())
         if training and running_means is not None:
             for running_mean, running_var, mean, var in zip(running_means, running_vars, means, variances):
                 _update_running(running_mean, running_var, mean, var, x.shape[0], momentum)
-        ctx.save_for_backward(x, *weights, *alphas, *zs, *hs, *means, *variances)
+        ctx.save_for_backward(x, *weights, *alphas, *zs, *ps, *hs, *means, *variances)
         ctx.hidden, ctx.training, ctx.eps = hidden, training, eps
         return out
 
@@ -65,10 +65,10 @@ class DiceMLPFunction(torch.autograd.Function):
         hidden = ctx.hidden
         saved = list(ctx.saved_tensors)
         x, weights = saved[0], saved[1:2 * hidden + 3]
-        alphas, zs, hs, means, variances = (saved[2 * hidden + 3 + i * hidden:2 * hidden + 3 + (i + 1) * hidden]
-                                            for i in range(5))
+        alphas, zs, ps, hs, means, variances = (
+            saved[2 * hidden + 3 + i * hidden:2 * hidden + 3 + (i + 1) * hidden] for i in range(6))
         dx, grads, dalphas = cpu_extension.ops().dice_mlp_bwd(
-            dout.contiguous(), x, weights, alphas, zs, hs, means, variances, ctx.training, ctx.eps,
+            dout.contiguous(), x, weights, alphas, zs, ps, hs, means, variances, ctx.training, ctx.eps,
             ctx.needs_input_grad[0], cpu_extension.threads())
         return ((dx if ctx.needs_input_grad[0] else None), None, None, None, None, None, None, *grads, *dalphas)
 

@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include "cpu_runtime.h"
+#include "dice_blocks.h"
 
 #include <omp.h>
 #include <unistd.h>
@@ -951,6 +952,13 @@ struct DiceKept {
   }
 };
 
+// Each block's valid positions (the counts ``merge_moments`` weighs the blocks' moments by).
+inline std::vector<int64_t> block_counts(const std::vector<Block>& blocks) {
+  std::vector<int64_t> counts;
+  for (const auto& blk : blocks) counts.push_back(blk.positions);
+  return counts;
+}
+
 // Each block's first position in the call's packed order.
 inline std::vector<int64_t> block_firsts(const std::vector<Block>& blocks) {
   std::vector<int64_t> firsts;
@@ -961,108 +969,6 @@ inline std::vector<int64_t> block_firsts(const std::vector<Block>& blocks) {
   }
   return firsts;
 }
-
-// Per-unit sums of one block for the statistics, in double: ``first`` [width] and ``second`` [width].
-// forward: mean and M2 = sum (z - mean)^2 of z [n, width] (two passes).
-template <typename T>
-void block_moments(const T* z, int64_t n, int64_t width, double* mean, double* m2) {
-  std::fill(mean, mean + width, 0.0);
-  std::fill(m2, m2 + width, 0.0);
-  if (n == 0) return;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) mean[j] += z[i * width + j];
-  for (int64_t j = 0; j < width; ++j) mean[j] /= static_cast<double>(n);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) {
-      const double centred = z[i * width + j] - mean[j];
-      m2[j] += centred * centred;
-    }
-}
-
-// The call's per-unit mean and biased variance from the blocks' (count, mean, M2), merged in block order.
-inline void merge_moments(const std::vector<Block>& blocks, const std::vector<double>& moments, int64_t width,
-                          std::vector<double>& mean, std::vector<double>& var) {
-  mean.assign(width, 0.0);
-  std::vector<double> m2(width, 0.0);
-  double count = 0;
-  for (size_t b = 0; b < blocks.size(); ++b) {
-    const double n_b = static_cast<double>(blocks[b].positions);
-    if (n_b == 0) continue;
-    const double* mean_b = moments.data() + b * 2 * width;
-    const double* m2_b = mean_b + width;
-    const double total = count + n_b;
-    for (int64_t j = 0; j < width; ++j) {
-      const double delta = mean_b[j] - mean[j];
-      mean[j] += delta * n_b / total;
-      m2[j] += m2_b[j] + delta * delta * count * n_b / total;
-    }
-    count = total;
-  }
-  var.assign(width, 0.0);
-  if (count > 0)
-    for (int64_t j = 0; j < width; ++j) var[j] = m2[j] / count;
-}
-
-// h = z (a + (1 - a) p) on [n, width], from the kept z and p.
-template <typename T>
-void dice_output(const T* z, const T* p, T* h, int64_t n, int64_t width, const T* a) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j)
-      h[i * width + j] = z[i * width + j] * (a[j] + (T(1) - a[j]) * p[i * width + j]);
-}
-
-// p = sigmoid((z - mean) rstd) into ``p``, h = z (a + (1 - a) p) into ``h``, on [n, width].
-template <typename T>
-void dice_batch_forward(const T* z, T* p, T* h, int64_t n, int64_t width, const T* mean, const T* rstd,
-                        const T* a) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) p[i * width + j] = (z[i * width + j] - mean[j]) * rstd[j];
-  sigmoid_(p, n * width);
-  dice_output(z, p, h, n, width, a);
-}
-
-// The backward's per-block sums of a layer from g = dL/dh [n, width]: dalpha += sum g z (1 - p); in double
-// ``s1`` = sum g_xhat and ``s2`` = sum g_xhat xhat [width] each.
-template <typename T>
-void dice_backward_sums(const T* g, const T* z, const T* p, int64_t n, int64_t width, const T* mean,
-                        const T* rstd, const T* a, T* dalpha, double* s1, double* s2) {
-  std::fill(s1, s1 + width, 0.0);
-  std::fill(s2, s2 + width, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t at = i * width + j;
-      const T one_minus_p = T(1) - p[at];
-      dalpha[j] += g[at] * z[at] * one_minus_p;
-      const T g_xhat = g[at] * z[at] * (T(1) - a[j]) * p[at] * one_minus_p;
-      s1[j] += g_xhat;
-      s2[j] += static_cast<double>(g_xhat) * ((z[at] - mean[j]) * rstd[j]);
-    }
-}
-
-// dz [n, width] from g: g (a + (1 - a) p) + rstd (g_xhat - c1 - xhat c2), c1 = mean(g_xhat), c2 =
-// mean(g_xhat xhat) over the call.
-template <typename T>
-void dice_backward_dz(const T* g, const T* z, const T* p, T* dz, int64_t n, int64_t width, const T* mean,
-                      const T* rstd, const T* a, const T* c1, const T* c2) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t at = i * width + j;
-      const T g_xhat = g[at] * z[at] * (T(1) - a[j]) * p[at] * (T(1) - p[at]);
-      const T xhat = (z[at] - mean[j]) * rstd[j];
-      dz[at] = g[at] * (a[j] + (T(1) - a[j]) * p[at]) + rstd[j] * (g_xhat - c1[j] - xhat * c2[j]);
-    }
-}
-
-// The statistics a layer's Dice uses, in the compute dtype: mean and rstd = (var + eps)^-1/2 [width].
-template <typename T>
-struct LayerStats {
-  Buffer<T> mean, rstd;
-  void set(const T* mean_in, const T* var_in, int64_t width, double eps) {
-    mean.assign(mean_in, mean_in + width);
-    rstd.resize(width);
-    for (int64_t j = 0; j < width; ++j) rstd[j] = T(1) / std::sqrt(var_in[j] + static_cast<T>(eps));
-  }
-};
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -1130,7 +1036,7 @@ dice_train_forward_impl(Net<T>& net, const at::Tensor& query, const at::Tensor& 
     });
     if (l == layers) break;
     std::vector<double> mean, var;
-    merge_moments(plan.blocks, moments, width, mean, var);
+    merge_moments(block_counts(plan.blocks), moments, width, mean, var);
     at::Tensor mean_t = at::empty({width}, keys.options()), var_t = at::empty({width}, keys.options());
     for (int64_t j = 0; j < width; ++j) {
       mean_t.data_ptr<T>()[j] = static_cast<T>(mean[j]);
@@ -1188,20 +1094,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dice_train_backward_
   const int64_t out_slot = 4 + 2 * (layers - 1);  // d_wout in GradLayout
   const std::vector<T> no_delta;  // (no segmented rows)
   std::vector<double> sums(nblocks * 2 * widest);
-  // the call's mean(g_xhat) and mean(g_xhat xhat) of a layer from the blocks' sums, in block order
   Buffer<T> c1(widest), c2(widest);
-  auto merge_sums = [&](int64_t width) {
-    std::vector<double> s1(width, 0.0), s2(width, 0.0);
-    for (int64_t b = 0; b < nblocks; ++b)
-      for (int64_t j = 0; j < width; ++j) {
-        s1[j] += sums[b * 2 * width + j];
-        s2[j] += sums[b * 2 * width + width + j];
-      }
-    for (int64_t j = 0; j < width; ++j) {
-      c1[j] = static_cast<T>(s1[j] / std::max<double>(static_cast<double>(total), 1.0));
-      c2[j] = static_cast<T>(s2[j] / std::max<double>(static_cast<double>(total), 1.0));
-    }
-  };
+  auto merge_sums = [&](int64_t width) { merge_backward_sums(sums, nblocks, width, total, c1.data(), c2.data()); };
   // region 0: the scores' and the output layer's gradients, dL/dh_{L-1}, and that layer's sums
   const int64_t last = net.widths.back();
   std::fill(sums.begin(), sums.end(), 0.0);  // (a block without positions leaves its sums at zero)
