@@ -43,6 +43,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from din_kernels.testing import attention_fused as A  # noqa: E402
+from din_kernels.testing import attention_fused_dice_training as DT  # noqa: E402
 
 # per SM: registers, shared memory a block may use, resident threads, resident blocks
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
@@ -197,11 +198,53 @@ def report(quick: bool) -> List[Row]:
                         rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
                                                 backward_pass, candidates))
                         print(_line(rows[-1]), flush=True)
+    # Dice attention in training mode (fused_dice_training.py): every stage the launchers run, one candidate
+    for arch in (90, 80):
+        for (seq_len, dim, hidden), softmax, precision in itertools.product(
+                shapes, softmaxes, ("fp32", "fp32-tf32", "bf16")):
+            for row in dice_training_kernels(arch, precision, seq_len, dim, hidden, softmax):
+                rows.append(row)
+                print(_line(row), flush=True)
     print("\n" + OTHER_HEADER)
     for arch in (90, 80):
         for row in other_kernels(arch, quick):
             rows.append(row)
             print(_line(row), flush=True)
+    return rows
+
+
+def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int],
+                          softmax: bool) -> List[Row]:
+    """The Dice-training kernels' stages (``train-fwd stage l``: layer l's moments, the last one the scores;
+    ``train-bwd stage s``: 0 the top layer's sums, 1 layer 2's dz and layer 1's sums, in two parts for fp32
+    without TF32, 2 the first layer) as
+    ``attention_triton_dice_training_forward`` / ``_backward`` launch them (block sizes from
+    ``DT._stage_configs``)."""
+    dtype, dot_precision = PRECISIONS[precision]
+    keys = torch.empty(1, 1, dim, dtype=TORCH_DTYPES[dtype])
+    weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
+    if not DT.dice_training_supported(keys, weights):
+        row = Row("train-fwd/bwd", arch, precision, seq_len, dim, tuple(hidden), softmax)
+        row.note = "outside dice_training_supported: the composite path runs"
+        return [row]
+    with _tf32(precision):
+        forward, backward = DT._stage_configs(keys.dtype, seq_len, dim, hidden)
+    layers = len(hidden)
+    launches = [(DT._dice_train_fwd_kernel, f"train-fwd stage {stage}", stage, 0, forward, {})
+                for stage in range(layers + 1)]
+    launches += [(DT._dice_train_bwd_kernel, f"train-bwd stage {stage}" + (f" part {part}" if part else ""), stage,
+                  part, blocks, options) for stage, part, blocks, options in backward]
+    rows = []
+    for fn, name, stage, part, blocks, options in launches:
+        block_t, block_d, block_h1, block_h2, num_warps = blocks
+        consts = dict(STAGE=stage, TWO_LAYERS=layers == 2, SOFTMAX=softmax, DOT_PRECISION=dot_precision,
+                      BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, INTERPRETED=False)
+        if fn is DT._dice_train_bwd_kernel:
+            consts["PART"] = part
+        types = {name: "i32" for name in ("T", "D", "H1", "H2", "stride_kb", "stride_kt")}
+        types.update(scale="fp32", LENGTHS="*i64", **{n: f"*{dtype}" for n in ("K", "DK", "OUT", "DOUT")})
+        row = Row(name, arch, precision, seq_len, dim, tuple(hidden), softmax)
+        rows.append(_assemble(row, _signature(fn, consts, types, "*fp32"), arch, num_warps, options))
     return rows
 
 

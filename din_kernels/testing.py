@@ -17,8 +17,9 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
   ``fused_supported(keys, weights)``: whether the Triton kernels cover a problem.
 - The modules, for tests of one piece's internals (chunk planning, workspaces, kept-activation buffers,
   tile and warp choices, the kernels themselves): ``attention_composite``, ``attention_small_module``,
-  ``attention_cpu``, ``attention_fused``, ``attention_first_layer``, ``attention_plan`` and
-  ``attention_function`` (the op, Function and functional: where a test spies on what a call runs).
+  ``attention_cpu``, ``attention_fused``, ``attention_fused_dice_training`` (Dice in training mode on the
+  Triton path), ``attention_first_layer``, ``attention_plan`` and ``attention_function`` (the op, Function
+  and functional: where a test spies on what a call runs).
 
 Dice (``din_kernels.dice``) and MBA (``din_kernels.mba``): ``dice_module`` and ``mba_module``, whose
 kernels and mode constants the GPU compile report reads.
@@ -38,6 +39,7 @@ from .attention import cpu as attention_cpu
 from .attention import first_layer as attention_first_layer
 from .attention import function as attention_function
 from .attention import fused as attention_fused
+from .attention import fused_dice_training as attention_fused_dice_training
 from .attention import plan as attention_plan
 from .attention import small as attention_small_module
 
@@ -59,6 +61,7 @@ def attention_launchers(keys, weights, activation: str = "sigmoid"):
 
 
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
-           "attention_function", "attention_fused", "attention_launchers", "attention_plan", "attention_small",
+           "attention_function", "attention_fused", "attention_fused_dice_training", "attention_launchers",
+           "attention_plan", "attention_small",
            "attention_small_module", "cpu_extension", "dice_module", "fused_supported", "interpreter_enabled",
            "mba_module", "select_path", "use_cpu_extension", "use_triton"]

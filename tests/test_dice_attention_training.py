@@ -185,3 +185,88 @@ def test_low_precision_inputs_compute_in_fp32(backend):
     assert out.dtype == torch.bfloat16 and grads["keys"].dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref_out, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(grads["keys"].float(), ref_grads["keys"], rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton path's own kernels (fused_dice_training.py): routing, the kept statistics, bad arguments
+# ----------------------------------------------------------------------------------------------------------
+
+def _explain(p, **options):
+    return dk.explain(p["query"], p["keys"], p["lengths"], p["weights"], activation="dice", alphas=p["alphas"],
+                      training=True, **options)
+
+
+@pytest.fixture
+def triton_backend():
+    previous = dk.get_backend()
+    dk.set_backend("triton")
+    yield
+    dk.set_backend(previous)
+
+
+def test_triton_plan_runs_the_kernels_where_they_cover_the_problem(triton_backend):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for hidden in ((6,), (6, 3)):
+            assert _explain(problem(Case(3, 5, 4, hidden, dtype=dtype))).startswith("triton: "), (dtype, hidden)
+    # three hidden layers, several candidates per history: the composite's autograd pass
+    assert _explain(problem(Case(3, 5, 4, (6, 5, 3)))).startswith("composite-autograd: ")
+    assert _explain(problem(Case(3, 5, 4, (6, 3), candidates=2))).startswith("composite-autograd: ")
+
+
+def test_triton_path_never_calls_the_reference(triton_backend, monkeypatch):
+    p = problem(Case(4, 9, 5, (6, 3), lengths=(9, 0, 3, 1), dtype=torch.float64))
+    expected = run(dk.din_attention, p, normalize="softmax")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton path called reference.py")
+
+    for name in ("din_attention", "dice"):
+        monkeypatch.setattr(reference, name, refuse)
+    got = run(dk.din_attention, p, normalize="softmax")
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+
+
+def test_triton_backward_reads_the_kept_statistics_twice_and_recomputes_them_without(triton_backend):
+    """``retain_graph=True``: the second backward reads the same kept statistics (same gradients, bit for
+    bit); the launcher's backward without ``kept`` recomputes them (the same again); results deterministic."""
+    from din_kernels.testing import attention_fused_dice_training as launchers
+
+    p = problem(Case(5, 11, 6, (8, 4), lengths=(11, 0, 7, 2, 5), dtype=torch.float64))
+    stats = [(m.clone(), v.clone()) for m, v in p["stats"]]
+    out = dk.din_attention(p["query"], p["keys"], p["lengths"], p["weights"], activation="dice", training=True,
+                           alphas=p["alphas"], dice_stats=stats, normalize="softmax")
+    inputs = [p["query"], p["keys"], *p["weights"], *p["alphas"]]
+    first = torch.autograd.grad(out, inputs, p["grad_out"], retain_graph=True)
+    second = torch.autograd.grad(out, inputs, p["grad_out"])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+    args = (p["query"].detach(), p["keys"].detach(), p["lengths"], [w.detach() for w in p["weights"]],
+            [a.detach() for a in p["alphas"]], None, 1e-8)
+    options = dict(form="concat", activation="dice", normalize="softmax", scale=None)
+    kept = []
+    out_l, attn, lse = launchers.attention_triton_dice_training_forward(*args, **options, momentum=0.1, kept=kept)
+    assert torch.equal(out_l, out.detach())
+    with_kept = launchers.attention_triton_dice_training_backward(p["grad_out"], *args, out_l, attn, lse, **options,
+                                                                 kept=kept)
+    without = launchers.attention_triton_dice_training_backward(p["grad_out"], *args, out_l, attn, lse, **options)
+    flat = lambda r: [r[0], r[1], *r[2], *r[3]]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(with_kept), flat(without)))
+    assert all(torch.equal(a, b) for a, b in zip(flat(with_kept), first))
+
+
+def test_triton_launchers_refuse_what_they_do_not_run():
+    from din_kernels.testing import attention_fused_dice_training as launchers
+
+    p = problem(Case(2, 3, 4, (6, 3)))
+    args = (p["query"].detach(), p["keys"].detach(), p["lengths"], p["weights"], p["alphas"], None, 1e-8)
+    options = dict(form="concat", normalize="none", scale=None, momentum=0.1)
+    forward = launchers.attention_triton_dice_training_forward
+    with pytest.raises(ValueError, match="activation"):
+        forward(*args, activation="sigmoid", **options)
+    with pytest.raises(ValueError, match="query"):
+        forward(p["query"].detach().repeat(2, 1), *args[1:], activation="dice", **options)
+    with pytest.raises(ValueError, match="normalize"):
+        forward(*args, activation="dice", **dict(options, normalize="sum"))
+    deep = problem(Case(2, 3, 4, (6, 5, 3)))
+    with pytest.raises(ValueError, match="coverage"):
+        forward(*args[:3], deep["weights"], deep["alphas"], None, 1e-8, activation="dice", **options)

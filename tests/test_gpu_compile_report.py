@@ -3,7 +3,7 @@ reads the compiler's counts: every specialisation of the quick set must compile 
 shared memory; 16-bit inputs must reach 16-bit MMAs (BF16 / F16, not TF32) and TF32 its own; nothing may
 spill, the fp32-without-TF32 backward (FMA products, two passes) included: the report runs with ``--check``
 (issue 12's gate), which fails on any spill, shared-memory overflow or missing tensor-core path. The Dice
-and MBA kernels are compiled too."""
+and MBA kernels are compiled too, and the Dice-training attention kernels (``fused_dice_training.py``)."""
 import os
 import subprocess
 import sys
@@ -43,4 +43,19 @@ def test_quick_report_compiles_every_specialisation(tmp_path):
     for kernel, arch, dtype, problem, warps, registers, spilled, shared, blocks, tensor_core in others:
         assert 0 < int(registers) <= 255 and int(blocks) >= 1, (kernel, arch, problem)
         assert int(spilled) == 0, (kernel, arch, problem, spilled)
-    assert "38 specialisations" in result.stdout
+    # Dice attention in training (fused_dice_training.py): every stage the launchers run, for fp32 (TF32 off and
+    # on) and bf16 on both architectures: forward stages 0-2, backward stages 0-2 (fp32 without TF32: stage 1
+    # in two parts); none may spill, and TF32 / bf16 must reach their own MMAs
+    training = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| train-")]
+    assert len(training) == 2 * (7 + 6 + 6)
+    for kernel, arch, precision, *_, warps, registers, spilled, shared, blocks, tensor_core in training:
+        kernel, precision = kernel.strip(), precision.strip()
+        assert 0 < int(registers) <= 255 and int(shared) > 0 and int(blocks) >= 1, (kernel, arch, precision)
+        assert int(spilled) == 0, (kernel, arch, precision, spilled)
+        count, types = tensor_core.split()
+        if precision == "fp32":
+            assert int(count) == 0, (kernel, arch)
+        else:
+            want = {"fp32-tf32": "TF32", "bf16": "BF16"}[precision]
+            assert int(count) > 0 and types == want, (kernel, arch, precision, types)
+    assert "76 specialisations" in result.stdout

@@ -8,9 +8,14 @@ Where each idea lives (one file per piece, in the spirit of fla's ``ops/<op>/``)
                     which every path uses
     fused.py        the Triton kernels (forward, backward) and their launchers, ``fused_supported``,
                     tile and warp choices (compiled for sm_90 / sm_80: ``benchmarks/gpu_compile_report.py``)
+    fused_dice_training.py
+                    Dice attention in training mode on the Triton path: one launch per hidden layer (its
+                    batch statistics over the valid positions), forward and backward through the statistics,
+                    the layers below recomputed; one query row per history, ``fused.py``'s coverage (fp64 too)
     composite.py    the torch composite path: chunked rows sorted by length, hand-written backward
     small.py        its plain-autograd variant for small problems, and Dice attention in training mode
-                    where the C++ op does not run it (Triton backend, torch backend, several candidates)
+                    where neither the Triton kernels nor the C++ op run it (torch backend, several candidates,
+                    shapes outside the kernels' coverage, and under ``torch.compile`` its traced variant)
     cpu.py          the C++ op's launchers (``csrc/attention_cpu.cpp``), Dice attention in training mode
                     (the op's own batch statistics) included
     plan.py         which path runs a call and why (``plan_attention``), decided once per call

@@ -141,7 +141,7 @@ class DinAttentionFunction(torch.autograd.Function):
         # the C++ op's helper threads need (measured: 9% of the CPU in a B=1024, T=100 forward + backward)
         ctx.set_materialize_grads(False)
         ctx.kept = None
-        if keep and plan.path in ("composite", "cpp"):  # (their launchers take ``kept``) a backward will follow
+        if keep and plan.keeps:  # (its launchers take ``kept``) a backward will follow
             ctx.kept = options["kept"] = []
         out, attn, lse = forward(query, keys, lengths, plan.weights, plan.alphas, plan.dice_eval, eps, **options)
         ctx.counts, ctx.plan = counts, plan
@@ -236,9 +236,10 @@ def din_attention(
     fp32/fp16/bf16; on CPU the C++ op (``attention_cpu``) where it is built, else the torch composite path
     (same results). An MLP without hidden layer (``weights = (w_out, b_out)``) is supported too.
     ``activation="dice"`` with ``training=True`` (batch statistics over the valid positions, running
-    statistics updated in place) runs on the C++ op where it runs (one query row per history), else one
-    autograd pass of the composite through ``din_kernels.dice``, and under ``torch.compile`` one traced pass
-    of the composite with masked batch statistics (``small._dice_training_traced``: one graph);
+    statistics updated in place) runs, with one query row per history, on the Triton kernels of
+    ``fused_dice_training.py`` where Triton runs and they cover the problem, or on the C++ op where it runs,
+    else one autograd pass of the composite through ``din_kernels.dice``, and under ``torch.compile`` one
+    traced pass of the composite with masked batch statistics (``small._dice_training_traced``: one graph);
     every other mode runs the launchers through
     ``DinAttentionFunction`` in eager mode and through the custom op ``torch.ops.din_kernels.din_attention``
     under ``torch.compile`` (``fullgraph=True`` keeps it as one node), except that small problems on the

@@ -4,9 +4,11 @@ backward; ``explain`` and the DEBUG log print the plan.
 Paths, in the order tried: the Triton kernels (``fused.py``; CUDA, or CPU tensors under the interpreter)
 for problems they cover (``fused_supported``); on CPU the C++ op (``cpu.py``) where it is built; else the
 torch composite path (``composite.py``), or, in eager mode, for small problems
-(``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode runs on the C++ op (its own
-batch statistics; one query row per history) where the backend rule picks it, else one autograd pass of the
-small path through ``din_kernels.dice`` (under ``torch.compile`` its traced variant, masked statistics).
+(``small.SMALL_POSITIONS``) its autograd variant. Dice in training mode (one query row per history, in eager
+mode) runs on the Triton kernels of ``fused_dice_training.py`` where the backend rule picks Triton and they
+cover the problem (``dice_training_supported``), on the C++ op where it picks the C++ op (both compute the
+batch statistics themselves), else one autograd pass of the small path through ``din_kernels.dice`` (also
+with several candidates; under ``torch.compile`` its traced variant, masked statistics).
 An activation without fused kernels (``ActivationSpec.fused``) runs on the composite paths. ``_backend.select_path`` holds the
 backend rule shared with Dice and MBA.
 """
@@ -24,6 +26,8 @@ from .composite import attention_torch_backward, attention_torch_forward
 from .cpu import (attention_cpu_backward, attention_cpu_dice_training_backward, attention_cpu_dice_training_forward,
                   attention_cpu_forward)
 from .fused import attention_backward, attention_forward, fused_supported
+from .fused_dice_training import (attention_triton_dice_training_backward, attention_triton_dice_training_forward,
+                                  dice_training_supported)
 from . import small
 
 Tensor = torch.Tensor
@@ -68,6 +72,9 @@ class AttentionPlan:
     alphas: Optional[List[Tensor]]
     dice_eval: Optional[List[Tuple[Tensor, Tensor]]]
     activation: str
+    # the launchers keep state from the forward for the backward (``kept=``): the composite and C++ paths, and
+    # every Dice-training launcher (its batch statistics)
+    keeps: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -78,17 +85,30 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
     """The plan of one call (``candidates``: query rows per history). An MLP without a hidden layer (``weights = (w_out, b_out)``: a linear score)
     runs as one identity hidden layer of width 1 followed by ``1 * z + 0``, which is exact. ``eager``: the
     call runs outside ``torch.compile``, where small composite problems take ``attention_torch_small`` and
-    Dice in training mode the C++ op (one query row per history, backend "cpp") or the composite's autograd
-    pass through ``din_kernels.dice`` (under compilation: that pass with masked statistics, which traces as
-    one graph)."""
+    Dice in training mode (one query row per history) the Triton kernels (``fused_dice_training.py``: Triton
+    picked by the backend rule, a problem they cover) or the C++ op (backend "cpp"), else the composite's
+    autograd pass through ``din_kernels.dice`` (under compilation: that pass with masked statistics, which
+    traces as one graph)."""
     if activation_spec(activation).has_stats and training and len(weights) > 2:
         dice_pairs = list(zip(dice_means, dice_vars)) if dice_means else None
-        if eager and candidates == 1 and select_path(keys, cpp=True) == "cpp":
+        path = select_path(keys, cpp=True)
+        # Under torch.compile the traced composite runs instead: the custom op (``function.py``) has no training
+        # mode, and one for it would have to mutate the running statistics in place and hand the batch
+        # statistics to its backward op (a schema of its own); not written yet.
+        if eager and candidates == 1 and path == "triton" and dice_training_supported(keys, weights):
+            where = "CUDA" if keys.is_cuda else "the Triton interpreter"
+            return AttentionPlan("triton", f"fused Triton kernels on {where}, Dice in training mode: batch "
+                                 "statistics over the valid positions, one launch per hidden layer forward and "
+                                 "backward (fused_dice_training.py)",
+                                 functools.partial(attention_triton_dice_training_forward, momentum=momentum),
+                                 attention_triton_dice_training_backward, list(weights), alphas or None, dice_pairs,
+                                 activation, keeps=True)
+        if eager and candidates == 1 and path == "cpp":
             return AttentionPlan("cpp", "the C++ CPU op, Dice in training mode: batch statistics over the valid "
                                  "positions, one pass of blocks per hidden layer",
                                  functools.partial(attention_cpu_dice_training_forward, momentum=momentum),
                                  attention_cpu_dice_training_backward, list(weights), alphas or None, dice_pairs,
-                                 activation)
+                                 activation, keeps=True)
         reason = ("Dice in training mode: one autograd pass of the composite, batch statistics over the valid "
                   "positions (din_kernels.dice)" if eager else
                   "Dice in training mode under torch.compile: one traced pass of the composite, masked batch "
@@ -103,7 +123,8 @@ def plan_attention(keys, weights, alphas, dice_means, dice_vars, activation, *, 
     forward, backward, path, reason = _launchers_and_reason(keys, weights, activation)
     if eager and path == "composite" and keys.shape[0] * candidates * keys.shape[1] <= small.SMALL_POSITIONS:
         path, reason = "composite-small", reason + f"; B x C x T <= {small.SMALL_POSITIONS}: one autograd pass"
-    return AttentionPlan(path, reason, forward, backward, weights, alphas or None, dice_eval, activation)
+    return AttentionPlan(path, reason, forward, backward, weights, alphas or None, dice_eval, activation,
+                         keeps=path in ("composite", "cpp"))
 
 
 def _plan(keys, weights, alphas, dice_means, dice_vars, activation, candidates: int = 1):
