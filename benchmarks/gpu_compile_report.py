@@ -9,8 +9,10 @@ MBA's (``other_kernels``).
 Specialisations (what ``attention_forward`` / ``attention_backward`` pass for B=2048): T in {50, 200},
 D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_supported``: listed as running the
 composite path), inputs fp32 with TF32 off (torch's default: ``DOT_PRECISION="ieee"``) and on, bf16, fp16;
-sigmoid, normalize none and softmax. ``--quick``: T=200, D=36, (80, 40), softmax only; Dice on [2048, 200] in
-fp32, MBA at D=64 (CI).
+sigmoid, normalize none and softmax; then (``variant_rows``) the other activations with fused kernels and the
+position-split kernels with their merge at DIN's shape. ``--quick``: T=200, D=36, (80, 40), softmax only,
+sigmoid and Dice, the split kernels in sigmoid; Dice on [2048, 200] in fp32, MBA at D=64 (CI). Registers and
+spills come from the log of Triton's own ptxas run (its flags, the cubin a launch loads).
 ``--check`` exits 1 on any spill (every kernel and precision, the fp32-without-TF32 attention backward
 included), any block whose shared memory exceeds the SM's, a 16-bit / TF32 attention specialisation without
 tensor-core instructions, or 16-bit inputs whose MMAs run in TF32: the gate issue 12 asks CI for
@@ -34,7 +36,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import Dict, Iterator, List, Optional, Sequence  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -122,7 +124,8 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                                                                      dot_precision=dot_precision,
                                                                      backward_pass=backward_pass,
                                                                      activation=activation,
-                                                                     accumulate=backward and candidates, arch=arch)
+                                                                     accumulate=backward and candidates,
+                                                                     split=split, softmax=softmax, arch=arch)
     consts = dict(**A._activation_constexprs(activation), TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
                   BLOCK_H2=block_h2, INTERPRETED=False)
@@ -246,18 +249,17 @@ def report(quick: bool) -> List[Row]:
 VARIANT_ACTIVATIONS = ("relu", "prelu", "dice", "identity")
 
 
-def variant_rows(quick: bool) -> List[Row]:
+def variant_rows(quick: bool) -> Iterator[Row]:
     """The activation variants and the position-split kernels at DIN's shape (T=200, D=36, hidden (80, 40)):
     every activation with fused kernels, softmax and none (``--quick``: dice, softmax), one candidate and
     several as ``report`` lists sigmoid; the split forward and backward (``SPLIT``, launched when the rows
     are too few to fill the GPU: ``attention_fused._position_splits``) for every activation (``--quick``:
-    sigmoid) and their merge kernel (D 36 and 64)."""
+    sigmoid) and their merge kernel (D 36 and 64). Yields each row as it is compiled."""
     seq_len, dim, hidden = 200, 36, (80, 40)
     kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True),
                (A._din_attention_fwd_candidates_kernel, False))
     activations = ("dice",) if quick else VARIANT_ACTIVATIONS
     softmaxes = (True,) if quick else (True, False)
-    rows = []
     for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
         for fn, backward in kernels:
             several = not quick and softmax
@@ -266,28 +268,27 @@ def variant_rows(quick: bool) -> List[Row]:
             for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
                     else (fn is A._din_attention_fwd_candidates_kernel,):
                 for backward_pass in _passes(precision, hidden, backward, activation, candidates, arch):
-                    rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
-                                            backward_pass, candidates, activation=activation))
+                    yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
+                                      candidates, activation=activation)
     activations = ("sigmoid",) if quick else ("sigmoid",) + VARIANT_ACTIVATIONS
     for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
         for fn, backward in kernels[:2]:
-            for backward_pass in _passes(precision, hidden, backward, activation, False, arch):
-                rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
-                                        activation=activation, split=True))
+            for backward_pass in _passes(precision, hidden, backward, activation, False, arch, split=True):
+                yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
+                                  activation=activation, split=True)
     for arch, softmax, merge_dim in itertools.product((90, 80), softmaxes, (36,) if quick else (36, 64)):
-        rows.append(compile_merge(arch, seq_len, merge_dim, softmax))
-    return rows
+        yield compile_merge(arch, seq_len, merge_dim, softmax)
 
 
 def _passes(precision: str, hidden: Sequence[int], backward: bool, activation: str, candidates: bool,
-            arch: int) -> Sequence[int]:
+            arch: int, split: bool = False) -> Sequence[int]:
     """The backward ``PASS`` values ``attention_backward`` launches for this specialisation (``candidates``:
-    a later candidate's launch, ACCUMULATE); (0,) for a forward kernel."""
+    a later candidate's launch, ACCUMULATE; ``split``: SPLIT); (0,) for a forward kernel."""
     if not backward:
         return (0,)
     with _tf32(precision):
         return A._backward_passes(TORCH_DTYPES[PRECISIONS[precision][0]], hidden, activation=activation,
-                                  accumulate=candidates, arch=arch)
+                                  accumulate=candidates, split=split, arch=arch)
 
 
 def compile_merge(arch: int, seq_len: int, dim: int, softmax: bool) -> Row:

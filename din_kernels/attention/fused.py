@@ -643,11 +643,12 @@ def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
 
 def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False,
                  dot_precision: str = "tf32", backward_pass: int = 0, *, activation: str = "sigmoid",
-                 accumulate: bool = False, arch: int = 90):
+                 accumulate: bool = False, split: bool = False, softmax: bool = True, arch: int = 90):
     """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem (and backward ``PASS``,
-    ``_backward_passes``; ``accumulate``: a later candidate's backward launch, ``ACCUMULATE``; ``arch``:
-    ``_device_arch``), chosen from compiles for sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``):
-    autotuning needs a GPU to measure."""
+    ``_backward_passes``; ``accumulate``: a later candidate's backward launch, ``ACCUMULATE``; ``split``: the
+    rows x position-splits form, ``SPLIT``; ``softmax``: ``SOFTMAX``; ``arch``: ``_device_arch``), chosen
+    from compiles for sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``): autotuning needs a GPU to
+    measure. BLOCK_T does not depend on ``split`` (``_position_splits`` reads it first)."""
     block_d, block_h1 = _block(dim), _block(widths[0])
     block_h2 = _block(widths[1]) if len(widths) == 2 else 16
     widest = max(block_d, block_h1, block_h2)
@@ -677,19 +678,27 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
     # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB in one pass,
     # none in two, unpipelined, the second at 8 positions: ``_backward_passes``)
     num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
-    if num_warps == 8 and dot_precision == "ieee" and backward_pass in (1, 2) and (
-            activation == "relu" or (activation == "dice" and backward_pass == 2 and accumulate and arch < 90)):
-        # the two FMA passes at 8 warps: relu's pass 1 (sm_90) and pass 2 with ACCUMULATE (sm_90), Dice's
-        # pass 2 with ACCUMULATE (sm_80) spilled 28-64 bytes (ptxas stopped at 128 or 255 registers; a
-        # register cap (``maxnreg``) of 168-255 moved the spill, 12-388 bytes); 16 warps: 75-128 registers,
-        # none. 16 warps spill for the others (sigmoid's pass 1 224 bytes, prelu's and Dice's pass 2 with
-        # ACCUMULATE 40 on sm_90): they keep 8.
+    if num_warps == 8 and dot_precision == "ieee" and (activation, backward_pass, accumulate, split, arch >= 90,
+                                                       softmax) in _FMA_PASSES_AT_16_WARPS:
         num_warps = 16
     return block_t, block_d, block_h1, block_h2, num_warps
 
 
+# The fp32 TF32-off backward passes (FMA products) that spilled at 8 warps and compile without a spill at 16,
+# as (activation, PASS, ACCUMULATE, SPLIT, sm_90 or later, SOFTMAX): at DIN's shape, Triton 3.9's ptxas
+# stopped at 128 or 255 registers and spilled 28-64 bytes (identity's pass 2 with ACCUMULATE 56); at 16
+# warps 75-128 registers, none. A register cap (``maxnreg`` 168-255) moved relu's spill without removing it
+# (12-388 bytes). The other passes keep 8 warps, where 16 spilled (sigmoid's pass 1: 224 bytes; relu's pass 1
+# on sm_90 split or without softmax: 28, none at 8). ptxas near its limit is not monotonic in these knobs:
+# every entry is a compile (the ACCUMULATE ones with softmax, as the report compiles several candidates).
+_FMA_PASSES_AT_16_WARPS = {
+    ("relu", 1, False, False, True, True), ("relu", 2, True, False, True, True),
+    ("identity", 2, True, False, True, True), ("dice", 2, True, False, False, True),
+}
+
+
 def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: str = "sigmoid",
-                     accumulate: bool = False, arch: int = 90) -> Tuple[int, ...]:
+                     accumulate: bool = False, split: bool = False, arch: int = 90) -> Tuple[int, ...]:
     """The backward kernel's ``PASS`` values, launched in order: two passes over the positions (each
     recomputing the forward) with two hidden layers for
     - fp32 without TF32, whose one-pass form spilled 2.2-2.8 KB per thread on sm_90 / sm_80
@@ -701,13 +710,15 @@ def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: s
     - a later candidate's launch (``accumulate``: ACCUMULATE reads dk and the partials back), whose one pass
       spilled 224-460 bytes at 255 registers with TF32 / 16-bit inputs on sm_80 and, Dice, 36 on sm_90;
     - prelu and Dice (``has_alpha``: alpha rows, Dice's statistics) below sm_90 (``arch``), whose one pass
-      spilled 8-24 bytes at 255 registers on sm_80 (mma.sync keeps its accumulators in registers).
+      spilled 8-24 bytes at 255 registers on sm_80 (mma.sync keeps its accumulators in registers);
+    - Dice split over positions (``split``, ``SPLIT``): its one pass spilled 24 bytes with 16-bit inputs on
+      sm_90 (normalize none).
     Two passes with TF32 / 16-bit inputs (16 positions, unpipelined): 163-255 registers, no spill. One pass
     otherwise (unpipelined: 183-255 registers, none). The price of two: the forward's two products are
     recomputed once more (about a third more tensor-core work in the backward)."""
     if len(widths) != 2:
         return (0,)
-    if (_dot_precision(dtype) == "ieee" or accumulate
+    if (_dot_precision(dtype) == "ieee" or accumulate or (split and activation == "dice")
             or (arch < 90 and activation_spec(activation).has_alpha)):
         return (1, 2)
     return (0,)
@@ -922,16 +933,19 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     h1, h2 = widths[0], (widths[1] if two else 1)
     width_last = widths[-1]
     dot_precision, arch = _dot_precision(keys.dtype), _device_arch(device)
-    # (PASS, block sizes) of each launch: the first candidate's, and the later ones' (ACCUMULATE)
-    launches = {accumulate: [(bp, _block_sizes(seq_len, dim, widths, backward=True, dot_precision=dot_precision,
+    def launches(split: bool):
+        """(PASS, block sizes) of each launch: the first candidate's, and the later ones' (ACCUMULATE)."""
+        return {accumulate: [(bp, _block_sizes(seq_len, dim, widths, backward=True, dot_precision=dot_precision,
                                                backward_pass=bp, activation=activation, accumulate=accumulate,
-                                               arch=arch))
+                                               split=split, softmax=softmax, arch=arch))
                              for bp in _backward_passes(keys.dtype, widths, activation=activation,
-                                                        accumulate=accumulate, arch=arch)]
+                                                        accumulate=accumulate, split=split, arch=arch)]
                 for accumulate in ((False, True) if candidates > 1 else (False,))}
+
     # one split for every launch: whole tiles of each (their BLOCK_T are powers of two)
-    split = _position_splits(batch, seq_len, max(config[0] for runs in launches.values() for _, config in runs),
-                             device)
+    split = _position_splits(batch, seq_len, max(config[0] for runs in launches(False).values()
+                                                 for _, config in runs), device)
+    runs_of = launches(split is not None)
     splits, chunk = split if split is not None else (1, seq_len)
     parts = batch * splits  # per-program partials of dM, du and the weight gradients, B * SPLITS
     dkeys = torch.empty_like(keys)
@@ -958,7 +972,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
                                                           .contiguous())
             direct = candidates == 1 and splits == 1
             dm_c, du_c = (dm, du) if direct else (dm.new_empty(parts, dim, h1), du.new_empty(parts, h1))
-            for backward_pass, (block_t, block_d, block_h1, block_h2, num_warps) in launches[c > 0]:
+            for backward_pass, (block_t, block_d, block_h1, block_h2, num_warps) in runs_of[c > 0]:
                 _din_attention_bwd_kernel[(batch, splits)](
                     keys, pick(m), pick(u), w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
                     pick(attn), pick(grad_out), pick(delta) if softmax else delta, dkeys, dm_c, du_c,
