@@ -9,8 +9,10 @@ MBA's (``other_kernels``).
 Specialisations (what ``attention_forward`` / ``attention_backward`` pass for B=2048): T in {50, 200},
 D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_supported``: listed as running the
 composite path), inputs fp32 with TF32 off (torch's default: ``DOT_PRECISION="ieee"``) and on, bf16, fp16;
-sigmoid, normalize none and softmax. ``--quick``: T=200, D=36, (80, 40), softmax only; Dice on [2048, 200] in
-fp32, MBA at D=64 (CI).
+sigmoid, normalize none and softmax; then (``variant_rows``) the other activations with fused kernels and the
+position-split kernels with their merge at DIN's shape. ``--quick``: T=200, D=36, (80, 40), softmax only,
+sigmoid and Dice, the split kernels in sigmoid; Dice on [2048, 200] in fp32, MBA at D=64 (CI). Registers and
+spills come from the log of Triton's own ptxas run (its flags, the cubin a launch loads).
 ``--check`` exits 1 on any spill (every kernel and precision, the fp32-without-TF32 attention backward
 included), any block whose shared memory exceeds the SM's, a 16-bit / TF32 attention specialisation without
 tensor-core instructions, or 16-bit inputs whose MMAs run in TF32: the gate issue 12 asks CI for
@@ -26,6 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import itertools  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -33,7 +36,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import Dict, Iterator, List, Optional, Sequence  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,7 +52,7 @@ from din_kernels.testing import attention_fused_dice_training as DT  # noqa: E40
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
 TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
 TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Za-z0-9]+)*)")
-INTS = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt"}  # the attention kernels' int arguments
+INTS = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt", "CHUNK", "SPLITS"}  # the attention kernels' ints
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"fp32": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
               "fp16": ("fp16", "tf32")}
@@ -98,11 +101,15 @@ def _tool(name: str) -> str:
 
 
 def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int], softmax: bool,
-                backward: bool, backward_pass: int = 0, candidates: bool = False) -> Row:
+                backward: bool, backward_pass: int = 0, candidates: bool = False, activation: str = "sigmoid",
+                split: bool = False) -> Row:
     """``candidates``: the specialisation of several candidates per history (the forward's C a runtime int,
-    the backward's later launches accumulating); else one candidate, as training runs."""
+    the backward's later launches accumulating); else one candidate, as training runs. ``activation``: the
+    MLP's (``activations.ACTIVATION_SPECS`` with fused kernels), named after the kernel unless sigmoid.
+    ``split``: the rows x position-splits form (``SPLIT``, ``attention_fused._position_splits``)."""
     name = fn.__name__.strip("_").replace("din_attention_", "").replace("_kernel", "")
     name += (f" pass {backward_pass}" if backward_pass else "") + (" C>1" if candidates else "")
+    name += (" split" if split else "") + (f" {activation}" if activation != "sigmoid" else "")
     row = Row(name, arch, precision, seq_len, dim, tuple(hidden), softmax)
     keys = torch.empty(1, 1, dim, dtype=TORCH_DTYPES[PRECISIONS[precision][0]])
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
@@ -116,14 +123,19 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
         return row
     block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(seq_len, dim, hidden, backward=backward,
                                                                      dot_precision=dot_precision,
-                                                                     backward_pass=backward_pass)
-    consts = dict(**A._activation_constexprs("sigmoid"), TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
+                                                                     backward_pass=backward_pass,
+                                                                     activation=activation,
+                                                                     accumulate=backward and candidates,
+                                                                     split=split, softmax=softmax, arch=arch)
+    consts = dict(**A._activation_constexprs(activation), TWO_LAYERS=len(hidden) == 2, SOFTMAX=softmax,
                   DOT_PRECISION=dot_precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
                   BLOCK_H2=block_h2, INTERPRETED=False)
+    if "SPLIT" in fn.arg_names:
+        consts["SPLIT"] = split
     if backward:
         consts.update(PASS=backward_pass, ACCUMULATE=candidates)  # (the first, or only, candidate: False)
     elif "BLOCK_C" in fn.arg_names:  # the candidate-block forward ("concat", several candidates)
-        consts["BLOCK_C"] = A._candidate_block(4)
+        consts["BLOCK_C"] = A._candidate_block(4, activation)
     elif not candidates:
         # one candidate per history, as training launches it: Triton's JIT specializes an int argument equal
         # to 1 as a constexpr
@@ -133,25 +145,51 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                         f"*{dtype}" if name in ("K", "DK", "OUT", "DOUT") else "*fp32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    # (the launcher's own options: ``num_stages=1`` for the two-pass fp32 TF32-off backward)
-    return _assemble(row, source, arch, num_warps, A._backward_stages(backward_pass) if backward else {})
+    # (the launcher's own options: the backward's ``num_stages``, the forward's register cap)
+    options = (A._backward_stages(backward_pass) if backward else
+               A._forward_options(num_warps) if fn is A._din_attention_fwd_kernel else {})
+    return _assemble(row, source, arch, num_warps, options)
+
+
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """Collect the log of the ptxas run inside ``triton.compile`` (``knobs.nvidia.dump_ptxas_log``, which
+    prints it; ``always_compile`` so that a cached kernel is assembled again). Empty where this Triton has no
+    such knobs."""
+    knobs = getattr(triton, "knobs", None)
+    nvidia, compilation = getattr(knobs, "nvidia", None), getattr(knobs, "compilation", None)
+    if not (hasattr(nvidia, "dump_ptxas_log") and hasattr(compilation, "always_compile")):
+        yield io.StringIO()
+        return
+    before = nvidia.dump_ptxas_log, compilation.always_compile
+    log = io.StringIO()
+    nvidia.dump_ptxas_log, compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            yield log
+    finally:
+        nvidia.dump_ptxas_log, compilation.always_compile = before
 
 
 def _assemble(row: Row, source, arch: int, num_warps: int, options: Optional[Dict[str, int]] = None) -> Row:
     """Compile ``source`` for ``arch`` (``options``: launch options beyond ``num_warps``, as the launcher
     passes them), assemble it again with ``ptxas -v`` and disassemble the cubin: fill ``row``'s registers,
     spills, shared memory, blocks per SM and tensor-core instructions."""
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(options or {}, num_warps=num_warps))
+    with _triton_ptxas_log() as log:
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                options=dict(options or {}, num_warps=num_warps))
     row.num_warps, row.shared = num_warps, kernel.metadata.shared
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
         ptx.write_text(kernel.asm["ptx"])
         cubin.write_bytes(kernel.asm["cubin"])
         sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        info = ""
+        # Triton's own ptxas run (its flags: on 3.9 ``-lineinfo --regAllocOptLevel=2``), whose cubin is the one a
+        # launch loads; reassembling with bare ``ptxas -v`` allocated registers differently (12 against 28
+        # spilled bytes in one specialisation, 0 against 20 in another); only where that log is unavailable
+        info = log.getvalue() if "Used" in log.getvalue() else ""
         for assembler in ("ptxas", "ptxas-blackwell"):  # the wheel's two: the older may refuse newer PTX
-            if not (TOOLS / assembler).exists():
+            if info or not (TOOLS / assembler).exists():
                 continue
             run = subprocess.run([str(TOOLS / assembler), "-v", f"-arch={sm}", str(ptx), "-o",
                                   str(Path(folder) / "o")], capture_output=True, text=True)
@@ -186,15 +224,12 @@ def report(quick: bool) -> List[Row]:
     for arch in (90, 80):
         for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
             for fn, backward in kernels:
-                dtype = TORCH_DTYPES[PRECISIONS[precision][0]]
-                with _tf32(precision):
-                    passes = A._backward_passes(dtype, hidden) if backward else (0,)
                 several = not quick and (seq_len, dim, hidden) == (200, 36, (80, 40)) and softmax
                 if fn is A._din_attention_fwd_candidates_kernel and not several:
                     continue  # (listed for DIN's shape only, in the full report)
-                for backward_pass in passes:  # as the launcher runs them
-                    for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
-                            else (fn is A._din_attention_fwd_candidates_kernel,):
+                for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
+                        else (fn is A._din_attention_fwd_candidates_kernel,):
+                    for backward_pass in _passes(precision, hidden, backward, "sigmoid", candidates, arch):
                         rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
                                                 backward_pass, candidates))
                         print(_line(rows[-1]), flush=True)
@@ -205,6 +240,9 @@ def report(quick: bool) -> List[Row]:
             for row in dice_training_kernels(arch, precision, seq_len, dim, hidden, softmax):
                 rows.append(row)
                 print(_line(row), flush=True)
+    for row in variant_rows(quick):
+        rows.append(row)
+        print(_line(row), flush=True)
     print("\n" + OTHER_HEADER)
     for arch in (90, 80):
         for row in other_kernels(arch, quick):
@@ -246,6 +284,65 @@ def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hid
         row = Row(name, arch, precision, seq_len, dim, tuple(hidden), softmax)
         rows.append(_assemble(row, _signature(fn, consts, types, "*fp32"), arch, num_warps, options))
     return rows
+
+
+# The MLP activations with fused kernels besides sigmoid (``activations.ACTIVATION_SPECS``; dice: its eval form,
+# running statistics): the public ops launch each. ``--quick``: dice only (alpha and statistics: the most live
+# values).
+VARIANT_ACTIVATIONS = ("relu", "prelu", "dice", "identity")
+
+
+def variant_rows(quick: bool) -> Iterator[Row]:
+    """The activation variants and the position-split kernels at DIN's shape (T=200, D=36, hidden (80, 40)):
+    every activation with fused kernels, softmax and none (``--quick``: dice, softmax), one candidate and
+    several as ``report`` lists sigmoid; the split forward and backward (``SPLIT``, launched when the rows
+    are too few to fill the GPU: ``attention_fused._position_splits``) for every activation (``--quick``:
+    sigmoid) and their merge kernel (D 36 and 64). Yields each row as it is compiled."""
+    seq_len, dim, hidden = 200, 36, (80, 40)
+    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True),
+               (A._din_attention_fwd_candidates_kernel, False))
+    activations = ("dice",) if quick else VARIANT_ACTIVATIONS
+    softmaxes = (True,) if quick else (True, False)
+    for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
+        for fn, backward in kernels:
+            several = not quick and softmax
+            if fn is A._din_attention_fwd_candidates_kernel and not several:
+                continue
+            for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
+                    else (fn is A._din_attention_fwd_candidates_kernel,):
+                for backward_pass in _passes(precision, hidden, backward, activation, candidates, arch):
+                    yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
+                                      candidates, activation=activation)
+    activations = ("sigmoid",) if quick else ("sigmoid",) + VARIANT_ACTIVATIONS
+    for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
+        for fn, backward in kernels[:2]:
+            for backward_pass in _passes(precision, hidden, backward, activation, False, arch, split=True):
+                yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
+                                  activation=activation, split=True)
+    for arch, softmax, merge_dim in itertools.product((90, 80), softmaxes, (36,) if quick else (36, 64)):
+        yield compile_merge(arch, seq_len, merge_dim, softmax)
+
+
+def _passes(precision: str, hidden: Sequence[int], backward: bool, activation: str, candidates: bool,
+            arch: int, split: bool = False) -> Sequence[int]:
+    """The backward ``PASS`` values ``attention_backward`` launches for this specialisation (``candidates``:
+    a later candidate's launch, ACCUMULATE; ``split``: SPLIT); (0,) for a forward kernel."""
+    if not backward:
+        return (0,)
+    with _tf32(precision):
+        return A._backward_passes(TORCH_DTYPES[PRECISIONS[precision][0]], hidden, activation=activation,
+                                  accumulate=candidates, split=split, arch=arch)
+
+
+def compile_merge(arch: int, seq_len: int, dim: int, softmax: bool) -> Row:
+    """``_din_attention_fwd_merge_kernel`` as ``attention_forward`` launches it after a split forward (B=256
+    at T=200 on 132 SMs: three splits, ``BLOCK_S`` 4), fp32 partials, fp32 output."""
+    block_t = A._block_sizes(seq_len, dim, (80, 40), dot_precision="tf32")[0]
+    consts = dict(SOFTMAX=softmax, BLOCK_T=block_t, BLOCK_D=A._block(dim), BLOCK_S=4)
+    types = dict(LENGTHS="*i64", C="i32", T="i32", D="i32", CHUNK="i32", SPLITS="i32")
+    row = Row("fwd_merge", arch, "fp32", seq_len, dim, (), softmax)
+    return _assemble(row, _signature(A._din_attention_fwd_merge_kernel, consts, types, "*fp32"), arch,
+                     A._MERGE_NUM_WARPS)
 
 
 def _signature(fn, consts: Dict[str, object], types: Dict[str, str], default: str) -> ASTSource:

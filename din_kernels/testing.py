@@ -20,6 +20,8 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
   ``attention_cpu``, ``attention_fused``, ``attention_fused_dice_training`` (Dice in training mode on the
   Triton path), ``attention_first_layer``, ``attention_plan`` and ``attention_function`` (the op, Function
   and functional: where a test spies on what a call runs).
+- ``force_position_splits(n)``: a context in which the fused kernels run split over positions (rows x
+  splits programs and a merge), which the launcher otherwise picks only on a GPU with too few rows.
 
 Dice (``din_kernels.dice``) and MBA (``din_kernels.mba``): ``dice_module`` and ``mba_module``, whose
 kernels and mode constants the GPU compile report reads.
@@ -30,6 +32,7 @@ cache, threads and fallbacks are tested directly).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 from . import cpu_extension
@@ -62,6 +65,20 @@ def attention_launchers(keys, weights, activation: str = "sigmoid"):
 
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
            "attention_function", "attention_fused", "attention_fused_dice_training", "attention_launchers",
-           "attention_plan", "attention_small",
-           "attention_small_module", "cpu_extension", "dice_module", "fused_supported", "interpreter_enabled",
-           "mba_module", "select_path", "use_cpu_extension", "use_triton"]
+           "attention_plan", "attention_small", "attention_small_module", "cpu_extension", "dice_module",
+           "force_position_splits", "fused_supported", "interpreter_enabled", "mba_module", "select_path",
+           "use_cpu_extension", "use_triton"]
+
+
+@contextlib.contextmanager
+def force_position_splits(splits: int):
+    """Run the fused attention kernels split over positions (rows x ``splits`` programs, then a merge;
+    ``attention_fused._position_splits``) whatever the problem, on CUDA or under the interpreter, where
+    the launcher's heuristic never splits (it splits only when the rows are too few to fill the GPU).
+    ``splits`` is what is asked for: whole tiles decide how many there are (one at least, e.g. T=1)."""
+    before = attention_fused._forced_splits
+    attention_fused._forced_splits = int(splits)
+    try:
+        yield
+    finally:
+        attention_fused._forced_splits = before

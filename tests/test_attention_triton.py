@@ -16,7 +16,8 @@ import torch
 
 import din_kernels as dk
 from din_kernels import reference
-from din_kernels.testing import ATTENTION_LAUNCHERS, attention_launchers, fused_supported
+from din_kernels.testing import (ATTENTION_LAUNCHERS, attention_fused, attention_launchers, force_position_splits,
+                                 fused_supported)
 from problems import WEIRD_SHAPES, Case, build, cases
 
 attention_forward, attention_backward = ATTENTION_LAUNCHERS["triton"]
@@ -266,6 +267,70 @@ def test_launchers_agree(activation, normalize):
 
 
 # --------------------------------------------------------------------------------------------------------
+# rows x position splits (a GPU with too few rows to fill it; forced here: ``force_position_splits``)
+# --------------------------------------------------------------------------------------------------------
+
+SPLIT_CASES = (
+    Case(3, 37, 7, (16,), lengths=(0, 37, 20)),                  # prime T, an empty row, a row's last split empty
+    Case(2, 1, 5, (20, 12), lengths=(1, 0)),                     # T = 1: a single split through the merge
+    Case(4, 67, 36, (80, 40), lengths=(67, 0, 33, 1)),           # DIN's widths, 3 splits (16-position tiles)
+    Case(3, 37, 5, (8, 4), lengths=(37, 0, 3), candidates=3),    # several candidates per history
+    Case(2, 37, 5, (8, 4), lengths=(0, 0)),                      # nothing valid anywhere
+)
+
+
+@pytest.fixture
+def splits_taken(monkeypatch):
+    """The (splits, positions per split) each launch of the fused kernels ran with."""
+    taken = []
+    choose = attention_fused._position_splits
+
+    def spy(*args, **kwargs):
+        taken.append(choose(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(attention_fused, "_position_splits", spy)
+    return taken
+
+
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])  # (dice: alphas and running statistics)
+@pytest.mark.parametrize("case", cases(SPLIT_CASES))
+def test_position_splits_match_reference(case, activation, normalize, splits_taken):
+    """The split forward (partials, then the merge kernel) and backward (per-split partials summed) match the
+    reference: output, weights and every gradient."""
+    previous = dk.get_backend()
+    dk.set_backend("triton")
+    try:
+        problem = build(case.replace(activation=activation))
+        assert fused_path_runs(problem)
+        with force_position_splits(3):
+            assert_matches_reference(problem, activation=activation, normalize=normalize, scale=0.5)
+    finally:
+        dk.set_backend(previous)
+    assert splits_taken and all(taken is not None for taken in splits_taken)
+    if case.seq_len > 16:
+        assert all(splits > 1 for splits, _ in splits_taken), splits_taken
+
+
+def test_position_split_heuristic(monkeypatch):
+    """On a GPU (132 SMs) the launcher splits only rows too few to fill it, and only histories long enough;
+    the splits are whole tiles; under the interpreter it never splits unless forced."""
+    monkeypatch.setattr(attention_fused, "_sm_count", lambda device: 132)
+    choose, cuda = attention_fused._position_splits, torch.device("cuda")
+    assert choose(256, 200, 16, cuda) == (3, 80)     # 256 rows, under 4 programs per SM
+    assert choose(256, 50, 16, cuda) == (2, 32)      # a short history: two splits
+    assert choose(64, 200, 32, cuda) == (4, 64)      # T=200 holds 6 splits of ~32, whole 32-position tiles: 4
+    assert choose(528, 200, 16, cuda) is None        # 4 programs per SM already
+    assert choose(2048, 200, 16, cuda) is None
+    assert choose(256, 40, 16, cuda) is None         # too short to split
+    assert choose(256, 200, 16, torch.device("cpu")) is None
+    with force_position_splits(4):
+        assert choose(2048, 200, 16, torch.device("cpu")) == (4, 64)
+        assert choose(2048, 1, 16, torch.device("cpu")) == (1, 16)
+
+
+# --------------------------------------------------------------------------------------------------------
 # coverage of the fused path, and the kernels as a GPU compiles them (no GPU needed)
 # --------------------------------------------------------------------------------------------------------
 
@@ -289,14 +354,14 @@ from triton.compiler import ASTSource
 from din_kernels.testing import attention_fused as A
 
 target = GPUTarget("cuda", 90, 32)  # H100 / H200
-ints = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt"}
+ints = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt", "CHUNK", "SPLITS"}
 for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
     for fn, backward in ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True)):
         block_t, block_d, block_h1, block_h2, num_warps = A._block_sizes(100, 36, (80, 40), backward=backward,
                                                                          dot_precision=precision)
         consts = dict(**A._activation_constexprs("dice"), TWO_LAYERS=True, SOFTMAX=True,
                       DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1,
-                      BLOCK_H2=block_h2, INTERPRETED=False)
+                      BLOCK_H2=block_h2, INTERPRETED=False, SPLIT=False)
         if backward:
             consts.update(PASS=0, ACCUMULATE=False)
         else:

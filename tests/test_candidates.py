@@ -175,8 +175,9 @@ def test_the_candidate_block_kernel(monkeypatch, dtype, tf32, activation, hidden
 
     blocks = []
     choose = attention_fused._candidate_block
-    monkeypatch.setattr(attention_fused, "_candidate_block", lambda c: blocks.append(choose(c)) or blocks[-1])
-    # 7 candidates: blocks of 4, the second one padded with an empty candidate. The module keeps its own
+    monkeypatch.setattr(attention_fused, "_candidate_block",
+                        lambda c, *rest: blocks.append(choose(c, *rest)) or blocks[-1])
+    # 7 candidates: blocks of 4 (Dice: 2), the last one padded with an empty candidate. The module keeps its own
     # initialization: the 16-bit tolerance below is sized for a freshly built module's weights (the builder's
     # larger ones and slopes make unnormalized bf16 sums over 40 positions err up to 0.04).
     problem = build(Case(3, 40, 5, hidden, lengths=(40, 0, 23), candidates=7, activation=activation,
@@ -196,7 +197,7 @@ def test_the_candidate_block_kernel(monkeypatch, dtype, tf32, activation, hidden
     finally:
         dk.set_backend(previous)
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
-    assert blocks == [4]
+    assert blocks == [2 if activation == "dice" else 4]  # (Dice: blocks of 2, ``_candidate_block``)
     want_out, want_attn = reference.din_attention(query.float(), keys.float(), lengths,
                                                   [w.float() for w in unit.weights()], return_scores=True,
                                                   **options)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_compile_report.py compiles the attention kernels for sm_90 and sm_80 without a GPU and
-reads the compiler's counts: every specialisation of the quick set must compile and report registers and
+reads the compiler's counts (Triton's own ptxas run: the cubin a launch loads): every specialisation of the quick
+set (sigmoid and Dice, the position-split kernels and their merge) must compile and report registers and
 shared memory; 16-bit inputs must reach 16-bit MMAs (BF16 / F16, not TF32) and TF32 its own; nothing may
 spill, the fp32-without-TF32 backward (FMA products, two passes) included: the report runs with ``--check``
 (issue 12's gate), which fails on any spill, shared-memory overflow or missing tensor-core path. The Dice
@@ -20,17 +21,26 @@ def test_quick_report_compiles_every_specialisation(tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
             if line.startswith("| fwd") or line.startswith("| bwd")]
-    # fwd and bwd x sm_90, sm_80 x fp32, fp32-tf32, bf16, fp16; fp32's backward in two passes
-    assert len(rows) == 18
+    # fwd and bwd x sm_90, sm_80 x fp32, fp32-tf32, bf16, fp16; fp32's backward in two passes: sigmoid (18),
+    # dice (21: its TF32 / 16-bit backward in two passes on sm_80), the position-split forward and backward
+    # (18) and the merge kernel (2)
+    kernels = [row[0].strip() for row in rows]
+    assert len(rows) == 59
+    assert kernels.count("fwd_merge") == 2 and sum(" split" in kernel for kernel in kernels) == 18
+    assert sum(kernel.endswith(" dice") for kernel in kernels) == 21
     for kernel, arch, precision, *_, warps, registers, spilled, shared, blocks, tensor_core in rows:
         kernel, precision = kernel.strip(), precision.strip()
         assert 0 < int(registers) <= 255 and int(shared) > 0 and int(blocks) >= 1, (kernel, arch, precision)
         count, types = tensor_core.split()
+        if kernel == "fwd_merge":
+            assert int(count) == 0 and int(spilled) == 0, (kernel, arch)
+            continue
+        base = kernel.replace(" split", "").replace(" dice", "")
         if precision == "fp32":
             assert int(count) == 0
-            assert kernel in ("fwd", "bwd pass 1", "bwd pass 2"), kernel
+            assert base in ("fwd", "bwd pass 1", "bwd pass 2"), kernel
         else:
-            assert kernel in ("fwd", "bwd"), (kernel, arch, precision)
+            assert base in ("fwd", "bwd", "bwd pass 1", "bwd pass 2"), (kernel, arch, precision)
         assert int(spilled) == 0, (kernel, arch, precision, spilled)
         if precision != "fp32":
             want = {"fp32-tf32": "TF32", "bf16": "BF16", "fp16": "F16"}[precision]
@@ -58,4 +68,4 @@ def test_quick_report_compiles_every_specialisation(tmp_path):
         else:
             want = {"fp32-tf32": "TF32", "bf16": "BF16"}[precision]
             assert int(count) > 0 and types == want, (kernel, arch, precision, types)
-    assert "76 specialisations" in result.stdout
+    assert "117 specialisations" in result.stdout

@@ -9,7 +9,10 @@ candidates per history ("concat", TF32 or 16-bit) one program per block of candi
 tile once for the block (``_din_attention_fwd_candidates_kernel``); the backward runs once per candidate,
 accumulating into the history's gradients. The backward kernel recomputes the
 activations and returns per-row ``dM_b``/``du_b`` and per-row weight-gradient partials that torch reduces
-afterwards (deterministic, no atomics). Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
+afterwards (deterministic, no atomics). Where the rows are too few to fill a GPU (B = 256 on 132 SMs), both
+run rows x position splits (``_position_splits``): the forward's partial (max, sum, pooled sum) per split
+combined by ``_din_attention_fwd_merge_kernel``, the backward's partials per split summed with the rows'.
+Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
 ``activations.ACTIVATION_SPECS``.
 
 Launchers (the contract every path honours, ``composite.py``)::
@@ -83,7 +86,10 @@ def _act_bwd(z, dh, alpha, mean, rstd, ACT: tl.constexpr):
     ``dalpha = dh where(z >= 0, 0, z)``; dice: ``dz = dh (alpha + (1 - alpha) (p + z p (1 - p) rstd))``,
     ``dalpha = dh z (1 - p)``. Only prelu and dice have a meaningful ``dalpha`` (zeros otherwise)."""
     if ACT == 0:
-        dz = dh
+        # ``+ 0 z`` (z is finite: masked keys are 0): dz depending on z as every other activation's does keeps
+        # Triton's schedule of theirs; ``dz = dh`` spilled 1.8-9.5 KB in the fp32 TF32-off pass 2 (sm_90 /
+        # sm_80), this none
+        dz = dh + z * 0.0
         dalpha = tl.zeros_like(dh)
     elif ACT == 1:
         s = tl.sigmoid(z)
@@ -143,12 +149,14 @@ def _din_attention_fwd_kernel(
     OUT,          # [R, D] pooled output (query dtype)
     ATTN,         # [R, T] fp32 final weights, zero-initialised
     LSE,          # [R] fp32 (softmax only)
+    PACC, PML,    # SPLIT: [R * SPLITS, D] fp32 partial pooled sums, [R * SPLITS, 2] fp32 partial (max, sum)
     C, T, D, H1, H2, scale,
     stride_kb, stride_kt,
+    CHUNK, SPLITS,  # SPLIT: positions per split (a multiple of BLOCK_T), splits per row
     ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One program per candidate row r (history b = r // C), looping over the valid positions t < L_b in tiles:
 
@@ -158,6 +166,10 @@ def _din_attention_fwd_kernel(
         softmax: w_t = exp(s_t - lse_r),           out_r = sum_t w_t k_t   (online softmax, base 2)
     ATTN holds w (0 at padding); LSE holds lse_r = log sum_{t < L_b} exp(s_t) (0 for an empty row). The C
     programs of one history are adjacent in the grid, so after the first its key tiles mostly come from L2.
+
+    ``SPLIT`` (grid [R, SPLITS]): program (r, j) covers positions [j CHUNK, (j + 1) CHUNK) only and writes its
+    partial pooled sum (PACC) and, for softmax, its running (max m_j, sum l_j) of the base-2 scores (PML) and
+    its raw scores (ATTN); ``_din_attention_fwd_merge_kernel`` combines them (``_position_splits``).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -195,7 +207,14 @@ def _din_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     m_i = tl.full([], float("-inf"), tl.float32)  # running max of the base-2 scores
     l_i = tl.full([], 0.0, tl.float32)  # running sum of exp2(s2 - m_i)
-    for t0 in range(0, L, BLOCK_T):
+    if SPLIT:
+        split = tl.program_id(1)
+        start = split * CHUNK
+        stop = tl.minimum(start + CHUNK, L)  # (CHUNK a multiple of BLOCK_T: no tile crosses two splits)
+    else:
+        start = 0
+        stop = L
+    for t0 in range(start, stop, BLOCK_T):
         offs = t0 + offs_t
         valid = offs < L
         k_in = tl.load(K + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
@@ -224,20 +243,76 @@ def _din_attention_fwd_kernel(
             acc += tl.sum(w[:, None] * k, axis=0)
             tl.store(ATTN + r * T + offs, w, mask=valid)
 
+    if SPLIT:
+        part = r * SPLITS + split
+        tl.store(PACC + part * D + offs_d, acc, mask=mask_d)
+        if SOFTMAX:
+            tl.store(PML + part * 2, m_i)
+            tl.store(PML + part * 2 + 1, l_i)
+    else:
+        if SOFTMAX:
+            has_any = L > 0
+            l_safe = tl.where(has_any, l_i, 1.0)
+            m_safe = tl.where(has_any, m_i, 0.0)
+            acc = acc / l_safe
+            tl.store(LSE + r, (m_safe + tl.log2(l_safe)) * LN2)
+            # the scores written above are re-read by (possibly) other threads of this program
+            tl.debug_barrier()
+            for t0 in range(0, L, BLOCK_T):
+                offs = t0 + offs_t
+                valid = offs < L
+                s = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)
+                tl.store(ATTN + r * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
+        tl.store(OUT + r * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _din_attention_fwd_merge_kernel(
+    PACC, PML,    # [R * SPLITS, D], [R * SPLITS, 2] fp32 from ``_din_attention_fwd_kernel`` with SPLIT
+    LENGTHS, OUT, ATTN, LSE,
+    C, T, D, CHUNK, SPLITS,
+    SOFTMAX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Combine a row's SPLITS partials (grid [R, SPLITS] for softmax, [R, 1] otherwise):
+
+        none:    out_r = sum_j acc_j
+        softmax: m = max_j m_j,  l = sum_j l_j 2^(m_j - m),  out_r = sum_j acc_j 2^(m_j - m) / l,
+                 lse_r = (m + log2 l) ln 2,  w_t = 2^(s_t log2 e - m) / l   for t in split j's positions
+    (base-2 running maxima as the forward keeps them; an empty split has m_j = -inf, l_j = 0 and weighs 0;
+    an empty row pools to 0 with lse 0). Program (r, j) normalises split j's scores; (r, 0) writes out and lse.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    r = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    L = tl.minimum(tl.maximum(tl.load(LENGTHS + r // C), 0), T).to(tl.int32)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < SPLITS
+    mask_d = offs_d < D
+    parts = r * SPLITS + offs_s  # [BS]
+    acc = tl.load(PACC + parts[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
+                  other=0.0)  # [BS, BD]
     if SOFTMAX:
+        m = tl.load(PML + parts * 2, mask=mask_s, other=float("-inf"))
+        l = tl.load(PML + parts * 2 + 1, mask=mask_s, other=0.0)
         has_any = L > 0
-        l_safe = tl.where(has_any, l_i, 1.0)
-        m_safe = tl.where(has_any, m_i, 0.0)
-        acc = acc / l_safe
-        tl.store(LSE + r, (m_safe + tl.log2(l_safe)) * LN2)
-        # the scores written above are re-read by (possibly) other threads of this program
-        tl.debug_barrier()
-        for t0 in range(0, L, BLOCK_T):
-            offs = t0 + offs_t
+        m_safe = tl.where(has_any, tl.max(m, axis=0), 0.0)
+        weight = tl.exp2(m - m_safe)  # [BS], 0 for an empty split
+        l_safe = tl.where(has_any, tl.sum(l * weight, axis=0), 1.0)
+        pooled = tl.sum(acc * weight[:, None], axis=0) / l_safe
+        if split == 0:
+            tl.store(LSE + r, (m_safe + tl.log2(l_safe)) * LN2)
+        start = split * CHUNK
+        for t0 in range(start, tl.minimum(start + CHUNK, L), BLOCK_T):
+            offs = t0 + tl.arange(0, BLOCK_T)
             valid = offs < L
             s = tl.load(ATTN + r * T + offs, mask=valid, other=0.0)
             tl.store(ATTN + r * T + offs, tl.exp2(s * LOG2E - m_safe) / l_safe, mask=valid)
-    tl.store(OUT + r * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+    else:
+        pooled = tl.sum(acc, axis=0)
+    if split == 0:
+        tl.store(OUT + r * D + offs_d, pooled.to(OUT.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -366,17 +441,18 @@ def _din_attention_bwd_kernel(
     DOUT,         # [B, D] upstream gradient
     DELTA,        # [B] fp32, dout_b . out_b (softmax only)
     DK,           # [B, T, D] keys gradient (keys dtype)
-    DM, DU,       # [B, D, H1], [B, H1] fp32: gradients of M_b and u_b
-    DW2, DB2,     # [B, H2, H1], [B, H2] fp32 per-row partials
-    DWO, DBO,     # [B, HL], [B] fp32 per-row partials
-    DA1, DA2,     # [B, H1], [B, H2] fp32 per-row partials of the prelu / dice alphas
+    DM, DU,       # [P, D, H1], [P, H1] fp32: gradients of M_b and u_b (P = B, or B * SPLITS partials)
+    DW2, DB2,     # [P, H2, H1], [P, H2] fp32 per-program partials
+    DWO, DBO,     # [P, HL], [P] fp32 per-program partials
+    DA1, DA2,     # [P, H1], [P, H2] fp32 per-program partials of the prelu / dice alphas
     # (several candidates per history: one launch per candidate, ACCUMULATE from the second on)
     T, D, H1, H2, scale,
     stride_kb, stride_kt,
+    CHUNK, SPLITS,  # SPLIT: positions per split (a multiple of BLOCK_T), splits per row
     ACT: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_STATS: tl.constexpr, TWO_LAYERS: tl.constexpr,
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
-    INTERPRETED: tl.constexpr, PASS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    INTERPRETED: tl.constexpr, PASS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Recompute the tile's activations and backpropagate, for t < L_b:
 
@@ -393,9 +469,23 @@ def _din_attention_bwd_kernel(
     (dW2, db2, dalpha2, dw_out, db_out) and 2 only the rest (dk, dM, du, dalpha1), so that each holds three
     [64, 128]-sized tiles instead of four (resident M_b and W2, one accumulator): fp32 without TF32 runs
     its products on FMA units, whose operand layouts spilled 2-3 KB per thread in one pass.
+    ``SPLIT`` (grid [B, SPLITS]): program (b, j) covers positions [j CHUNK, (j + 1) CHUNK) (dk of those, zeros
+    at their padding) and writes its partial dM, du and weight gradients at p = b SPLITS + j; the launcher
+    sums the SPLITS partials of a row (``_position_splits``).
     """
     b = tl.program_id(0).to(tl.int64)
     L = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), T).to(tl.int32)
+    if SPLIT:
+        split = tl.program_id(1)
+        p = b * SPLITS + split  # this program's partials
+        start = split * CHUNK
+        stop = tl.minimum(start + CHUNK, L)  # (CHUNK a multiple of BLOCK_T: no tile crosses two splits)
+        end = tl.minimum(start + CHUNK, T)  # of the positions whose dk this program writes
+    else:
+        p = b
+        start = 0
+        stop = L
+        end = T
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -435,7 +525,7 @@ def _din_attention_bwd_kernel(
     du = tl.zeros([BLOCK_H1], dtype=tl.float32)
     da1 = tl.zeros([BLOCK_H1], dtype=tl.float32)
     dbo = tl.full([], 0.0, tl.float32)
-    for t0 in range(0, L, BLOCK_T):
+    for t0 in range(start, stop, BLOCK_T):
         offs = t0 + offs_t
         valid = offs < L
         mask_k = valid[:, None] & mask_d[None, :]
@@ -485,38 +575,41 @@ def _din_attention_bwd_kernel(
     if PASS != 1:
         if not ACCUMULATE:
             # padding past the last tile touched above
-            for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+            pad = tl.cdiv(L, BLOCK_T) * BLOCK_T
+            if SPLIT:
+                pad = tl.maximum(pad, start)
+            for t0 in range(pad, end, BLOCK_T):
                 offs = t0 + offs_t
                 tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
                          tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
                          mask=(offs[:, None] < T) & mask_d[None, :])
-        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
-        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
+        tl.store(DM + p * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+        tl.store(DU + p * H1 + offs_h1, du, mask=mask_h1)
         if HAS_ALPHA:
             if ACCUMULATE:
-                da1 += tl.load(DA1 + b * H1 + offs_h1, mask=mask_h1, other=0.0)
-            tl.store(DA1 + b * H1 + offs_h1, da1, mask=mask_h1)
+                da1 += tl.load(DA1 + p * H1 + offs_h1, mask=mask_h1, other=0.0)
+            tl.store(DA1 + p * H1 + offs_h1, da1, mask=mask_h1)
     if PASS != 2:
         if ACCUMULATE:
-            dbo += tl.load(DBO + b)
-        tl.store(DBO + b, dbo)
+            dbo += tl.load(DBO + p)
+        tl.store(DBO + p, dbo)
         if TWO_LAYERS:
             if ACCUMULATE:
-                dw2 += tl.load(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21,
+                dw2 += tl.load(DW2 + p * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], mask=mask_h21,
                                other=0.0)
-                db2 += tl.load(DB2 + b * H2 + offs_h2, mask=mask_h2, other=0.0)
-                dwo += tl.load(DWO + b * H2 + offs_h2, mask=mask_h2, other=0.0)
-            tl.store(DW2 + b * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
-            tl.store(DB2 + b * H2 + offs_h2, db2, mask=mask_h2)
-            tl.store(DWO + b * H2 + offs_h2, dwo, mask=mask_h2)
+                db2 += tl.load(DB2 + p * H2 + offs_h2, mask=mask_h2, other=0.0)
+                dwo += tl.load(DWO + p * H2 + offs_h2, mask=mask_h2, other=0.0)
+            tl.store(DW2 + p * H2 * H1 + offs_h2[:, None] * H1 + offs_h1[None, :], dw2, mask=mask_h21)
+            tl.store(DB2 + p * H2 + offs_h2, db2, mask=mask_h2)
+            tl.store(DWO + p * H2 + offs_h2, dwo, mask=mask_h2)
             if HAS_ALPHA:
                 if ACCUMULATE:
-                    da2 += tl.load(DA2 + b * H2 + offs_h2, mask=mask_h2, other=0.0)
-                tl.store(DA2 + b * H2 + offs_h2, da2, mask=mask_h2)
+                    da2 += tl.load(DA2 + p * H2 + offs_h2, mask=mask_h2, other=0.0)
+                tl.store(DA2 + p * H2 + offs_h2, da2, mask=mask_h2)
         else:
             if ACCUMULATE:
-                dwo += tl.load(DWO + b * H1 + offs_h1, mask=mask_h1, other=0.0)
-            tl.store(DWO + b * H1 + offs_h1, dwo, mask=mask_h1)
+                dwo += tl.load(DWO + p * H1 + offs_h1, mask=mask_h1, other=0.0)
+            tl.store(DWO + p * H1 + offs_h1, dwo, mask=mask_h1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,10 +642,13 @@ def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
 
 
 def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool = False,
-                 dot_precision: str = "tf32", backward_pass: int = 0):
+                 dot_precision: str = "tf32", backward_pass: int = 0, *, activation: str = "sigmoid",
+                 accumulate: bool = False, split: bool = False, softmax: bool = True, arch: int = 90):
     """(BLOCK_T, BLOCK_D, BLOCK_H1, BLOCK_H2, num_warps). One config per problem (and backward ``PASS``,
-    ``_backward_passes``), chosen from compiles for sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``):
-    autotuning needs a GPU to measure."""
+    ``_backward_passes``; ``accumulate``: a later candidate's backward launch, ``ACCUMULATE``; ``split``: the
+    rows x position-splits form, ``SPLIT``; ``softmax``: ``SOFTMAX``; ``arch``: ``_device_arch``), chosen
+    from compiles for sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``): autotuning needs a GPU to
+    measure. BLOCK_T does not depend on ``split`` (``_position_splits`` reads it first)."""
     block_d, block_h1 = _block(dim), _block(widths[0])
     block_h2 = _block(widths[1]) if len(widths) == 2 else 16
     widest = max(block_d, block_h1, block_h2)
@@ -565,7 +661,7 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
         # on Triton 3.6 (ptxas fell back to 32 registers), none at 16 on 3.6 or 3.9
         block_t //= 2
     block_t = max(16, min(block_t, _block(seq_len)))
-    if backward_pass == 2 and _fp32_dot_min_k() <= 8:
+    if backward_pass == 2 and dot_precision == "ieee" and _fp32_dot_min_k() <= 8:
         # the two-pass fp32 TF32-off backward's second pass (dk, dM, du: five FMA products a tile, one [BD,
         # BH1] accumulator) at 16 positions spilled 176-192 bytes on sm_90 with Triton 3.9 even without
         # pipelining (``_backward_stages``), none at 8 (144 registers on sm_90, 128 on sm_80). The price is
@@ -582,18 +678,59 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
     # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB in one pass,
     # none in two, unpipelined, the second at 8 positions: ``_backward_passes``)
     num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
+    if num_warps == 8 and dot_precision == "ieee" and (activation, backward_pass, accumulate, split, arch >= 90,
+                                                       softmax) in _FMA_PASSES_AT_16_WARPS:
+        num_warps = 16
     return block_t, block_d, block_h1, block_h2, num_warps
 
 
-def _backward_passes(dtype: torch.dtype, widths: Sequence[int]) -> Tuple[int, ...]:
+# The fp32 TF32-off backward passes (FMA products) that spilled at 8 warps and compile without a spill at 16,
+# as (activation, PASS, ACCUMULATE, SPLIT, sm_90 or later, SOFTMAX): at DIN's shape, Triton 3.9's ptxas
+# stopped at 128 or 255 registers and spilled 28-64 bytes (identity's pass 2 with ACCUMULATE 56); at 16
+# warps 75-128 registers, none. A register cap (``maxnreg`` 168-255) moved relu's spill without removing it
+# (12-388 bytes). The other passes keep 8 warps, where 16 spilled (sigmoid's pass 1: 224 bytes; relu's pass 1
+# on sm_90 split or without softmax: 28, none at 8). ptxas near its limit is not monotonic in these knobs:
+# every entry is a compile (the ACCUMULATE ones with softmax, as the report compiles several candidates).
+_FMA_PASSES_AT_16_WARPS = {
+    ("relu", 1, False, False, True, True), ("relu", 2, True, False, True, True),
+    ("identity", 2, True, False, True, True), ("dice", 2, True, False, False, True),
+}
+
+
+def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: str = "sigmoid",
+                     accumulate: bool = False, split: bool = False, arch: int = 90) -> Tuple[int, ...]:
     """The backward kernel's ``PASS`` values, launched in order: two passes over the positions (each
-    recomputing the forward) for fp32 without TF32 and two hidden layers, whose one-pass form spilled
-    2.2-2.8 KB per thread on sm_90 / sm_80 (``benchmarks/gpu_compile_report.py``); one pass otherwise. The
-    two passes as Triton pipelines them still spilled (pass 1 1.3-1.5 KB, pass 2 up to 184 bytes on Triton
-    3.9); unpipelined (``_backward_stages``) and with 8 positions a tile in pass 2 (``_block_sizes``) neither
-    spills on sm_90 / sm_80 with Triton 3.9 (benchmarks/RESULTS.md, section 9). Triton 3.6 (16 positions in
-    both): none either, except 24 bytes in pass 2 with several candidates on sm_80."""
-    return (1, 2) if _dot_precision(dtype) == "ieee" and len(widths) == 2 else (0,)
+    recomputing the forward) with two hidden layers for
+    - fp32 without TF32, whose one-pass form spilled 2.2-2.8 KB per thread on sm_90 / sm_80
+      (``benchmarks/gpu_compile_report.py``). The two passes as Triton pipelines them still spilled (pass 1
+      1.3-1.5 KB, pass 2 up to 184 bytes on Triton 3.9); unpipelined (``_backward_stages``) and with 8
+      positions a tile in pass 2 (``_block_sizes``) neither spills on sm_90 / sm_80 with Triton 3.9
+      (benchmarks/RESULTS.md, section 9). Triton 3.6 (16 positions in both): none either, except 24 bytes in
+      pass 2 with several candidates on sm_80;
+    - a later candidate's launch (``accumulate``: ACCUMULATE reads dk and the partials back), whose one pass
+      spilled 224-460 bytes at 255 registers with TF32 / 16-bit inputs on sm_80 and, Dice, 36 on sm_90;
+    - prelu and Dice (``has_alpha``: alpha rows, Dice's statistics) below sm_90 (``arch``), whose one pass
+      spilled 8-24 bytes at 255 registers on sm_80 (mma.sync keeps its accumulators in registers);
+    - Dice split over positions (``split``, ``SPLIT``): its one pass spilled 24 bytes with 16-bit inputs on
+      sm_90 (normalize none).
+    Two passes with TF32 / 16-bit inputs (16 positions, unpipelined): 163-255 registers, no spill. One pass
+    otherwise (unpipelined: 183-255 registers, none). The price of two: the forward's two products are
+    recomputed once more (about a third more tensor-core work in the backward)."""
+    if len(widths) != 2:
+        return (0,)
+    if (_dot_precision(dtype) == "ieee" or accumulate or (split and activation == "dice")
+            or (arch < 90 and activation_spec(activation).has_alpha)):
+        return (1, 2)
+    return (0,)
+
+
+def _device_arch(device: torch.device) -> int:
+    """The GPU's compute capability as 10 * major + minor (90 for an H100 / H200); 90 off CUDA (the
+    interpreter), which runs whatever ``_block_sizes`` / ``_backward_passes`` choose."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 @functools.lru_cache(maxsize=None)
@@ -616,9 +753,22 @@ def _backward_stages(backward_pass: int) -> dict:
     142-196 registers without a spill on sm_90 / sm_80 (Triton 3.9), and so does pass 2 at 8 positions
     (pipelined there: up to 296 bytes). The price: each tile's key and weight
     loads are no longer in flight during the previous tile's FMAs (about 4 KB a tile of 16 positions against
-    ~1,500 FMAs per thread, which the 8 warps' other tiles partly hide); the TF32 / 16-bit backward (one pass,
-    tensor cores, no spill) keeps Triton's default."""
-    return dict(num_stages=1) if backward_pass in (1, 2) else {}
+    ~1,500 FMAs per thread, which the 8 warps' other tiles partly hide). The TF32 / 16-bit one-pass backward
+    (``PASS`` 0) too: pipelined (Triton's default, 3 stages) it spilled 24-184 bytes at 255 registers on sm_90
+    with Dice and identity (Triton 3.9's own ptxas flags, benchmarks/RESULTS.md section 9); unpipelined none
+    (183-255 registers), at the same price."""
+    return dict(num_stages=1)
+
+
+# The forward at 8 warps may use 128 registers a thread: two blocks per SM, which its shared memory (fp32
+# 80 KB a block) allows anyway. Left to itself ptxas aimed at three (80 registers) and spilled 16-24 bytes
+# in fp32 without TF32 on sm_90; capped at 128 it takes 96-128, none (every activation, sm_90 / sm_80).
+_FORWARD_MAX_REGISTERS = 128
+
+
+def _forward_options(num_warps: int) -> dict:
+    """Launch options of ``_din_attention_fwd_kernel`` beyond the block sizes (``_FORWARD_MAX_REGISTERS``)."""
+    return dict(maxnreg=_FORWARD_MAX_REGISTERS) if num_warps == 8 else {}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -690,22 +840,80 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
     # TF32, whose FMA products spilled 11-46 KB per thread in that kernel (sm_80 / sm_90 compiles,
     # benchmarks/gpu_compile_report.py; none with TF32 or 16-bit inputs): it runs a program per candidate.
     if form == "concat" and candidates > 1 and _dot_precision(keys.dtype) != "ieee":
-        block_c = _candidate_block(candidates)
+        block_c = _candidate_block(candidates, activation)
         _din_attention_fwd_candidates_kernel[(batch, triton.cdiv(candidates, block_c))](
             keys, q.contiguous(), u, first.m_base, first.wd_t, w2, b2, weights[-2], weights[-1],
             a1, mu1, rs1, a2, mu2, rs2, lengths, out, attn, lse, *sizes, BLOCK_C=block_c, **common)
         return out, attn, lse
     m = first.m(q)  # [R, D, H1] row-major (the layout the kernel reads)
-    _din_attention_fwd_kernel[(rows,)](
+    split = _position_splits(rows, seq_len, block_t, keys.device)
+    if split is None:
+        _din_attention_fwd_kernel[(rows,)](
+            keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
+            out, attn, lse, u, u, *sizes, seq_len, 1, SPLIT=False, **common, **_forward_options(num_warps))
+        return out, attn, lse
+    # rows x position splits, then a merge (``_position_splits``: too few rows to fill the GPU)
+    splits, chunk = split
+    pacc = torch.empty(rows * splits, dim, dtype=torch.float32, device=keys.device)
+    pml = torch.empty(rows * splits * 2 if softmax else 0, dtype=torch.float32, device=keys.device)
+    _din_attention_fwd_kernel[(rows, splits)](
         keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
-        out, attn, lse, *sizes, **common)
+        out, attn, lse, pacc, pml if softmax else pacc, *sizes, chunk, splits, SPLIT=True, **common,
+        **_forward_options(num_warps))
+    _din_attention_fwd_merge_kernel[(rows, splits if softmax else 1)](
+        pacc, pml if softmax else pacc, lengths, out, attn, lse, candidates, seq_len, dim, chunk, splits,
+        SOFTMAX=softmax, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+        num_warps=_MERGE_NUM_WARPS)
     return out, attn, lse
 
 
-def _candidate_block(candidates: int) -> int:
+# Position splits (``_position_splits``): wanted programs per SM, and the fewest positions a split covers.
+_SPLIT_PROGRAMS_PER_SM = 4
+_SPLIT_MIN_POSITIONS = 32
+_MERGE_NUM_WARPS = 4  # the merge kernel's: a few [SPLITS, D] partials and one pass over the row's scores
+_DEFAULT_SM_COUNT = 132  # an H100 / H200, where the device cannot be asked (the interpreter)
+_forced_splits: Optional[int] = None  # the testing hook (``din_kernels.testing.force_position_splits``)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(device.index if device.index is not None
+                                            else torch.cuda.current_device()).multi_processor_count
+
+
+def _position_splits(programs: int, seq_len: int, block_t: int,
+                     device: torch.device) -> Optional[Tuple[int, int]]:
+    """(splits, positions per split) of a kernel launched once per row (``programs`` of them) over ``seq_len``
+    positions in tiles of ``block_t``, or None: no split. None unless the rows are fewer than
+    ``_SPLIT_PROGRAMS_PER_SM`` programs per SM (B = 256 on 132 SMs: 256 programs, under two waves of the
+    forward's two resident blocks per SM, two of the backward's one) and T holds two splits of about
+    ``_SPLIT_MIN_POSITIONS`` positions or more (T = 50: 2, T = 200: up to 6); then enough splits to reach that
+    count (B = 256, T = 200: 3). Splits are whole tiles (no tile crosses two splits). Each split re-reads the
+    row's resident tiles (M_b, W2: L2 hits after the first) and its partials go through a merge (forward) or
+    a sum (backward): cheap beside ~32 positions of MLP work. Under the interpreter (programs run one after
+    another) only the testing hook splits: it asks for ``_forced_splits`` splits (as many as whole tiles
+    allow, one at least) whatever the rows."""
+    if _forced_splits is not None:
+        wanted = _forced_splits
+    elif device.type != "cuda":
+        return None
+    else:
+        target = _SPLIT_PROGRAMS_PER_SM * _sm_count(device)
+        wanted = 1 if programs >= target else min(triton.cdiv(target, max(programs, 1)),
+                                                   (seq_len + _SPLIT_MIN_POSITIONS // 2) // _SPLIT_MIN_POSITIONS)
+        if wanted <= 1 or seq_len <= block_t:
+            return None
+    chunk = triton.cdiv(triton.cdiv(max(seq_len, 1), max(wanted, 1)), block_t) * block_t
+    return triton.cdiv(max(seq_len, 1), chunk), chunk
+
+
+def _candidate_block(candidates: int, activation: str = "sigmoid") -> int:
     """Candidates per program of ``_din_attention_fwd_candidates_kernel``: 2 or 4 (its per-candidate work is
-    unrolled; 4 keeps the code and the [BLOCK_C, BD] state small)."""
-    return 2 if candidates <= 2 else 4
+    unrolled; 4 keeps the code and the [BLOCK_C, BD] state small). Dice (alpha and statistics rows live
+    beside the block's state): 2, whose 4 spilled 40 bytes at 255 registers with TF32 on sm_90 (2: 204-211
+    registers, none)."""
+    return 2 if candidates <= 2 or activation == "dice" else 4
 
 
 def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: Tensor, weights: Sequence[Tensor],
@@ -724,16 +932,32 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     device, f32 = keys.device, torch.float32
     h1, h2 = widths[0], (widths[1] if two else 1)
     width_last = widths[-1]
+    dot_precision, arch = _dot_precision(keys.dtype), _device_arch(device)
+    def launches(split: bool):
+        """(PASS, block sizes) of each launch: the first candidate's, and the later ones' (ACCUMULATE)."""
+        return {accumulate: [(bp, _block_sizes(seq_len, dim, widths, backward=True, dot_precision=dot_precision,
+                                               backward_pass=bp, activation=activation, accumulate=accumulate,
+                                               split=split, softmax=softmax, arch=arch))
+                             for bp in _backward_passes(keys.dtype, widths, activation=activation,
+                                                        accumulate=accumulate, split=split, arch=arch)]
+                for accumulate in ((False, True) if candidates > 1 else (False,))}
+
+    # one split for every launch: whole tiles of each (their BLOCK_T are powers of two)
+    split = _position_splits(batch, seq_len, max(config[0] for runs in launches(False).values()
+                                                 for _, config in runs), device)
+    runs_of = launches(split is not None)
+    splits, chunk = split if split is not None else (1, seq_len)
+    parts = batch * splits  # per-program partials of dM, du and the weight gradients, B * SPLITS
     dkeys = torch.empty_like(keys)
     dm = torch.empty(rows, dim, h1, dtype=f32, device=device)
     du = torch.empty(rows, h1, dtype=f32, device=device)
-    dw2 = torch.empty(batch, h2, h1, dtype=f32, device=device) if two else du
-    db2 = torch.empty(batch, h2, dtype=f32, device=device) if two else du
-    dwo = torch.empty(batch, width_last, dtype=f32, device=device)
-    dbo = torch.empty(batch, dtype=f32, device=device)
+    dw2 = torch.empty(parts, h2, h1, dtype=f32, device=device) if two else du
+    db2 = torch.empty(parts, h2, dtype=f32, device=device) if two else du
+    dwo = torch.empty(parts, width_last, dtype=f32, device=device)
+    dbo = torch.empty(parts, dtype=f32, device=device)
     has_alpha = activation_spec(activation).has_alpha
-    da1 = torch.empty(batch, h1, dtype=f32, device=device) if has_alpha else du
-    da2 = torch.empty(batch, h2, dtype=f32, device=device) if has_alpha and two else du
+    da1 = torch.empty(parts, h1, dtype=f32, device=device) if has_alpha else du
+    da2 = torch.empty(parts, h2, dtype=f32, device=device) if has_alpha and two else du
     first, q = FirstLayer(weights[0], weights[1], dim, form, torch.float32), query.float()
     if rows > 0:
         grad_out = grad_out.contiguous()
@@ -742,30 +966,29 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
         (a1, mu1, rs1), (a2, mu2, rs2) = _act_params(alphas, dice_eval, eps, widths, u)
         w2, b2 = (weights[2], weights[3]) if two else (u, u)
         delta = (grad_out.float() * out.float()).sum(-1) if softmax else u  # [R]
-        dot_precision = _dot_precision(keys.dtype)
         for c in range(candidates):
             # candidate c of every history: its rows b * C + c (the whole of them for C = 1, no copy)
             pick = (lambda t: t) if candidates == 1 else (lambda t: t.view(batch, candidates, *t.shape[1:])[:, c]
                                                           .contiguous())
-            dm_c, du_c = (dm, du) if candidates == 1 else (torch.empty_like(dm[:batch]), torch.empty_like(du[:batch]))
-            for backward_pass in _backward_passes(keys.dtype, widths):
-                block_t, block_d, block_h1, block_h2, num_warps = _block_sizes(
-                    seq_len, dim, widths, backward=True, dot_precision=dot_precision, backward_pass=backward_pass)
-                _din_attention_bwd_kernel[(batch,)](
+            direct = candidates == 1 and splits == 1
+            dm_c, du_c = (dm, du) if direct else (dm.new_empty(parts, dim, h1), du.new_empty(parts, h1))
+            for backward_pass, (block_t, block_d, block_h1, block_h2, num_warps) in runs_of[c > 0]:
+                _din_attention_bwd_kernel[(batch, splits)](
                     keys, pick(m), pick(u), w2, b2, weights[-2], a1, mu1, rs1, a2, mu2, rs2, lengths,
                     pick(attn), pick(grad_out), pick(delta) if softmax else delta, dkeys, dm_c, du_c,
                     dw2, db2, dwo, dbo, da1, da2,
                     seq_len, dim, h1, h2, 1.0 if scale is None else float(scale),
-                    keys.stride(0), keys.stride(1),
+                    keys.stride(0), keys.stride(1), chunk, splits,
                     **_activation_constexprs(activation), TWO_LAYERS=two, SOFTMAX=softmax,
                     DOT_PRECISION=dot_precision,
                     BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2,
-                    INTERPRETED=interpreter_enabled(), PASS=backward_pass, ACCUMULATE=c > 0, num_warps=num_warps,
-                    **_backward_stages(backward_pass),
+                    INTERPRETED=interpreter_enabled(), PASS=backward_pass, ACCUMULATE=c > 0,
+                    SPLIT=split is not None, num_warps=num_warps, **_backward_stages(backward_pass),
                 )
-            if candidates != 1:
-                dm.view(batch, candidates, dim, h1)[:, c] = dm_c
-                du.view(batch, candidates, h1)[:, c] = du_c
+            if not direct:
+                # a row's split partials summed once (a view, no copy, when there is one split)
+                dm.view(batch, candidates, dim, h1)[:, c] = dm_c.view(batch, splits, dim, h1).sum(1)
+                du.view(batch, candidates, h1)[:, c] = du_c.view(batch, splits, h1).sum(1)
     else:
         for buffer in (dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()
