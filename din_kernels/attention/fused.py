@@ -625,13 +625,14 @@ def _block(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-def fused_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
+def fused_supported(keys: Tensor, weights: Sequence[Tensor], dtypes: Sequence[torch.dtype] = _FUSED_DTYPES) -> bool:
     """True when the Triton kernels cover this problem: 1 or 2 hidden layers of width <= 256, D <= 256,
-    fp32/fp16/bf16 keys, and padded resident tiles ``D x H1 + H1 x H2`` of at most 20480 elements (DIN's
-    D=36, (80, 40): 64x128 + 128x64 = 16384). Everything else runs the composite path (same API and results)."""
+    keys of ``dtypes`` (fp32/fp16/bf16; the Dice-training kernels add fp64), and padded resident tiles
+    ``D x H1 + H1 x H2`` of at most 20480 elements (DIN's D=36, (80, 40): 64x128 + 128x64 = 16384). Everything
+    else runs the composite path (same API and results)."""
     widths = _hidden_widths(weights)
     dim = keys.shape[2]
-    if len(widths) not in (1, 2) or max(widths) > _MAX_FUSED_WIDTH or keys.dtype not in _FUSED_DTYPES:
+    if len(widths) not in (1, 2) or max(widths) > _MAX_FUSED_WIDTH or keys.dtype not in dtypes:
         return False
     if not 0 < dim <= _MAX_FUSED_WIDTH:
         return False

@@ -52,8 +52,8 @@ import torch
 from .._backend import interpreter_enabled
 from .composite import _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
-from .fused import (_FUSED_DTYPES, _MAX_FUSED_WIDTH, _MAX_RESIDENT_ELEMENTS, _act_fwd, _backward_stages, _block,
-                    _block_sizes, _dot_precision, _hidden_widths, tl, triton)
+from .fused import (_FUSED_DTYPES, _act_fwd, _backward_stages, _block_sizes, _dot_precision, _hidden_widths,
+                    fused_supported, tl, triton)
 
 Tensor = torch.Tensor
 
@@ -463,18 +463,8 @@ def _dice_train_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 def dice_training_supported(keys: Tensor, weights: Sequence[Tensor]) -> bool:
-    """True when these kernels take the problem: ``fused.fused_supported``'s coverage (1 or 2 hidden layers of
-    width <= 256, D <= 256, resident tiles ``D x H1 + H1 x H2`` <= 20480 padded elements), fp64 included."""
-    widths = _hidden_widths(weights)
-    dim = keys.shape[2]
-    if len(widths) not in (1, 2) or max(widths) > _MAX_FUSED_WIDTH or keys.dtype not in _DTYPES:
-        return False
-    if not 0 < dim <= _MAX_FUSED_WIDTH:
-        return False
-    resident = _block(dim) * _block(widths[0])
-    if len(widths) == 2:
-        resident += _block(widths[0]) * _block(widths[1])
-    return resident <= _MAX_RESIDENT_ELEMENTS
+    """True when these kernels take the problem: ``fused.fused_supported``'s coverage, fp64 included."""
+    return fused_supported(keys, weights, dtypes=_DTYPES)
 
 
 def _precision(dtype: torch.dtype) -> str:
