@@ -61,6 +61,25 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _pool_tile(s, k, valid, m_i, l_i, acc, SOFTMAX: tl.constexpr):
+    """One tile of a row's pooling from its scores s [BT] and keys k [BT, BD] (fp32): with softmax the online
+    update of the running max m_i (base 2), sum l_i and weighted sum acc, returning the raw scores to store
+    (normalised by a second pass); without, acc += sum_t s_t k_t over the valid positions, returning the
+    weights. -> (m_i, l_i, acc, what the tile writes into the weights)"""
+    if SOFTMAX:
+        s2 = tl.where(valid, s * 1.4426950408889634, float("-inf"))  # (log2 e)
+        m_new = tl.maximum(m_i, tl.max(s2, axis=0))
+        p = tl.exp2(s2 - m_new)
+        correction = tl.exp2(m_i - m_new)
+        l_i = l_i * correction + tl.sum(p, axis=0)
+        acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
+        return m_new, l_i, acc, s
+    w = tl.where(valid, s, 0.0)
+    acc += tl.sum(w[:, None] * k, axis=0)
+    return m_i, l_i, acc, w
+
+
+@triton.jit
 def _act_fwd(z, alpha, mean, rstd, ACT: tl.constexpr):
     """h = act(z) for ``ACT = ActivationSpec.code`` (``activations.py``: 0 identity, 1 sigmoid, 2 relu,
     3 prelu ``where(z >= 0, z, alpha z)``, 4 dice (eval) ``z (alpha + (1 - alpha) p)``,
@@ -228,20 +247,8 @@ def _din_attention_fwd_kernel(
             z2 += b2[None, :]  # [BT, BH2]
             h = _act_fwd(z2, a2, mu2, rs2, ACT)
         s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
-        if SOFTMAX:
-            s2 = tl.where(valid, s * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, axis=0))
-            p = tl.exp2(s2 - m_new)
-            correction = tl.exp2(m_i - m_new)
-            l_i = l_i * correction + tl.sum(p, axis=0)
-            acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
-            m_i = m_new
-            # raw scores for now; normalised by the second pass below
-            tl.store(ATTN + r * T + offs, s, mask=valid)
-        else:
-            w = tl.where(valid, s, 0.0)
-            acc += tl.sum(w[:, None] * k, axis=0)
-            tl.store(ATTN + r * T + offs, w, mask=valid)
+        m_i, l_i, acc, stored = _pool_tile(s, k, valid, m_i, l_i, acc, SOFTMAX)
+        tl.store(ATTN + r * T + offs, stored, mask=valid)
 
     if SPLIT:
         part = r * SPLITS + split

@@ -53,7 +53,7 @@ from .._backend import interpreter_enabled
 from .composite import _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 from .fused import (_FUSED_DTYPES, _act_fwd, _backward_stages, _block_sizes, _dot_precision, _hidden_widths,
-                    fused_supported, tl, triton)
+                    _pool_tile, fused_supported, tl, triton)
 
 Tensor = torch.Tensor
 
@@ -222,19 +222,8 @@ def _dice_train_fwd_kernel(
             if STAGE == LAYERS:
                 k = k_in.to(ACC)
                 s = (tl.sum(h * wo[None, :], axis=1) + bo) * scale  # [BT]
-                if SOFTMAX:
-                    s2 = tl.where(valid, s * LOG2E, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s2, axis=0))
-                    p = tl.exp2(s2 - m_new)
-                    correction = tl.exp2(m_i - m_new)
-                    l_i = l_i * correction + tl.sum(p, axis=0)
-                    acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
-                    m_i = m_new
-                    tl.store(ATTN + b * T + offs, s, mask=valid)  # raw scores, normalised below
-                else:
-                    w = tl.where(valid, s, 0.0)
-                    acc += tl.sum(w[:, None] * k, axis=0)
-                    tl.store(ATTN + b * T + offs, w, mask=valid)
+                m_i, l_i, acc, stored = _pool_tile(s, k, valid, m_i, l_i, acc, SOFTMAX)
+                tl.store(ATTN + b * T + offs, stored, mask=valid)  # softmax: raw scores, normalised below
 
     if STAGE == LAYERS:
         if SOFTMAX:
