@@ -2,6 +2,7 @@
 
     .venv/bin/python -m pytest -q benchmarks/bench_attention.py          # pytest-benchmark, all providers
     .venv/bin/python benchmarks/bench_attention.py --table [--repeats 7]  # the ratio table of RESULTS.md, section 1
+    .venv/bin/python benchmarks/bench_attention.py --table --busy 1 [--rounds 5]  # quiet against loaded (section 8)
 
 Problem: hidden (80, 40) sigmoid, form "concat", normalize "none" (DeepCTR's default), fp32, lengths uniform
 in [1, T] ("random": din_kernels skips padding), all T ("full", its worst case), or "skewed": 1 + an
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -311,9 +312,9 @@ def table(repeats: int, providers: List[str]) -> str:
     return "\n".join(lines + memory_lines)
 
 
-def busy_table(repeats: int, providers: List[str], busy: int) -> str:
-    """Quiet against loaded (``busy`` neighbour processes doing torch work at its default threads), at 1 and 2
-    threads of ours: each provider's median, its slowdown under load, and each baseline over din_kernels."""
+def _busy_round(repeats: int, providers: List[str], busy: int) -> Tuple[Dict, Dict]:
+    """One quiet phase, then one beside ``busy`` neighbour processes, at 1 and 2 threads of ours: the
+    samples of each (threads, case, mode) as ``{provider: [ms, ...]}``, quiet and loaded."""
     threads_before = torch.get_num_threads()
     quiet: Dict = {}
     loaded: Dict = {}
@@ -330,18 +331,61 @@ def busy_table(repeats: int, providers: List[str], busy: int) -> str:
                             print(f"{phase} {threads} thread(s) {case.name} {mode}", file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(threads_before)
-    lines = [f"{describe_machine()}; {busy} neighbour process(es) running torch matmuls at torch's default threads "
-             f"in the loaded columns; hidden {HIDDEN} sigmoid, fp32, median of {repeats}", "",
-             "| threads | case | mode | " + " | ".join(f"{p} ms quiet / loaded (slowdown)" for p in providers) +
-             " | " + " | ".join(f"{p} / din_kernels quiet / loaded" for p in providers if p != "din_kernels") + " |"]
+    return quiet, loaded
+
+
+def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -> str:
+    """Quiet against loaded (``busy`` neighbour processes doing torch work at its default threads), at 1 and 2
+    threads of ours: each provider's median, its slowdown under load, and each baseline over din_kernels.
+    ``rounds`` > 1 repeats the quiet and the loaded phase that many times and summarises the rounds instead:
+    how a neighbour's work lines up with the timed calls changes from one loaded phase to the next (on 2
+    cores a 3 ms call's slowdown ranged 1.5-5.5x over five phases), so one phase cannot say whether one
+    provider slows more than another."""
+    results = []
+    for index in range(rounds):
+        if rounds > 1:
+            print(f"round {index + 1} of {rounds}", file=sys.stderr, flush=True)
+        results.append(_busy_round(repeats, providers, busy))
+    header = (f"{describe_machine()}; {busy} neighbour process(es) running torch matmuls at torch's default threads "
+              f"in the loaded columns; hidden {HIDDEN} sigmoid, fp32, median of {repeats}")
+    if rounds == 1:
+        quiet, loaded = results[0]
+        lines = [header, "",
+                 "| threads | case | mode | " + " | ".join(f"{p} ms quiet / loaded (slowdown)" for p in providers) +
+                 " | " + " | ".join(f"{p} / din_kernels quiet / loaded" for p in providers if p != "din_kernels") +
+                 " |"]
+        lines.append("|" + " --- |" * (lines[-1].count("|") - 1))
+        for (threads, name, mode), samples in quiet.items():
+            q = {p: statistics.median(t) for p, t in samples.items()}
+            l = {p: statistics.median(t) for p, t in loaded[threads, name, mode].items()}
+            cells = [f"{q[p]:.1f} / {l[p]:.1f} ({l[p] / q[p]:.2f}x)" for p in providers]
+            ratios = [f"{q[p] / q['din_kernels']:.2f}x / {l[p] / l['din_kernels']:.2f}x" for p in providers
+                      if p != "din_kernels"]
+            lines.append(f"| {threads} | {name} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        return "\n".join(lines)
+    baselines = [p for p in providers if p != "din_kernels"]
+    lines = [header + f", {rounds} rounds of a quiet and a loaded phase", "",
+             "| threads | case | mode | " + " | ".join(f"{p} slowdown, median of rounds [min-max]" for p in providers) +
+             " | " + " | ".join(f"din_kernels slowing no more than {p}" for p in baselines) +
+             " | " + " | ".join(f"{p} / din_kernels loaded, median [min-max]" for p in baselines) + " |"]
     lines.append("|" + " --- |" * (lines[-1].count("|") - 1))
-    for (threads, name, mode), samples in quiet.items():
-        q = {p: statistics.median(t) for p, t in samples.items()}
-        l = {p: statistics.median(t) for p, t in loaded[threads, name, mode].items()}
-        cells = [f"{q[p]:.1f} / {l[p]:.1f} ({l[p] / q[p]:.2f}x)" for p in providers]
-        ratios = [f"{q[p] / q['din_kernels']:.2f}x / {l[p] / l['din_kernels']:.2f}x" for p in providers
-                  if p != "din_kernels"]
-        lines.append(f"| {threads} | {name} | {mode} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    for key in results[0][0]:
+        slowdowns = {p: [] for p in providers}
+        loaded_ratio = {p: [] for p in baselines}
+        for quiet, loaded in results:
+            q = {p: statistics.median(t) for p, t in quiet[key].items()}
+            l = {p: statistics.median(t) for p, t in loaded[key].items()}
+            for p in providers:
+                slowdowns[p].append(l[p] / q[p])
+            for p in baselines:
+                loaded_ratio[p].append(l[p] / l["din_kernels"])
+        spread = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f}-{max(v):.2f}]"  # noqa: E731
+        no_worse = [f"{sum(ours <= theirs for ours, theirs in zip(slowdowns['din_kernels'], slowdowns[p]))} of "
+                    f"{rounds}" for p in baselines]
+        threads, name, mode = key
+        lines.append(f"| {threads} | {name} | {mode} | " + " | ".join(spread(slowdowns[p]) for p in providers) +
+                     " | " + " | ".join(no_worse) + " | " + " | ".join(spread(loaded_ratio[p]) for p in baselines) +
+                     " |")
     return "\n".join(lines)
 
 
@@ -353,6 +397,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--busy", type=int, default=0,
                         help="also time beside N neighbour processes doing torch work (stopped at the end), "
                              "at 1 and 2 threads, and print quiet and loaded columns in one table")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --busy: repeat the quiet and the loaded phase N times and summarise the "
+                             "slowdowns over the rounds (median, range, rounds where din_kernels slowed no more)")
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("use --table, or run through pytest for pytest-benchmark")
@@ -361,7 +408,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("the providers must include din_kernels")
     if args.busy < 0:
         parser.error("--busy must be >= 0")
-    print(busy_table(args.repeats, providers, args.busy) if args.busy else table(args.repeats, providers))
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.rounds > 1 and not args.busy:
+        parser.error("--rounds needs --busy N (it repeats the quiet and the loaded phases)")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    print(busy_table(args.repeats, providers, args.busy, args.rounds) if args.busy else
+          table(args.repeats, providers))
 
 
 if __name__ == "__main__":
