@@ -17,8 +17,10 @@ spills come from the log of Triton's own ptxas run (its flags, the cubin a launc
 included), any block whose shared memory exceeds the SM's, a 16-bit / TF32 attention specialisation without
 tensor-core instructions, or 16-bit inputs whose MMAs run in TF32: the gate issue 12 asks CI for
 (``tests/test_gpu_compile_report.py`` runs ``--quick --check``; benchmarks/RESULTS.md, section 9). Each
-specialisation is compiled with the launcher's own choices: ``_block_sizes`` (per backward pass) and
-``_backward_stages`` (``num_stages``).
+specialisation is compiled with the launcher's own choices: ``_block_sizes`` (per backward pass),
+``_backward_stages`` (``num_stages``), the forwards' register caps, ``DT._stage_configs``; those of the
+Triton that runs the report (Triton before 3.9 has its own: ``_triton_before_3_9``). Under Triton 3.6, as a
+stock CUDA image ships it: ``make compile-report-triton36``.
 """
 from __future__ import annotations
 
@@ -145,9 +147,10 @@ def compile_one(fn, arch: int, precision: str, seq_len: int, dim: int, hidden: S
                         f"*{dtype}" if name in ("K", "DK", "OUT", "DOUT") else "*fp32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    # (the launcher's own options: the backward's ``num_stages``, the forward's register cap)
+    # (the launcher's own options: the backward's ``num_stages``, the forwards' register caps)
     options = (A._backward_stages(backward_pass) if backward else
-               A._forward_options(num_warps) if fn is A._din_attention_fwd_kernel else {})
+               A._forward_options(num_warps, dot_precision, arch) if fn is A._din_attention_fwd_kernel else
+               A._candidates_forward_options(activation))
     return _assemble(row, source, arch, num_warps, options)
 
 
@@ -255,9 +258,9 @@ def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hid
                           softmax: bool) -> List[Row]:
     """The Dice-training kernels' stages (``train-fwd stage l``: layer l's moments, the last one the scores;
     ``train-bwd stage s``: 0 the top layer's sums, 1 layer 2's dz and layer 1's sums, in two parts for fp32
-    without TF32, 2 the first layer) as
-    ``attention_triton_dice_training_forward`` / ``_backward`` launch them (block sizes from
-    ``DT._stage_configs``)."""
+    without TF32, 2 the first layer, in two parts where ``DT._first_layer_parts`` says so) as
+    ``attention_triton_dice_training_forward`` / ``_backward`` launch them on ``arch`` (block sizes and launch
+    options from ``DT._stage_configs``)."""
     dtype, dot_precision = PRECISIONS[precision]
     keys = torch.empty(1, 1, dim, dtype=TORCH_DTYPES[dtype])
     weights = [torch.empty(h, 1) for h in hidden for _ in (0, 1)] + [torch.empty(1, 1), torch.empty(1)]
@@ -266,9 +269,9 @@ def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hid
         row.note = "outside dice_training_supported: the composite path runs"
         return [row]
     with _tf32(precision):
-        forward, backward = DT._stage_configs(keys.dtype, seq_len, dim, hidden)
+        (forward, forward_options), backward = DT._stage_configs(keys.dtype, seq_len, dim, hidden, arch)
     layers = len(hidden)
-    launches = [(DT._dice_train_fwd_kernel, f"train-fwd stage {stage}", stage, 0, forward, {})
+    launches = [(DT._dice_train_fwd_kernel, f"train-fwd stage {stage}", stage, 0, forward, forward_options)
                 for stage in range(layers + 1)]
     launches += [(DT._dice_train_bwd_kernel, f"train-bwd stage {stage}" + (f" part {part}" if part else ""), stage,
                   part, blocks, options) for stage, part, blocks, options in backward]

@@ -22,6 +22,9 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
   and functional: where a test spies on what a call runs).
 - ``force_position_splits(n)``: a context in which the fused kernels run split over positions (rows x
   splits programs and a merge), which the launcher otherwise picks only on a GPU with too few rows.
+- ``launch_choices_as(triton_before_3_9=, fp32_dot_min_k=, arch=)``: a context in which the fused attention
+  launchers (eval and Dice-training) choose passes, parts, tiles and launch options as they would under
+  another Triton on a GPU of that compute capability (Triton 3.6 on an A100: ``True, 16, 80``).
 
 Dice (``din_kernels.dice``) and MBA (``din_kernels.mba``): ``dice_module`` and ``mba_module``, whose
 kernels and mode constants the GPU compile report reads.
@@ -66,8 +69,8 @@ def attention_launchers(keys, weights, activation: str = "sigmoid"):
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
            "attention_function", "attention_fused", "attention_fused_dice_training", "attention_launchers",
            "attention_plan", "attention_small", "attention_small_module", "cpu_extension", "dice_module",
-           "force_position_splits", "fused_supported", "interpreter_enabled", "mba_module", "select_path",
-           "use_cpu_extension", "use_triton"]
+           "force_position_splits", "fused_supported", "interpreter_enabled", "launch_choices_as", "mba_module",
+           "select_path", "use_cpu_extension", "use_triton"]
 
 
 @contextlib.contextmanager
@@ -82,3 +85,24 @@ def force_position_splits(splits: int):
         yield
     finally:
         attention_fused._forced_splits = before
+
+
+@contextlib.contextmanager
+def launch_choices_as(triton_before_3_9: bool, fp32_dot_min_k: int, arch: int):
+    """Let the fused attention launchers (``attention_fused``, ``attention_fused_dice_training``) choose as they
+    would under another compiler and GPU: ``triton_before_3_9`` for ``_triton_before_3_9``, the smallest K of
+    an fp32 ``tl.dot`` for ``_fp32_dot_min_k``, the compute capability for ``_device_arch`` (e.g. Triton 3.6 on
+    an A100: ``True, 16, 80``). The interpreter then runs those choices: the passes, stage-2 parts and tiles
+    change what the kernels compute in which order (the warps, stages and register caps do not matter there),
+    so their results can be checked against the reference whatever Triton is installed."""
+    replacements = dict(_triton_before_3_9=lambda: triton_before_3_9, _fp32_dot_min_k=lambda: fp32_dot_min_k,
+                        _device_arch=lambda device: arch)
+    modules = (attention_fused, attention_fused_dice_training)
+    before = [(module, name, getattr(module, name)) for module in modules for name in replacements]
+    for module, name, _ in before:
+        setattr(module, name, replacements[name])
+    try:
+        yield
+    finally:
+        for module, name, original in before:
+            setattr(module, name, original)

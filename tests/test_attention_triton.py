@@ -17,7 +17,7 @@ import torch
 import din_kernels as dk
 from din_kernels import reference
 from din_kernels.testing import (ATTENTION_LAUNCHERS, attention_fused, attention_launchers, force_position_splits,
-                                 fused_supported)
+                                 fused_supported, launch_choices_as)
 from problems import WEIRD_SHAPES, Case, build, cases
 
 attention_forward, attention_backward = ATTENTION_LAUNCHERS["triton"]
@@ -328,6 +328,42 @@ def test_position_split_heuristic(monkeypatch):
     with force_position_splits(4):
         assert choose(2048, 200, 16, torch.device("cpu")) == (4, 64)
         assert choose(2048, 1, 16, torch.device("cpu")) == (1, 16)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the launch choices of another compiler (Triton 3.6, as a stock CUDA image ships it: ``launch_choices_as``)
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("arch", [90, 80])
+def test_triton_3_6_launch_choices_match_reference(arch, activation, tf32):
+    """Under Triton 3.6 the launchers choose their own passes and tiles (``_triton_before_3_9``,
+    ``_fp32_dot_min_k``): two backward passes for Dice everywhere and for TF32 below sm_90, pass 2 of the fp32
+    TF32-off backward at 16 positions (3.6 rejects K = 8), sigmoid's and relu's later-candidate pass 2 at 32
+    on sm_80 (``_fma_pass_tile``). At DIN's widths with two candidates per history (the first candidate's
+    launch and a later one's, ACCUMULATE), those choices give the reference's output, weights and
+    gradients."""
+    case = Case(3, 37, 36, (80, 40), lengths=(37, 0, 20), candidates=2, activation=activation, normalize="softmax")
+    previous, previous_tf32 = dk.get_backend(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        dk.set_backend("triton")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        with launch_choices_as(triton_before_3_9=True, fp32_dot_min_k=16, arch=arch):
+            dtype = torch.float32
+            passes = attention_fused._backward_passes(dtype, (80, 40), activation=activation, arch=arch)
+            assert passes == ((1, 2) if not tf32 or activation == "dice" or arch < 90 else (0,))
+            if not tf32:
+                later_pass_2 = attention_fused._block_sizes(37, 36, (80, 40), backward=True, dot_precision="ieee",
+                                                            backward_pass=2, activation=activation,
+                                                            accumulate=True, arch=arch)
+                assert later_pass_2[0] == (32 if arch < 90 and activation in ("sigmoid", "relu") else 16)
+            problem = build(case)
+            assert fused_path_runs(problem)
+            assert_matches_reference(problem, activation=activation, normalize="softmax", scale=0.5)
+    finally:
+        dk.set_backend(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
 
 
 # --------------------------------------------------------------------------------------------------------

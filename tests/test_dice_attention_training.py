@@ -254,6 +254,35 @@ def test_triton_backward_reads_the_kept_statistics_twice_and_recomputes_them_wit
     assert all(torch.equal(a, b) for a, b in zip(flat(with_kept), first))
 
 
+@pytest.mark.parametrize("case", cases([
+    Case(6, 37, 36, (80, 40), lengths=(37, 0, 20, 1, 16, 33), dtype=torch.float64),  # DIN's widths, many tiles
+    Case(5, 13, 7, (7, 5), lengths=(13, 0, 4, 0, 1), dtype=torch.float64),
+    Case(6, 37, 36, (80, 40), lengths=(37, 0, 20, 1, 16, 33)),                       # fp32, run with TF32
+]))
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_triton_3_6_first_layer_in_two_parts(triton_backend, case, normalize):
+    """Under Triton 3.6 on an A100 (``testing.launch_choices_as``) stage 2 runs in two launches, dM_b and du_b
+    apart from dk (``_first_layer_parts``): for FMA products (fp64 here, as fp32 without TF32), whose fp32
+    ``tl.dot`` wants K >= 16, and for TF32 below sm_90. Output, every gradient and the running statistics
+    match the reference (fp64 exactly; TF32 fp32, which the interpreter multiplies in fp32, at fp32's
+    tolerance)."""
+    from din_kernels.testing import attention_fused_dice_training as launchers
+    from din_kernels.testing import launch_choices_as
+
+    tf32 = case.dtype == torch.float32
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        with launch_choices_as(triton_before_3_9=True, fp32_dot_min_k=16, arch=80):
+            _, launches = launchers._stage_configs(case.dtype, case.seq_len, case.dim, case.hidden, arch=80)
+            assert [(stage, part) for stage, part, *_ in launches if stage == 2] == [(2, 1), (2, 2)]
+            tolerance = dict(rtol=1e-4, atol=1e-5) if tf32 else FP64
+            assert_matches_reference(problem(case), tolerance, normalize=normalize,
+                                     scale=case.dim ** -0.5 if normalize == "softmax" else None, momentum=0.3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+
+
 def test_triton_launchers_refuse_what_they_do_not_run():
     from din_kernels.testing import attention_fused_dice_training as launchers
 

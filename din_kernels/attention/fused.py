@@ -28,6 +28,7 @@ fp32/fp16/bf16; ``plan.py`` sends every other problem elsewhere.
 from __future__ import annotations
 
 import functools
+import re
 import types
 from typing import List, Optional, Sequence, Tuple
 
@@ -678,7 +679,8 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
         # counts of the kernel, sm_90: 418 LDS / 2,928 instructions at 8 positions against 575 / 4,656 at
         # 16). A third pass over 16 positions would instead recompute the forward's two products once more
         # (+16 K of the ~64 K FMAs a position costs): more work than the extra loads. Triton 3.6 rejects an
-        # fp32 tl.dot with K < 16 (dM's K is the position tile) and compiles 16 without a spill: it keeps 16.
+        # fp32 tl.dot with K < 16 (dM's K is the position tile): it keeps 16, pipelined there
+        # (``_backward_stages``), which compiles without a spill.
         block_t = 8
     # 8 warps from DIN's 64 x 128 tiles up: compiled for sm_90 / sm_80 (benchmarks/gpu_compile_report.py,
     # RESULTS.md section 9), 4 warps there left ptxas at 32 registers with 35-68 KB spilled for fp32 without
@@ -686,9 +688,9 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
     # forward, nor in the backward with TF32 or 16-bit inputs (fp32 without TF32: 2.3-2.8 KB in one pass,
     # none in two, unpipelined, the second at 8 positions: ``_backward_passes``)
     num_warps = 4 if block_d * block_h1 < 64 * 128 else 8
-    if num_warps == 8 and dot_precision == "ieee" and (activation, backward_pass, accumulate, split, arch >= 90,
-                                                       softmax) in _FMA_PASSES_AT_16_WARPS:
-        num_warps = 16
+    if num_warps == 8 and dot_precision == "ieee" and backward_pass:
+        block_t, num_warps = _fma_pass_tile(block_t, seq_len, activation, backward_pass, accumulate, split, arch,
+                                            softmax)
     return block_t, block_d, block_h1, block_h2, num_warps
 
 
@@ -699,10 +701,35 @@ def _block_sizes(seq_len: int, dim: int, widths: Sequence[int], backward: bool =
 # (12-388 bytes). The other passes keep 8 warps, where 16 spilled (sigmoid's pass 1: 224 bytes; relu's pass 1
 # on sm_90 split or without softmax: 28, none at 8). ptxas near its limit is not monotonic in these knobs:
 # every entry is a compile (the ACCUMULATE ones with softmax, as the report compiles several candidates).
+# Triton 3.9's choices; Triton before 3.9 has its own (``_fma_pass_tile``).
 _FMA_PASSES_AT_16_WARPS = {
     ("relu", 1, False, False, True, True), ("relu", 2, True, False, True, True),
     ("identity", 2, True, False, True, True), ("dice", 2, True, False, False, True),
 }
+
+
+def _fma_pass_tile(block_t: int, seq_len: int, activation: str, backward_pass: int, accumulate: bool,
+                   split: bool, arch: int, softmax: bool) -> Tuple[int, int]:
+    """(positions a tile, warps) of one pass of the two-pass fp32 TF32-off backward (FMA products) where its
+    tiles would run 8 warps (DIN's 64 x 128 and up), by compiler:
+    - Triton 3.9: 16 warps for ``_FMA_PASSES_AT_16_WARPS``, 8 otherwise.
+    - Triton before 3.9 (``_triton_before_3_9``; pass 2 at 16 positions, pipelined: ``_backward_stages``):
+      prelu's pass 1 below sm_90 at 16 warps (at 8: 68-156 bytes spilled at 255 registers, with and without
+      softmax, split, ACCUMULATE; at 16: 128 registers, none); sigmoid's and relu's pass 2 with ACCUMULATE
+      below sm_90 at 16 warps and 32 positions (at 8 warps 24 / 80-112 bytes, pipelined or not; at 16 warps
+      and 16 positions pipelined 1.7 KB; at 16 warps and 32 positions 128 registers, none). 3.9's 16-warp
+      entries spill there (relu's pass 1 12 bytes at 16 warps, none at 8; pass 2 with ACCUMULATE pipelined
+      at 16 warps 1.2-1.9 KB, none at 8), so they keep 8.
+    Compiled at T=200, D=36, hidden (80, 40), every activation, sm_90 and sm_80 (benchmarks/RESULTS.md,
+    section 9, 2026-12-02)."""
+    if not _triton_before_3_9():
+        key = (activation, backward_pass, accumulate, split, arch >= 90, softmax)
+        return block_t, (16 if key in _FMA_PASSES_AT_16_WARPS else 8)
+    if arch < 90 and activation == "prelu" and backward_pass == 1:
+        return block_t, 16
+    if arch < 90 and accumulate and backward_pass == 2 and activation in ("sigmoid", "relu"):
+        return max(block_t, min(32, _block(seq_len))), 16
+    return block_t, 8
 
 
 def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: str = "sigmoid",
@@ -713,14 +740,18 @@ def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: s
       (``benchmarks/gpu_compile_report.py``). The two passes as Triton pipelines them still spilled (pass 1
       1.3-1.5 KB, pass 2 up to 184 bytes on Triton 3.9); unpipelined (``_backward_stages``) and with 8
       positions a tile in pass 2 (``_block_sizes``) neither spills on sm_90 / sm_80 with Triton 3.9
-      (benchmarks/RESULTS.md, section 9). Triton 3.6 (16 positions in both): none either, except 24 bytes in
-      pass 2 with several candidates on sm_80;
+      (benchmarks/RESULTS.md, section 9). Triton 3.6 (16 positions in both): none either with pass 2
+      pipelined (``_backward_stages``) and ``_fma_pass_tile``'s tiles;
     - a later candidate's launch (``accumulate``: ACCUMULATE reads dk and the partials back), whose one pass
       spilled 224-460 bytes at 255 registers with TF32 / 16-bit inputs on sm_80 and, Dice, 36 on sm_90;
     - prelu and Dice (``has_alpha``: alpha rows, Dice's statistics) below sm_90 (``arch``), whose one pass
       spilled 8-24 bytes at 255 registers on sm_80 (mma.sync keeps its accumulators in registers);
     - Dice split over positions (``split``, ``SPLIT``): its one pass spilled 24 bytes with 16-bit inputs on
-      sm_90 (normalize none).
+      sm_90 (normalize none);
+    - on Triton before 3.9 (``_triton_before_3_9``), also Dice on every architecture (its one pass spilled
+      16-24 bytes at 255 registers on sm_90 with TF32 and 16-bit inputs) and fp32 inputs with TF32 below
+      sm_90 (one pass: 96-112 bytes at 255 registers on sm_80, every activation; bf16 / fp16 there compile in
+      one pass without a spill); in two passes 206-254 registers, none.
     Two passes with TF32 / 16-bit inputs (16 positions, unpipelined): 163-255 registers, no spill. One pass
     otherwise (unpipelined: 183-255 registers, none). The price of two: the forward's two products are
     recomputed once more (about a third more tensor-core work in the backward)."""
@@ -728,6 +759,8 @@ def _backward_passes(dtype: torch.dtype, widths: Sequence[int], *, activation: s
         return (0,)
     if (_dot_precision(dtype) == "ieee" or accumulate or (split and activation == "dice")
             or (arch < 90 and activation_spec(activation).has_alpha)):
+        return (1, 2)
+    if _triton_before_3_9() and (activation == "dice" or (arch < 90 and dtype == torch.float32)):
         return (1, 2)
     return (0,)
 
@@ -753,6 +786,20 @@ def _fp32_dot_min_k() -> int:
         return 16
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_before_3_9() -> bool:
+    """True under a Triton older than 3.9, whose compiler takes launch choices of its own (``_fma_pass_tile``,
+    ``_backward_passes``, ``_backward_stages``, ``_forward_options``, ``_candidates_forward_options``; the
+    Dice-training kernels' ``_stage_configs``). Measured with Triton 3.6.0, the release a stock CUDA image ships: its own PTX,
+    assembled for sm_80 and sm_90 by ptxas 12.8 (Triton 3.9: ptxas 12.9 for sm_80, 13.4 for sm_90, both with
+    ``--regAllocOptLevel=2``); with 3.9's choices 86 of its 1,024 compiled specialisations spilled 8-240 bytes
+    (``make compile-report-triton36``; benchmarks/RESULTS.md, section 9, 2026-12-02). Nothing tells a
+    launcher how another compiler allocates registers, so the version is the key; 3.7 and 3.8 were not
+    compiled and take 3.6's choices. False without Triton (nothing is compiled)."""
+    numbers = re.findall(r"\d+", getattr(triton, "__version__", ""))[:2]
+    return len(numbers) == 2 and (int(numbers[0]), int(numbers[1])) < (3, 9)
+
+
 def _backward_stages(backward_pass: int) -> dict:
     """Launch options of one backward ``PASS`` beyond the block sizes: the two-pass fp32 TF32-off backward
     (``PASS`` 1 and 2) runs its loop unpipelined (``num_stages=1``). Triton's default software pipelining
@@ -764,7 +811,15 @@ def _backward_stages(backward_pass: int) -> dict:
     ~1,500 FMAs per thread, which the 8 warps' other tiles partly hide). The TF32 / 16-bit one-pass backward
     (``PASS`` 0) too: pipelined (Triton's default, 3 stages) it spilled 24-184 bytes at 255 registers on sm_90
     with Dice and identity (Triton 3.9's own ptxas flags, benchmarks/RESULTS.md section 9); unpipelined none
-    (183-255 registers), at the same price."""
+    (183-255 registers), at the same price.
+
+    Triton before 3.9 (``_triton_before_3_9``) pipelines pass 2 (two stages): there pass 2 runs 16 positions
+    (``_fp32_dot_min_k``), where unpipelined Dice's FMA pass 2 spilled 240 bytes at 255 registers on sm_80
+    (16 warps: 32-40 bytes); pipelined it takes 207-242 registers, none, and so does every other activation's
+    pass 2, TF32 and 16-bit included (compiled at DIN's shape, sm_90 / sm_80). Pass 1 stays unpipelined
+    there (pipelined it spilled 1.4-1.7 KB)."""
+    if backward_pass == 2 and _triton_before_3_9():
+        return dict(num_stages=2)
     return dict(num_stages=1)
 
 
@@ -774,9 +829,26 @@ def _backward_stages(backward_pass: int) -> dict:
 _FORWARD_MAX_REGISTERS = 128
 
 
-def _forward_options(num_warps: int) -> dict:
-    """Launch options of ``_din_attention_fwd_kernel`` beyond the block sizes (``_FORWARD_MAX_REGISTERS``)."""
-    return dict(maxnreg=_FORWARD_MAX_REGISTERS) if num_warps == 8 else {}
+def _forward_options(num_warps: int, dot_precision: str = "tf32", arch: int = 90) -> dict:
+    """Launch options of ``_din_attention_fwd_kernel`` beyond the block sizes (``_FORWARD_MAX_REGISTERS``),
+    and of the Dice-training forward stages (``fused_dice_training._stage_configs``). No cap for fp32
+    without TF32 on sm_90 under Triton before 3.9 (``_triton_before_3_9``): there any cap (96-255) made
+    ptxas spill 144-272 bytes in that FMA forward (every activation with softmax), while uncapped it takes
+    80 registers and none; with TF32 and on sm_80 3.6 wants the cap (uncapped, Dice spilled 16 bytes at
+    128 registers with TF32 on sm_90 and 8 at 80 in fp32 on sm_80; capped none)."""
+    if num_warps != 8 or (_triton_before_3_9() and dot_precision == "ieee" and arch >= 90):
+        return {}
+    return dict(maxnreg=_FORWARD_MAX_REGISTERS)
+
+
+def _candidates_forward_options(activation: str) -> dict:
+    """Launch options of ``_din_attention_fwd_candidates_kernel`` beyond the block sizes: none, except sigmoid's
+    under Triton before 3.9 (``_triton_before_3_9``), allowed every register a thread has (``maxnreg=255``):
+    left to itself Triton 3.6's ptxas settled at 128 registers and spilled 32 bytes with TF32 on sm_90
+    (blocks of 2: 24), allowed 255 it takes 247 and none (224: 16 bytes). The other activations compile
+    without a spill uncapped (202-204 registers), and Dice capped spilled 16 bytes (224-255). Triton 3.9
+    needs no cap (173-255 registers, none)."""
+    return dict(maxnreg=255) if _triton_before_3_9() and activation == "sigmoid" else {}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -851,14 +923,16 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
         block_c = _candidate_block(candidates, activation)
         _din_attention_fwd_candidates_kernel[(batch, triton.cdiv(candidates, block_c))](
             keys, q.contiguous(), u, first.m_base, first.wd_t, w2, b2, weights[-2], weights[-1],
-            a1, mu1, rs1, a2, mu2, rs2, lengths, out, attn, lse, *sizes, BLOCK_C=block_c, **common)
+            a1, mu1, rs1, a2, mu2, rs2, lengths, out, attn, lse, *sizes, BLOCK_C=block_c, **common,
+            **_candidates_forward_options(activation))
         return out, attn, lse
     m = first.m(q)  # [R, D, H1] row-major (the layout the kernel reads)
     split = _position_splits(rows, seq_len, block_t, keys.device)
+    options = _forward_options(num_warps, _dot_precision(keys.dtype), _device_arch(keys.device))
     if split is None:
         _din_attention_fwd_kernel[(rows,)](
             keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
-            out, attn, lse, u, u, *sizes, seq_len, 1, SPLIT=False, **common, **_forward_options(num_warps))
+            out, attn, lse, u, u, *sizes, seq_len, 1, SPLIT=False, **common, **options)
         return out, attn, lse
     # rows x position splits, then a merge (``_position_splits``: too few rows to fill the GPU)
     splits, chunk = split
@@ -866,8 +940,7 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
     pml = torch.empty(rows * splits * 2 if softmax else 0, dtype=torch.float32, device=keys.device)
     _din_attention_fwd_kernel[(rows, splits)](
         keys, m, u, w2, b2, weights[-2], weights[-1], a1, mu1, rs1, a2, mu2, rs2, lengths,
-        out, attn, lse, pacc, pml if softmax else pacc, *sizes, chunk, splits, SPLIT=True, **common,
-        **_forward_options(num_warps))
+        out, attn, lse, pacc, pml if softmax else pacc, *sizes, chunk, splits, SPLIT=True, **common, **options)
     _din_attention_fwd_merge_kernel[(rows, splits if softmax else 1)](
         pacc, pml if softmax else pacc, lengths, out, attn, lse, candidates, seq_len, dim, chunk, splits,
         SOFTMAX=softmax, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),

@@ -52,8 +52,8 @@ import torch
 from .._backend import interpreter_enabled
 from .composite import _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
-from .fused import (_FUSED_DTYPES, _act_fwd, _backward_stages, _block_sizes, _dot_precision, _hidden_widths,
-                    _pool_tile, fused_supported, tl, triton)
+from .fused import (_FUSED_DTYPES, _act_fwd, _block_sizes, _device_arch, _dot_precision, _forward_options,
+                    _fp32_dot_min_k, _hidden_widths, _pool_tile, _triton_before_3_9, fused_supported, tl, triton)
 
 Tensor = torch.Tensor
 
@@ -278,8 +278,8 @@ def _dice_train_bwd_kernel(
         stage 0: S1, S2, dalpha of the top layer; dw_out = sum ds h_top, db_out = sum ds
         stage 1 (two layers): dz_2, dW2 = sum dz_2^T h_1, db2, g_1 = dz_2 @ W2; layer 1's S1, S2, dalpha
         stage 2: dz_1; dk = w dout + dz_1 @ M_b^T (0 at padding), dM_b = k^T dz_1, du_b = sum dz_1
-    ``PART`` (stage 1): 0 all of it; 1 only dW2, 2 only db2, g_1 and layer 1's sums (fp32 without TF32:
-    ``_stage_configs``).
+    ``PART``: 0 all of the stage; stage 1: 1 only dW2, 2 only db2, g_1 and layer 1's sums; stage 2: 1 only
+    dM_b and du_b, 2 only dk (``_stage_configs``: where one launch spilled).
     """
     DICE: tl.constexpr = 4
     b = tl.program_id(0).to(tl.int64)
@@ -342,8 +342,9 @@ def _dice_train_bwd_kernel(
     if FIRST:
         c1a = _load_row(C1, offs_h1, mask_h1)
         c2a = _load_row(C2, offs_h1, mask_h1)
-        dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=ACC)
-        du = tl.zeros([BLOCK_H1], dtype=ACC)
+        if PART != 2:
+            dm = tl.zeros([BLOCK_D, BLOCK_H1], dtype=ACC)
+            du = tl.zeros([BLOCK_H1], dtype=ACC)
     dbo = tl.full([], 0.0, ACC)
     dout = tl.load(DOUT + b * D + offs_d, mask=mask_d, other=0.0).to(ACC)  # [BD]
     if SOFTMAX:
@@ -408,23 +409,27 @@ def _dice_train_bwd_kernel(
         if FIRST:
             g_xhat1, xhat1, p1, _ = _dice_train_bwd_terms(z1, g1, a1, mu1, rs1, valid)
             dz1 = _dice_train_dz(g1, g_xhat1, xhat1, p1, a1, rs1, c1a, c2a, valid)
-            du += tl.sum(dz1, axis=0)
             dz1_in = _operand(dz1, OPERAND, ACC, INTERPRETED)
-            dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION, out_dtype=ACC)  # [BD, BH1]
-            dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION,
-                                                     out_dtype=ACC)
-            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                     mask=(offs[:, None] < T) & mask_d[None, :])
+            if PART != 2:
+                du += tl.sum(dz1, axis=0)
+                dm += tl.dot(tl.trans(k_in), dz1_in, input_precision=DOT_PRECISION, out_dtype=ACC)  # [BD, BH1]
+            if PART != 1:
+                dk = w[:, None] * dout[None, :] + tl.dot(dz1_in, tl.trans(m1), input_precision=DOT_PRECISION,
+                                                         out_dtype=ACC)
+                tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                         dk.to(DK.dtype.element_ty), mask=(offs[:, None] < T) & mask_d[None, :])
 
     if FIRST:
-        # padding past the last tile touched above
-        for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
-            offs = t0 + offs_t
-            tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
-                     tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
-                     mask=(offs[:, None] < T) & mask_d[None, :])
-        tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
-        tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
+        if PART != 1:
+            # padding past the last tile touched above
+            for t0 in range(tl.cdiv(L, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+                offs = t0 + offs_t
+                tl.store(DK + b * stride_kb + offs[:, None] * stride_kt + offs_d[None, :],
+                         tl.zeros([BLOCK_T, BLOCK_D], dtype=DK.dtype.element_ty),
+                         mask=(offs[:, None] < T) & mask_d[None, :])
+        if PART != 2:
+            tl.store(DM + b * D * H1 + offs_d[:, None] * H1 + offs_h1[None, :], dm, mask=mask_dh1)
+            tl.store(DU + b * H1 + offs_h1, du, mask=mask_h1)
     elif TOP_SUMS:
         tl.store(DBO + b, dbo)
         if TWO_LAYERS:
@@ -461,31 +466,65 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else _dot_precision(dtype)
 
 
-def _stage_configs(dtype: torch.dtype, seq_len: int, dim: int, widths: Sequence[int]):
-    """(forward block sizes, backward launches [(STAGE, PART, block sizes, launch options)] in order): the eval
-    kernels' tile and warp choices (``fused._block_sizes``), each backward stage mapped onto the eval
-    backward's pass it resembles. fp32 without TF32 (and fp64: FMA products) with two layers runs as the eval
-    backward's two passes do (``fused._backward_passes``), unpipelined: stage 0 (M_b, W2 resident) at pass 1's
-    16 positions a tile, stage 2 (M_b, W2 and the dM accumulator) at pass 2's 8. Stage 1 in one launch (M_b,
-    W2, the dW2 accumulator and the extra g_1 = dz_2 @ W2 product) spilled on sm_90 / sm_80 (Triton 3.9:
-    444 / 16 bytes at 16 positions, 0 / 72 at 8), and so did its dW2 half with db2 (sm_90, normalize "none":
-    ptxas settled at 128 registers, 12-28 bytes spilled at 8 or 16 positions); dW2 alone (PART 1) at 8
-    positions and the rest (PART 2: db2, g_1, layer 1's sums) at 16 compile without a spill on both
-    (``benchmarks/gpu_compile_report.py``). Otherwise one configuration (pass 0) for every stage."""
+def _stage_configs(dtype: torch.dtype, seq_len: int, dim: int, widths: Sequence[int], arch: int = 90):
+    """((forward block sizes, forward launch options), backward launches [(STAGE, PART, block sizes, launch
+    options)] in order) on a GPU of compute capability ``arch`` (``fused._device_arch``): the eval kernels'
+    tile and warp choices (``fused._block_sizes``), each backward stage mapped onto the eval backward's pass it
+    resembles; the forward stages capped as the eval forward is (``fused._forward_options``). fp32 without TF32
+    (and fp64: FMA products) with two layers runs as the eval backward's two passes do
+    (``fused._backward_passes``): stage 0 (M_b, W2 resident) at pass 1's 16 positions a tile, stage 2 (M_b, W2
+    and the dM accumulator) at pass 2's 8. Stage 1 in one launch (M_b, W2, the dW2 accumulator and the extra
+    g_1 = dz_2 @ W2 product) spilled on sm_90 / sm_80 (Triton 3.9: 444 / 16 bytes at 16 positions, 0 / 72 at
+    8), and so did its dW2 half with db2 (sm_90, normalize "none": ptxas settled at 128 registers, 12-28 bytes
+    spilled at 8 or 16 positions); dW2 alone (PART 1) at 8 positions and the rest (PART 2: db2, g_1, layer 1's
+    sums) at 16 compile without a spill on both (``benchmarks/gpu_compile_report.py``). Otherwise one
+    configuration (pass 0) for every stage; stage 2 in two parts where ``_first_layer_parts`` says so.
+
+    Every backward launch runs unpipelined (``num_stages=1``), as the eval backward's passes do on Triton 3.9
+    (``fused._backward_stages``, whose reasons hold here). Not its pass 2's pipelining on Triton before 3.9:
+    pipelined there, stage 2's PART 1 spilled 240-252 bytes on sm_80 (unpipelined none).
+
+    Triton before 3.9 (``fused._triton_before_3_9``), fp32 without TF32: stage 0 and stage 1's PART 2 at 16
+    warps (at 8, ptxas settled at 80 / 128 registers and spilled 12 / 36 bytes on sm_90 with softmax; at 16:
+    64-100 registers, none on sm_90 / sm_80, softmax or not)."""
     precision = _precision(dtype)
     forward = _block_sizes(seq_len, dim, widths, dot_precision=precision)
+    forward_options = _forward_options(forward[4], precision, arch)
     two = len(widths) == 2
+    unpipelined = dict(num_stages=1)
 
-    def config(backward_pass: int):
-        return (_block_sizes(seq_len, dim, widths, backward=True, dot_precision=precision,
-                             backward_pass=backward_pass), _backward_stages(backward_pass))
+    def config(backward_pass: int, num_warps: Optional[int] = None):
+        blocks = _block_sizes(seq_len, dim, widths, backward=True, dot_precision=precision,
+                              backward_pass=backward_pass)
+        if num_warps is not None:
+            blocks = (*blocks[:4], num_warps)
+        return blocks, unpipelined
 
+    first_layer = [(2, part, *config(2 if precision == "ieee" and two else 0))
+                   for part in _first_layer_parts(dtype, two, arch)]
     # (``_backward_passes``' rule, fp64 counted as fp32 without TF32)
     if precision == "ieee" and two:
-        launches = [(0, 0, *config(1)), (1, 1, *config(2)), (1, 2, *config(1)), (2, 0, *config(2))]  # (docstring)
+        wide = 16 if _triton_before_3_9() else None  # (docstring)
+        launches = [(0, 0, *config(1, wide)), (1, 1, *config(2)), (1, 2, *config(1, wide))] + first_layer
     else:
-        launches = [(stage, 0, *config(0)) for stage in ((0, 1, 2) if two else (0, 2))]
-    return forward, launches
+        launches = [(stage, 0, *config(0)) for stage in ((0, 1) if two else (0,))] + first_layer
+    return (forward, forward_options), launches
+
+
+def _first_layer_parts(dtype: torch.dtype, two: bool, arch: int) -> Tuple[int, ...]:
+    """The ``PART`` values stage 2 (the first layer: dk, dM_b, du_b) launches, with two hidden layers: (1, 2),
+    dM_b and du_b apart from dk, where its one launch spilled; (0,) otherwise.
+    - FMA products (fp32 without TF32, fp64) where an fp32 ``tl.dot`` needs K >= 16 (``fused._fp32_dot_min_k``:
+      Triton 3.6), so that stage 2 runs 16 positions a tile instead of 8 (dM_b's K): 160-204 bytes spilled at
+      255 registers on sm_90 / sm_80, with 8 or 16 warps, 16 or 32 positions, 1-3 stages or a register cap
+      (224-255) alike; in two parts 128-255 registers, none.
+    - fp32 with TF32 below sm_90 on Triton before 3.9 (``fused._triton_before_3_9``): 16 bytes at 255 registers
+      in one launch (16 warps: 248); in two parts 166-255 registers, none.
+    The price: the stage's recomputation of the layers (two products and g_1's) runs twice."""
+    if two and ((_precision(dtype) == "ieee" and _fp32_dot_min_k() > 8)
+                or (_triton_before_3_9() and arch < 90 and dtype == torch.float32 and _precision(dtype) == "tf32")):
+        return (1, 2)
+    return (0,)
 
 
 class _Network:
@@ -620,8 +659,9 @@ def attention_triton_dice_training_forward(
             kept.append(_KeptDiceStats([(net.u.new_zeros(h), net.u.new_zeros(h)) for h in net.widths],
                                        net.u.new_zeros((), dtype=torch.float64)))
         return out, attn, lse
-    forward_blocks, _ = _stage_configs(keys.dtype, seq_len, dim, net.widths)
-    common = _launch_common(net, keys, softmax, forward_blocks)
+    (forward_blocks, forward_options), _ = _stage_configs(keys.dtype, seq_len, dim, net.widths,
+                                                          _device_arch(keys.device))
+    common = dict(_launch_common(net, keys, softmax, forward_blocks), **forward_options)
     sizes = _sizes(net, keys, scale)
     stats, count, rows = _statistics(net, keys, lengths, eps, common, sizes)
     (mu1, rs1), (mu2, rs2) = (rows + [(net.dummy, net.dummy)])[:2]
@@ -656,13 +696,15 @@ def attention_triton_dice_training_backward(
     if batch == 0:
         dweights = tuple(torch.zeros_like(w) for w in weights)
         return torch.zeros_like(query), torch.zeros_like(keys), dweights, tuple(torch.zeros_like(a) for a in alphas)
-    forward_blocks, backward_launches = _stage_configs(keys.dtype, seq_len, dim, widths)
+    (forward_blocks, forward_options), backward_launches = _stage_configs(keys.dtype, seq_len, dim, widths,
+                                                                          _device_arch(device))
     sizes = _sizes(net, keys, scale)
     if kept:
         state = kept[-1]  # (read, not popped: a graph kept with retain_graph=True runs this backward again)
         rows, count = state.rows, state.count
     else:
-        _, count, rows = _statistics(net, keys, lengths, eps, _launch_common(net, keys, softmax, forward_blocks),
+        _, count, rows = _statistics(net, keys, lengths, eps,
+                                     dict(_launch_common(net, keys, softmax, forward_blocks), **forward_options),
                                      sizes)
     (mu1, rs1), (mu2, rs2) = (rows + [(net.dummy, net.dummy)])[:2]
     dummy = net.dummy
