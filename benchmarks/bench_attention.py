@@ -369,6 +369,9 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
              " | " + " | ".join(f"din_kernels slowing no more than {p}" for p in baselines) +
              " | " + " | ".join(f"{p} / din_kernels loaded, median [min-max]" for p in baselines) + " |"]
     lines.append("|" + " --- |" * (lines[-1].count("|") - 1))
+    def spread(values: List[float]) -> str:
+        return f"{statistics.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
+
     for key in results[0][0]:
         slowdowns = {p: [] for p in providers}
         loaded_ratio = {p: [] for p in baselines}
@@ -379,7 +382,6 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
                 slowdowns[p].append(l[p] / q[p])
             for p in baselines:
                 loaded_ratio[p].append(l[p] / l["din_kernels"])
-        spread = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f}-{max(v):.2f}]"  # noqa: E731
         no_worse = [f"{sum(ours <= theirs for ours, theirs in zip(slowdowns['din_kernels'], slowdowns[p]))} of "
                     f"{rounds}" for p in baselines]
         threads, name, mode = key

@@ -829,7 +829,7 @@ def _backward_stages(backward_pass: int) -> dict:
 _FORWARD_MAX_REGISTERS = 128
 
 
-def _forward_options(num_warps: int, dot_precision: str = "tf32", arch: int = 90) -> dict:
+def _forward_options(num_warps: int, dot_precision: str, arch: int) -> dict:
     """Launch options of ``_din_attention_fwd_kernel`` beyond the block sizes (``_FORWARD_MAX_REGISTERS``),
     and of the Dice-training forward stages (``fused_dice_training._stage_configs``). No cap for fp32
     without TF32 on sm_90 under Triton before 3.9 (``_triton_before_3_9``): there any cap (96-255) made

@@ -466,7 +466,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else _dot_precision(dtype)
 
 
-def _stage_configs(dtype: torch.dtype, seq_len: int, dim: int, widths: Sequence[int], arch: int = 90):
+def _stage_configs(dtype: torch.dtype, seq_len: int, dim: int, widths: Sequence[int], arch: int):
     """((forward block sizes, forward launch options), backward launches [(STAGE, PART, block sizes, launch
     options)] in order) on a GPU of compute capability ``arch`` (``fused._device_arch``): the eval kernels'
     tile and warp choices (``fused._block_sizes``), each backward stage mapped onto the eval backward's pass it
