@@ -1,8 +1,8 @@
 """What the GPU compiler makes of the Triton kernels, without a GPU: compile each specialisation the public
 ops launch for sm_90 (H100/H200) and sm_80 (A100) with Triton's own compiler and the ptxas, nvdisasm it
 ships, and print registers, spilled bytes, shared memory, resident blocks per SM and the count (and
-operand types) of tensor-core instructions in the SASS. The attention kernels first, then Dice's and
-MBA's (``other_kernels``).
+operand types) of tensor-core instructions in the SASS. The attention kernels first, then the reduction of
+their first-layer gradient (``fused_first_layer``), Dice's and MBA's (``other_kernels``).
 
     python benchmarks/gpu_compile_report.py [--quick] [--check]
 
@@ -11,7 +11,8 @@ D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_support
 composite path), inputs fp32 with TF32 off (torch's default: ``DOT_PRECISION="ieee"``) and on, bf16, fp16;
 sigmoid, normalize none and softmax; then (``variant_rows``) the other activations with fused kernels and the
 position-split kernels with their merge at DIN's shape. ``--quick``: T=200, D=36, (80, 40), softmax only,
-sigmoid and Dice, the split kernels in sigmoid; Dice on [2048, 200] in fp32, MBA at D=64 (CI). Registers and
+sigmoid and Dice, the split kernels in sigmoid; the dM reduction at D=36, H1=80; Dice on [2048, 200] in fp32,
+MBA at D=64 (CI). Registers and
 spills come from the log of Triton's own ptxas run (its flags, the cubin a launch loads).
 ``--check`` exits 1 on any spill (every kernel and precision, the fp32-without-TF32 attention backward
 included), any block whose shared memory exceeds the SM's, a 16-bit / TF32 attention specialisation without
@@ -354,13 +355,20 @@ def _signature(fn, consts: Dict[str, object], types: Dict[str, str], default: st
 
 
 def other_kernels(arch: int, quick: bool) -> List[Row]:
-    """The Dice kernels on a DIN head's activations ([2048, 200] and [2048, 80], training: statistics with and
-    without a padding mask, merge, forward, both backward kernels) and the MBA kernels (lookup and update in
-    each mode, D=18 and 64), at the launch configurations their launchers pick on a 132-SM GPU."""
+    """The reduction of the attention backward's dM (``first_layer_m_grads``: B=2048, D 36 and 64, H1 80 and
+    200), the Dice kernels on a DIN head's activations ([2048, 200] and [2048, 80], training: statistics with
+    and without a padding mask, merge, forward, both backward kernels) and the MBA kernels (lookup and update
+    in each mode, D=18 and 64), at the launch configurations their launchers pick on a 132-SM GPU."""
     # (by module path: the package's ``dice`` and ``mba`` names are its functions)
-    from din_kernels.testing import dice_module as Dice, mba_module as MBA
+    from din_kernels.testing import attention_fused_first_layer as FL, dice_module as Dice, mba_module as MBA
 
     rows = []
+    for dim, hidden in ((36, 80),) if quick else itertools.product((36, 64), (80, 200)):
+        row = Row("first_layer_m_grads", arch, "fp32", 0, 0, (), False, problem=f"B=2048, D={dim}, H1={hidden}")
+        consts = dict(BLOCK_B=FL.BLOCK_B, BLOCK_H=max(16, triton.next_power_of_2(hidden)))
+        source = _signature(FL._first_layer_m_grads_kernel, consts, dict(B="i32", D="i32", H1="i32", ROWS="i32"),
+                            "*fp32")
+        rows.append(_assemble(row, source, arch, FL.NUM_WARPS))
     dice_sizes = [(2048, 200)] if quick else [(2048, 200), (2048, 80)]
     dtypes = ("fp32",) if quick else ("fp32", "bf16")
     original_sm_count = Dice._sm_count

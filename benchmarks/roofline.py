@@ -73,6 +73,18 @@ def estimate(batch: int, seq_len: int, dim: int, hidden: Sequence[int], fill: fl
     return Estimate("backward", precision, 2 * positions * useful, 2 * positions * tile, bytes_, sfu)
 
 
+def reduction_bytes(batch: int, dim: int, hidden: Sequence[int]) -> dict:
+    """Bytes the backward's launcher moves after the kernel ("concat"), reducing the kernel's per-row outputs:
+    dM [B, D, H1] read once (``fused_first_layer.first_layer_m_grads``, which writes dq's M part [B, D]), the
+    per-row dW2, db2, dw_out, db_out partials read once by torch's sums, du [B, H1] read by dWu's product and
+    db1's sum. ``before``: the same with dM reduced by the chunk path's product-and-sum (seven passes over dM:
+    three reads, two [B, D, H1] temporaries written and read)."""
+    h1, h2 = hidden
+    dm = batch * dim * h1 * 4
+    rest = batch * (h2 * h1 + h2 + h2 + 1) * 4 + 2 * batch * h1 * 4 + batch * dim * 4
+    return {"now": dm + rest, "before": 7 * dm + rest, "dm": dm}
+
+
 def table(batch: int, seq_len: int, dim: int, hidden: Sequence[int], fill: float) -> List[str]:
     lines = ["| kernel | precision | useful GFLOP | GFLOP in padded tiles | MB moved | memory floor us | "
              "compute floor us | SFU floor us | bound by |", "|" + " --- |" * 9]
@@ -103,6 +115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ESTIMATE, B={args.batch}, T={args.seq_len}, D={args.dim}, hidden {hidden}, "
           f"{args.fill:.0%} of positions valid:\n")
     print("\n".join(table(args.batch, args.seq_len, args.dim, hidden, args.fill)))
+    moved = reduction_bytes(args.batch, args.dim, hidden)
+    print(f"\nAfter the backward kernel, its per-row outputs reduced (\"concat\"): {moved['now'] / 1e6:.0f} MB, "
+          f"{moved['now'] / BANDWIDTH * 1e6:.0f} us at {BANDWIDTH / 1e12:.1f} TB/s (dM {moved['dm'] / 1e6:.0f} MB read "
+          f"once); with the chunk path's product-and-sum over dM {moved['before'] / 1e6:.0f} MB "
+          f"({moved['before'] / BANDWIDTH * 1e6:.0f} us).")
     return 0
 
 

@@ -37,6 +37,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+DEFAULT_SM_COUNT = 132  # an H100 / H200, where the device cannot be asked (the interpreter)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grid sizes follow it), ``DEFAULT_SM_COUNT`` elsewhere."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(device.index if device.index is not None
+                                            else torch.cuda.current_device()).multi_processor_count
+
+
 def set_backend(name: str) -> None:
     """Choose the path for every op: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``."""
     global _backend

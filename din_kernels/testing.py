@@ -18,8 +18,9 @@ Local activation unit (``din_kernels.attention``), one launcher contract on ever
 - The modules, for tests of one piece's internals (chunk planning, workspaces, kept-activation buffers,
   tile and warp choices, the kernels themselves): ``attention_composite``, ``attention_small_module``,
   ``attention_cpu``, ``attention_fused``, ``attention_fused_dice_training`` (Dice in training mode on the
-  Triton path), ``attention_first_layer``, ``attention_plan`` and ``attention_function`` (the op, Function
-  and functional: where a test spies on what a call runs).
+  Triton path), ``attention_fused_first_layer`` (the Triton paths' reduction of dM),
+  ``attention_first_layer``, ``attention_plan`` and ``attention_function`` (the op, Function and
+  functional: where a test spies on what a call runs).
 - ``force_position_splits(n)``: a context in which the fused kernels run split over positions (rows x
   splits programs and a merge), which the launcher otherwise picks only on a GPU with too few rows.
 - ``launch_choices_as(triton_before_3_9=, fp32_dot_min_k=, arch=)``: a context in which the fused attention
@@ -46,6 +47,7 @@ from .attention import first_layer as attention_first_layer
 from .attention import function as attention_function
 from .attention import fused as attention_fused
 from .attention import fused_dice_training as attention_fused_dice_training
+from .attention import fused_first_layer as attention_fused_first_layer
 from .attention import plan as attention_plan
 from .attention import small as attention_small_module
 
@@ -67,7 +69,8 @@ def attention_launchers(keys, weights, activation: str = "sigmoid"):
 
 
 __all__ = ["ATTENTION_LAUNCHERS", "attention_composite", "attention_cpu", "attention_first_layer",
-           "attention_function", "attention_fused", "attention_fused_dice_training", "attention_launchers",
+           "attention_function", "attention_fused", "attention_fused_dice_training",
+           "attention_fused_first_layer", "attention_launchers",
            "attention_plan", "attention_small", "attention_small_module", "cpu_extension", "dice_module",
            "force_position_splits", "fused_supported", "interpreter_enabled", "launch_choices_as", "mba_module",
            "select_path", "use_cpu_extension", "use_triton"]

@@ -174,6 +174,43 @@ def test_both_first_layer_strategies(monkeypatch, normalize):
     assert True in used and False in used
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_first_layer_whole_batch_reduction(form):
+    """``FirstLayer.row_grads`` (the Triton launchers' reduction of every row's dM at once) gives the chunk path's
+    dq, dW1 and db1 (``m_backward``), and no op in it outputs a tensor of dM's size (on a GPU each would be
+    one more write and read of the kernels' largest output)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    rows, dim, hidden = 11, 5, 6  # dM's 330 elements: more than any weight or its gradient
+    in_width = 4 * dim if form == "concat" else 2 * dim + dim * dim
+    w1, b1 = torch.randn(hidden, in_width, dtype=torch.float64), torch.randn(hidden, dtype=torch.float64)
+    q, du = torch.randn(rows, dim, dtype=torch.float64), torch.randn(rows, hidden, dtype=torch.float64)
+    dm = torch.randn(rows, dim, hidden, dtype=torch.float64)
+
+    class Sizes(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # not a view
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    first = attention_first_layer.FirstLayer(w1, b1, dim, form, torch.float64)
+    with Sizes() as sizes:
+        got = first.row_grads(q, du, dm, w1, b1)
+    assert sizes.largest < dm.numel()
+    chunked = attention_first_layer.FirstLayer(w1, b1, dim, form, torch.float64)
+    chunked.start_backward()
+    dq = chunked.m_backward(q, dm, chunked.u_backward(q, du))
+    for g, want in zip(got, (dq, *chunked.weight_grads(w1, b1))):
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation", ["prelu", "dice"])
 def test_shared_slope_broadcasts(activation):
     """A slope tensor with one entry (nn.PReLU()) is shared by every unit; its gradient is the sum."""

@@ -16,7 +16,8 @@ import torch
 
 import din_kernels as dk
 from din_kernels import reference
-from din_kernels.testing import (ATTENTION_LAUNCHERS, attention_fused, attention_launchers, force_position_splits,
+from din_kernels.testing import (ATTENTION_LAUNCHERS, attention_first_layer, attention_fused,
+                                 attention_fused_first_layer, attention_launchers, force_position_splits,
                                  fused_supported, launch_choices_as)
 from problems import WEIRD_SHAPES, Case, build, cases
 
@@ -83,6 +84,25 @@ def test_every_mode_matches_reference(backend, case):
     problem = build(case)
     assert fused_path_runs(problem) == (backend == "triton")
     assert_matches_reference(problem, **case.options())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, dim, hidden", [(100, 5, 7), (1, 3, 16), (0, 4, 6), (33, 36, 80)])
+def test_first_layer_reduction_kernel(batch, dim, hidden, dtype):
+    """The Triton paths' one-read reduction of every row's dM (``fused_first_layer``) against torch's
+    (``FirstLayer.m_sums``, in fp64): several chunks of rows with a part-filled last tile (B=100: 4 chunks of
+    32 rows), one row, none, DIN's widths; fp32, and fp64 (Dice training's fp64 path)."""
+    generator = torch.Generator().manual_seed(batch)
+    q, dm, wd_t = (torch.randn(*shape, generator=generator, device="cpu", dtype=dtype).to(torch.get_default_device())
+                   for shape in ((batch, dim), (batch, dim, hidden), (dim, hidden)))
+    if batch == 100:
+        assert attention_fused_first_layer._chunks(batch, dim, q.device) == (4, 32)
+    got = attention_fused_first_layer.first_layer_m_grads(q, dm, wd_t)
+    want = attention_first_layer.FirstLayer.m_sums(q.double(), dm.double(), wd_t.double())
+    for name, g, w in zip(("sum dM", "sum q dM", "dq's M part"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(g.double(), w, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # the shared odd shapes, and the kernels' own: DIN's widths, tiles, D a power of two, the widest layer
@@ -316,7 +336,7 @@ def test_position_splits_match_reference(case, activation, normalize, splits_tak
 def test_position_split_heuristic(monkeypatch):
     """On a GPU (132 SMs) the launcher splits only rows too few to fill it, and only histories long enough;
     the splits are whole tiles; under the interpreter it never splits unless forced."""
-    monkeypatch.setattr(attention_fused, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(attention_fused, "sm_count", lambda device: 132)
     choose, cuda = attention_fused._position_splits, torch.device("cuda")
     assert choose(256, 200, 16, cuda) == (3, 80)     # 256 rows, under 4 programs per SM
     assert choose(256, 50, 16, cuda) == (2, 32)      # a short history: two splits

@@ -33,3 +33,13 @@ def test_floors_and_table():
     assert len(lines) == 2 + 6 and all(line.startswith("| ") for line in lines)
     with pytest.raises(SystemExit):
         roofline.main(["--fill", "0"])
+
+
+def test_reduction_bytes_after_the_backward(capsys):
+    # B=1, D=2, hidden (3, 2): dM 1*2*3 floats; the partials dW2 (6), db2, dw_out (2 each), db_out (1); du read
+    # twice (3 each); dq's M part written (2)
+    moved = roofline.reduction_bytes(1, 2, (3, 2))
+    rest = (6 + 2 + 2 + 1 + 2 * 3 + 2) * 4
+    assert moved == {"dm": 24, "now": 24 + rest, "before": 7 * 24 + rest}
+    assert roofline.main([]) == 0
+    assert "dM 42 MB read once" in capsys.readouterr().out

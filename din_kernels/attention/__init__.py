@@ -8,6 +8,8 @@ Where each idea lives (one file per piece, in the spirit of fla's ``ops/<op>/``)
                     which every path uses
     fused.py        the Triton kernels (forward, backward) and their launchers, ``fused_supported``,
                     tile and warp choices (compiled for sm_90 / sm_80: ``benchmarks/gpu_compile_report.py``)
+    fused_first_layer.py
+                    the Triton paths' reduction of every row's first-layer gradient dM, in one read of it
     fused_dice_training.py
                     Dice attention in training mode on the Triton path: one launch per hidden layer (its
                     batch statistics over the valid positions), forward and backward through the statistics,

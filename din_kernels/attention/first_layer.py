@@ -26,7 +26,7 @@ the compat layer's composite build ``u`` and ``M`` from it too.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 
@@ -169,8 +169,36 @@ class FirstLayer:
             dw1 = torch.cat([self.d_wu, self.d_mbase.t(), d_wo], dim=1)
         return dw1.to(w1.dtype), self.d_b1.to(b1.dtype)
 
-    def row_grads(self, q: Tensor, du: Tensor, dm: Tensor, w1: Tensor, b1: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(dq [B, D], dW1, db1) from every row's du [B, H1] and dM [B, D, H1] (the Triton kernels' outputs)."""
+    @staticmethod
+    def m_sums(q: Tensor, dm: Tensor, wd_t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """"concat": (sum_b dM_b [D, H1], sum_b diag(q_b) dM_b [D, H1], dq's M part sum_h dM_b[d, h] WdT[d, h]
+        [B, D]) from q [B, D], every row's dM [B, D, H1] and Wd^T [D, H1], by torch's batched products over d:
+        two reads of dM, nothing of its size written. (``m_backward``'s product-and-sum, fast on the CPU for a
+        chunk, would on a GPU write a [B, D, H1] temporary per product, seven passes over the Triton kernels'
+        largest output.) The Triton launchers pass ``fused_first_layer.first_layer_m_grads``: one read."""
+        q_t = q.t()
+        coeff = torch.stack([torch.ones_like(q_t), q_t], dim=1)  # [D, 2, B]
+        dm_by_d = dm.transpose(0, 1)  # [D, B, H1], a view (cuBLAS takes its strides)
+        sums = torch.bmm(coeff, dm_by_d)  # [D, 2, H1]
+        return sums[:, 0], sums[:, 1], torch.bmm(dm_by_d, wd_t[:, :, None]).squeeze(-1).t()
+
+    def row_grads(self, q: Tensor, du: Tensor, dm: Tensor, w1: Tensor, b1: Tensor,
+                  m_sums: Optional[Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]] = None,
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(dq [B, D], dW1, db1) from every row's du [B, H1] and dM [B, D, H1] (the Triton kernels' outputs),
+        the whole batch at once; ``m_sums``: ``FirstLayer.m_sums``'s contract ("concat"; default that)."""
         self.start_backward()
-        dq = self.m_backward(q, dm, self.u_backward(q, du))
+        dq = self.u_backward(q, du)
+        if self.form == "concat":
+            total, weighted, dq_m = (m_sums or self.m_sums)(q, dm, self.wd_t)
+            self.d_wk[:self.dim] += total
+            self.d_wk[self.dim:] += weighted
+            dq += dq_m
+        else:
+            # [q, 1]^T dm_flat: dWo_p and d(Wk^T) in one product, then dq's part: two reads of dM
+            dm_flat = dm.view(q.shape[0], self.dim * self.hidden)  # [B, D*H1]
+            sums = torch.cat([q, torch.ones_like(q[:, :1])], dim=1).t() @ dm_flat  # [D + 1, D*H1]
+            self.d_wo_p += sums[:self.dim]
+            self.d_mbase += sums[self.dim].view(self.dim, self.hidden)
+            dq.addmm_(dm_flat, self.wo_p.t())
         return (dq, *self.weight_grads(w1, b1))

@@ -7,12 +7,12 @@ the kernels do the ``O(B*T*D*H)`` work: one program per candidate row (forward) 
 positions in tiles, recomputes the MLP, and never stores anything of size ``[B, T, H]``; with several
 candidates per history ("concat", TF32 or 16-bit) one program per block of candidates, which reads each key
 tile once for the block (``_din_attention_fwd_candidates_kernel``); the backward runs once per candidate,
-accumulating into the history's gradients. The backward kernel recomputes the
-activations and returns per-row ``dM_b``/``du_b`` and per-row weight-gradient partials that torch reduces
-afterwards (deterministic, no atomics). Where the rows are too few to fill a GPU (B = 256 on 132 SMs), both
-run rows x position splits (``_position_splits``): the forward's partial (max, sum, pooled sum) per split
-combined by ``_din_attention_fwd_merge_kernel``, the backward's partials per split summed with the rows'.
-Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
+accumulating into the history's gradients. The backward kernel recomputes the activations and returns
+per-row ``dM_b``/``du_b`` and per-row weight-gradient partials, reduced afterwards (deterministic, no
+atomics): ``dM`` by ``fused_first_layer`` in one read, the rest by torch's sums. Where the rows are too few
+to fill a GPU (B = 256 on 132 SMs), both run rows x position splits (``_position_splits``): the forward's
+partial (max, sum, pooled sum) per split combined by ``_din_attention_fwd_merge_kernel``, the backward's
+partials per split summed with the rows'. Activations: ``ACT``/``HAS_ALPHA``/``HAS_STATS`` from
 ``activations.ACTIVATION_SPECS``.
 
 Launchers (the contract every path honours, ``composite.py``)::
@@ -34,10 +34,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._backend import interpreter_enabled
+from .._backend import interpreter_enabled, sm_count
 from ..activations import activation_spec
 from .composite import candidates_per_history
 from .first_layer import FirstLayer
+from .fused_first_layer import first_layer_m_grads
 
 try:
     import triton
@@ -952,15 +953,7 @@ def attention_forward(query: Tensor, keys: Tensor, lengths: Tensor, weights: Seq
 _SPLIT_PROGRAMS_PER_SM = 4
 _SPLIT_MIN_POSITIONS = 32
 _MERGE_NUM_WARPS = 4  # the merge kernel's: a few [SPLITS, D] partials and one pass over the row's scores
-_DEFAULT_SM_COUNT = 132  # an H100 / H200, where the device cannot be asked (the interpreter)
 _forced_splits: Optional[int] = None  # the testing hook (``din_kernels.testing.force_position_splits``)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    return torch.cuda.get_device_properties(device.index if device.index is not None
-                                            else torch.cuda.current_device()).multi_processor_count
 
 
 def _position_splits(programs: int, seq_len: int, block_t: int,
@@ -980,7 +973,7 @@ def _position_splits(programs: int, seq_len: int, block_t: int,
     elif device.type != "cuda":
         return None
     else:
-        target = _SPLIT_PROGRAMS_PER_SM * _sm_count(device)
+        target = _SPLIT_PROGRAMS_PER_SM * sm_count(device)
         wanted = 1 if programs >= target else min(triton.cdiv(target, max(programs, 1)),
                                                    (seq_len + _SPLIT_MIN_POSITIONS // 2) // _SPLIT_MIN_POSITIONS)
         if wanted <= 1 or seq_len <= block_t:
@@ -1073,7 +1066,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     else:
         for buffer in (dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()
-    dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1])
+    dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1], m_sums=first_layer_m_grads)
     grads = [dw1, db1]
     if two:
         grads += [dw2.sum(0), db2.sum(0)]
