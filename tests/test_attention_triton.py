@@ -105,6 +105,42 @@ def test_first_layer_reduction_kernel(batch, dim, hidden, dtype):
         torch.testing.assert_close(g.double(), w, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "dice-training"])
+def test_launchers_reduce_dm_with_the_kernel(monkeypatch, training):
+    """The Triton launchers (eval and Dice training) with the dM reduction kernel itself, which their other
+    interpreter runs leave to torch for time (``fused_first_layer.INTERPRETER_USES_TORCH``), against the
+    reference: an empty row, a partial one, two hidden layers, D=36."""
+    calls = []
+    kernel = attention_fused_first_layer.first_layer_m_grads
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(attention_fused_first_layer, "INTERPRETER_USES_TORCH", False)
+    monkeypatch.setattr(attention_fused_first_layer, "first_layer_m_grads", counted)
+    previous = dk.get_backend()
+    dk.set_backend("triton")
+    try:
+        problem = build(Case(3, 7, 36, (16, 8), activation="dice", lengths=(7, 0, 3)))
+        options = dict(activation="dice", normalize="softmax")
+        if training:
+            grad_out = torch.randn(3, 36)
+            options.update(training=True, momentum=0.3)
+            ref_stats = [(m.clone(), v.clone()) for m, v in problem.dice_stats]
+            out, attn, grads = run(dk.din_attention, problem, grad_out, **options)
+            ref_out, _, ref_grads = run(reference.din_attention, problem.replace(dice_stats=ref_stats), grad_out,
+                                        **options)
+            torch.testing.assert_close(out, ref_out, **FP32_TOL)
+            for name, ref_grad in ref_grads.items():
+                torch.testing.assert_close(grads[name], ref_grad, **FP32_TOL, msg=lambda m, n=name: f"d{n}: {m}")
+        else:
+            assert_matches_reference(problem, **options)
+    finally:
+        dk.set_backend(previous)
+    assert calls == [(3, 36, 16)]
+
+
 # the shared odd shapes, and the kernels' own: DIN's widths, tiles, D a power of two, the widest layer
 SHAPES = WEIRD_SHAPES + (
     Case(4, 13, 36, (80, 40), lengths=(0, 13, 5, 1)),

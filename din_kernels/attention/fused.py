@@ -38,7 +38,7 @@ from .._backend import interpreter_enabled, sm_count
 from ..activations import activation_spec
 from .composite import candidates_per_history
 from .first_layer import FirstLayer
-from .fused_first_layer import first_layer_m_grads
+from .fused_first_layer import dm_reduction
 
 try:
     import triton
@@ -1066,7 +1066,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, keys: Tensor, lengths: T
     else:
         for buffer in (dkeys, dm, du, dw2, db2, dwo, dbo, da1, da2):
             buffer.zero_()
-    dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1], m_sums=first_layer_m_grads)
+    dquery, dw1, db1 = first.row_grads(q, du, dm, weights[0], weights[1], m_sums=dm_reduction())
     grads = [dw1, db1]
     if two:
         grads += [dw2.sum(0), db2.sum(0)]

@@ -54,7 +54,7 @@ from .composite import _check_launcher_args, candidates_per_history
 from .first_layer import FirstLayer
 from .fused import (_FUSED_DTYPES, _act_fwd, _block_sizes, _device_arch, _dot_precision, _forward_options,
                     _fp32_dot_min_k, _hidden_widths, _pool_tile, _triton_before_3_9, fused_supported, tl, triton)
-from .fused_first_layer import first_layer_m_grads
+from .fused_first_layer import dm_reduction
 
 Tensor = torch.Tensor
 
@@ -745,7 +745,7 @@ def attention_triton_dice_training_backward(
         if layer_sums is not None and part != 1:
             means[layer_sums] = means_of(s1, s2)
     dalpha_partials = [sums[layer][2] for layer in range(len(widths))]
-    dquery, dw1, db1 = net.first.row_grads(net.q, du, dm, weights[0], weights[1], m_sums=first_layer_m_grads)
+    dquery, dw1, db1 = net.first.row_grads(net.q, du, dm, weights[0], weights[1], m_sums=dm_reduction())
     grads = [dw1, db1]
     if two:
         grads += [dw2.sum(0), db2.sum(0)]

@@ -11,6 +11,7 @@ The backward kernels return ``dM_b = k_b^T dz1_b`` [B, D, H1] fp32 per row (``fu
 torch's batched products read dM twice for them (``FirstLayer.m_sums``); this kernel reads it once, with a
 program per (d, chunk of rows): the rows' ``dM_b[d, :]`` in tiles of ``BLOCK_B`` rows, summed in a fixed
 order (deterministic, no atomics); the chunks' partial sums ([chunks, 2, D, H1], small) are summed by torch.
+The launchers take it through ``dm_reduction`` (under the interpreter: torch's, ``INTERPRETER_USES_TORCH``).
 (Summing dq's part inside the backward kernels instead, from dM in registers or read back in slices, spilled
 their one-pass forms: 16-160 bytes at 255 registers; benchmarks/RESULTS.md, section 9.)
 """
@@ -21,7 +22,7 @@ from typing import Tuple
 
 import torch
 
-from .._backend import sm_count
+from .._backend import interpreter_enabled, sm_count
 
 try:
     import triton
@@ -38,6 +39,10 @@ Tensor = torch.Tensor
 BLOCK_B = 32
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 2  # two 16 KB tiles in flight per SM (D=64 on 132 SMs: 5 chunks of rows, 320 programs)
+# Under the interpreter the launchers reduce dM with torch (``FirstLayer.m_sums``), against which this kernel's
+# own tests check it: its D x chunks programs cost ~8 ms each there (0.3 s a backward at D=36, 6 more minutes
+# of the suite). A test sets this False to run the launchers with the kernel.
+INTERPRETER_USES_TORCH = True
 
 
 @triton.jit
@@ -103,3 +108,9 @@ def first_layer_m_grads(q: Tensor, dm: Tensor, wd_t: Tensor) -> Tuple[Tensor, Te
     )
     total, weighted = sums.sum(0) if chunks > 1 else sums[0]  # a fixed order: deterministic
     return total, weighted, dq_m_t.t()
+
+
+def dm_reduction():
+    """What the Triton launchers pass to ``FirstLayer.row_grads`` as ``m_sums``: ``first_layer_m_grads``, or
+    None (torch's ``FirstLayer.m_sums``) under the interpreter (``INTERPRETER_USES_TORCH``)."""
+    return None if interpreter_enabled() and INTERPRETER_USES_TORCH else first_layer_m_grads
