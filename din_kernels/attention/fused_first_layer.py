@@ -33,7 +33,7 @@ except ImportError:  # triton is optional (setup.py): without it only the compos
 
 Tensor = torch.Tensor
 
-# Rows a tile and warps: compiled for sm_90 / sm_80 (Triton 3.9's ptxas, benchmarks/gpu_compile_report.py), 32
+# Rows a tile and warps: compiled for sm_90 / sm_80 (Triton 3.9's and 3.6's ptxas, gpu_compile_report.py), 32
 # rows at 8 warps hold 62-128 registers for H1 80-200, none spilled, a 16 KB tile in flight a program; 4 warps
 # spilled 16 bytes on sm_80 at H1=80, 64 rows reached 255 registers.
 BLOCK_B = 32
