@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the device, a synchronised clock, the interleaved ratio table, and busy
-neighbour processes for timings on a loaded machine.
+"""What the benchmark scripts share: the device, a synchronised clock, the interleaved ratio table, busy
+neighbour processes for timings on a loaded machine, worker processes that report one figure, and the peer's
+quiet import.
 
 The table interleaves the providers round-robin, so that background load on a shared machine hits all of
 them alike, and reports each provider's median (min-max in brackets) and every baseline's time over
@@ -8,11 +9,14 @@ din_kernels' time, all from the same run.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from types import ModuleType
 from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
@@ -100,8 +104,8 @@ def busy_neighbours(count: int, seconds: float = 1800.0) -> Iterator[None]:
     ``seconds`` (a bound, in case this process dies) and all are stopped when the block ends."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    procs = [subprocess.Popen([sys.executable, "-c", _NEIGHBOUR.format(seconds=float(seconds))], env=env)
+    procs = [subprocess.Popen([sys.executable, "-c", _NEIGHBOUR.format(seconds=float(seconds))],
+                              env=default_threads_env())
              for _ in range(count)]
     try:
         time.sleep(3.0 if count else 0.0)  # let them import torch and start working
@@ -114,3 +118,56 @@ def busy_neighbours(count: int, seconds: float = 1800.0) -> Iterator[None]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def default_threads_env() -> Dict[str, str]:
+    """This process's environment without the thread-count variables, so that a child process starts at
+    torch's default threads (as a user's job or neighbour would) unless it sets its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+# A worker's figure goes on a line of its own with this prefix: a library the worker imports may print to
+# stdout too, even after the figure (deepctr_torch's version check prints from a thread).
+RESULT_PREFIX = "result: "
+
+
+def print_result(value: float) -> None:
+    """A worker process's one figure, for :func:`run_worker`."""
+    print(f"{RESULT_PREFIX}{value!r}", flush=True)
+
+
+def run_worker(command: Sequence[str], what: str) -> float:
+    """Runs ``command`` (a worker process at torch's default threads) and returns the figure it printed with
+    :func:`print_result`; RuntimeError with the end of its stderr (or stdout) if it failed or printed none."""
+    result = subprocess.run(list(command), capture_output=True, text=True, env=default_threads_env())
+    if result.returncode != 0:
+        raise RuntimeError(f"the {what} run failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    figures = [line[len(RESULT_PREFIX):] for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not figures:
+        raise RuntimeError(f"the {what} run printed no {RESULT_PREFIX!r} line; its stdout ended:\n"
+                           f"{result.stdout[-2000:]}")
+    return float(figures[-1])
+
+
+def import_deepctr(module: str = "deepctr_torch") -> ModuleType:
+    """``importlib.import_module(module)`` for a deepctr_torch module, with its version check kept off stdout.
+
+    deepctr_torch starts a thread at import that asks PyPI for a newer release and, when it cannot reach it
+    (offline, or a CI machine that reaches only the package index through pip), prints a line to stdout,
+    possibly after the caller's own table or figure. The import runs with stdout sent to stderr and the thread
+    is given a few seconds to finish inside. ImportError propagates.
+    """
+    before = set(threading.enumerate())
+    with contextlib.redirect_stdout(sys.stderr):
+        imported = importlib.import_module(module)
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=5.0)
+    return imported
+
+
+def deepctr_available() -> bool:
+    try:
+        import_deepctr()
+    except ImportError:
+        return False
+    return True

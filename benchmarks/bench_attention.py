@@ -52,8 +52,8 @@ from din_kernels import reference  # noqa: E402
 from din_kernels.testing import cpu_extension, interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (DEVICE, busy_neighbours, describe_machine, interleaved_samples, ratio_row, synced,  # noqa: E402
-                     ratio_table_header, synchronize, time_ms)
+from _timing import (DEVICE, busy_neighbours, deepctr_available, describe_machine, import_deepctr,  # noqa: E402
+                     interleaved_samples, ratio_row, ratio_table_header, synced, synchronize, time_ms)
 
 HIDDEN = (80, 40)
 PROVIDERS = ("din_kernels", "composite", "reference", "compiled", "deepctr")
@@ -121,7 +121,7 @@ class Problem:
 
 
 def _deepctr_layer(problem: Problem):
-    from deepctr_torch.layers.sequence import AttentionSequencePoolingLayer  # prints a version-check line offline
+    AttentionSequencePoolingLayer = import_deepctr("deepctr_torch.layers.sequence").AttentionSequencePoolingLayer
 
     layer = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, att_activation="sigmoid",
                                           embedding_dim=problem.case.dim).to(problem.query.device)
@@ -239,11 +239,7 @@ def available(provider: str) -> bool:
         return DEVICE.type == "cpu"  # the CPU fallback; on CUDA the kernels run
     if provider != "deepctr":
         return True
-    try:
-        import deepctr_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return deepctr_available()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from din_kernels import reference  # noqa: E402
 from din_kernels.testing import interpreter_enabled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (DEVICE, describe_machine, interleaved_samples, ratio_row, ratio_table_header, synced,  # noqa: E402
-                     synchronize)
+from _timing import (DEVICE, deepctr_available, describe_machine, import_deepctr, interleaved_samples,  # noqa: E402
+                     ratio_row, ratio_table_header, synced, synchronize)
 
 PROVIDERS = ("din_kernels", "reference", "deepctr")
 MODES = ("forward", "forward+backward")
@@ -56,11 +56,7 @@ if DEVICE.type == "cpu" and interpreter_enabled():
 def available(provider: str) -> bool:
     if provider != "deepctr":
         return True
-    try:
-        import deepctr_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return deepctr_available()
 
 
 class Problem:
@@ -83,7 +79,7 @@ class Problem:
 
 
 def _deepctr_layer(problem: Problem):
-    from deepctr_torch.layers.activation import Dice  # prints a version-check line offline
+    Dice = import_deepctr("deepctr_torch.layers.activation").Dice
 
     layer = Dice(problem.shape[-1], dim=len(problem.shape), device=str(DEVICE)).to(DEVICE)
     with torch.no_grad():

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import din_kernels as dk  # noqa: E402
 from din_kernels import reference  # noqa: E402
 
+from _timing import import_deepctr  # noqa: E402
 from bench_attention import HIDDEN, Case, Problem  # noqa: E402
 
 
 def steps(problem: Problem) -> Dict[str, Callable[[], None]]:
-    from deepctr_torch.layers.sequence import AttentionSequencePoolingLayer  # prints a version line offline
+    AttentionSequencePoolingLayer = import_deepctr("deepctr_torch.layers.sequence").AttentionSequencePoolingLayer
 
     p, dim = problem, problem.case.dim
     ours = dk.LocalActivationUnit(dim, HIDDEN, activation="dice").train()

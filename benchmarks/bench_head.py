@@ -19,9 +19,7 @@ its median per call; the table gives the median (min-max) over the processes and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -34,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import din_kernels as dk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import busy_neighbours, ratio_row, ratio_table_header, thread_counts, time_ms  # noqa: E402
+from _timing import (busy_neighbours, import_deepctr, print_result, ratio_row, ratio_table_header,  # noqa: E402
+                     run_worker, thread_counts, time_ms)
 
 WIDTHS = (108, 200, 80)
 PROVIDERS = ("din_kernels", "modules", "deepctr")
@@ -42,7 +41,7 @@ PROVIDERS = ("din_kernels", "modules", "deepctr")
 
 def _deepctr_head() -> Optional[nn.Module]:
     try:
-        from deepctr_torch.layers import DNN
+        DNN = import_deepctr("deepctr_torch.layers").DNN
     except ImportError:
         return None
     return nn.Sequential(DNN(WIDTHS[0], WIDTHS[1:], activation="dice", dice_dim=2), nn.Linear(WIDTHS[-1], 1))
@@ -75,18 +74,15 @@ def worker(args) -> int:
         torch.set_num_threads(1)
     run = make_step(args.worker, args.rows, args.calls)
     run()
-    print(f"{statistics.median(time_ms(run) / args.calls for _ in range(args.rounds)):.4f}")
+    print_result(statistics.median(time_ms(run) / args.calls for _ in range(args.rounds)))
     return 0
 
 
-def run_worker(provider: str, args, threads: int) -> float:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", provider, "--threads", str(threads),
-               "--rows", str(args.rows), "--rounds", str(args.rounds), "--calls", str(args.calls)]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {provider} run failed:\n{result.stderr[-2000:]}")
-    return float(result.stdout.split()[-1])
+def run_provider(provider: str, args, threads: int) -> float:
+    """One ``--worker`` process of ``provider`` at ``threads``: its median ms per call."""
+    return run_worker([sys.executable, str(Path(__file__).resolve()), "--worker", provider, "--threads",
+                       str(threads), "--rows", str(args.rows), "--rounds", str(args.rounds), "--calls",
+                       str(args.calls)], provider)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -121,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 samples: Dict[str, List[float]] = {p: [] for p in providers}
                 for _ in range(args.repeats):
                     for provider in providers:
-                        samples[provider].append(run_worker(provider, args, threads))
+                        samples[provider].append(run_provider(provider, args, threads))
                 print(ratio_row(condition, str(threads), samples, digits=3), flush=True)
     return 0
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import busy_neighbours, thread_counts  # noqa: E402
+from _timing import busy_neighbours, print_result, run_worker, thread_counts  # noqa: E402
 from quality_peer import import_peer, peer_columns, peer_inputs  # noqa: E402
 
 from din.cli import _model_config, build_parser, configure_threads, keep_freed_memory  # noqa: E402
@@ -73,14 +71,9 @@ def run_one(side: str, args, threads: int, repeat: int) -> float:
     """One timed epoch of ``side`` ("ours" or "peer") in a fresh process, as users run one training per
     process: run in one process one after the other, each side inherited the other's allocator state and
     thread pools (ours ran 23k samples/s on MovieLens after a peer run, 27-29k alone)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--data", args.data,
-               "--samples", str(args.samples), "--max-len", str(args.max_len), "--batch-size",
-               str(args.batch_size), "--threads", str(threads), "--seed", str(repeat)]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {side} run failed:\n{result.stderr[-2000:]}")
-    return float(result.stdout.split()[-1])
+    return run_worker([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--data", args.data,
+                       "--samples", str(args.samples), "--max-len", str(args.max_len), "--batch-size",
+                       str(args.batch_size), "--threads", str(threads), "--seed", str(repeat)], side)
 
 
 def worker(args) -> int:
@@ -94,7 +87,7 @@ def worker(args) -> int:
     else:
         torch.set_num_threads(threads)
         rate = peer_samples_per_second(split, import_peer(), args.batch_size, args.max_len, args.seed)
-    print(f"{rate:.1f}")
+    print_result(rate)
     return 0
 
 

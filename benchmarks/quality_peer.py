@@ -59,7 +59,6 @@ import io
 import math
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -68,7 +67,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _timing import import_deepctr  # noqa: E402
 from din import metrics  # noqa: E402
 from din.checkpoint import load_checkpoint, write_json_atomic, write_text_atomic  # noqa: E402
 from din.cli import _load_split, _positive_int, _regularizer, _train_one, _valid_fraction, build_parser  # noqa: E402
@@ -159,18 +160,13 @@ def din_train_args(args) -> argparse.Namespace:
 def import_peer():
     """``(DIN, SparseFeat, VarLenSparseFeat, DNN, version)``; ValueError naming the install if missing.
 
-    deepctr_torch checks PyPI for a newer version in a thread at import and prints a line when offline:
-    that line is kept off stdout (the table's stream) and the thread given a few seconds to finish.
+    Its version check's line is kept off stdout, the table's stream (``_timing.import_deepctr``).
     """
-    before = set(threading.enumerate())
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            import deepctr_torch
-            from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
-            from deepctr_torch.layers.core import DNN
-            from deepctr_torch.models import DIN
-            for thread in set(threading.enumerate()) - before:
-                thread.join(timeout=5.0)
+        deepctr_torch = import_deepctr()
+        from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+        from deepctr_torch.layers.core import DNN
+        from deepctr_torch.models import DIN
     except ImportError as error:
         raise ValueError(f"deepctr_torch is not installed ({error}); install it with: {INSTALL_HINT}") from None
     version = getattr(deepctr_torch, "__version__", "?")
