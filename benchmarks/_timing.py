@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import unittest.mock
 from types import ModuleType
 from typing import Callable, Dict, Iterator, List, Sequence
 
@@ -150,18 +151,29 @@ def run_worker(command: Sequence[str], what: str) -> float:
 
 
 def import_deepctr(module: str = "deepctr_torch") -> ModuleType:
-    """``importlib.import_module(module)`` for a deepctr_torch module, with its version check kept off stdout.
+    """``importlib.import_module(module)`` for a deepctr_torch module, without its import-time version check's
+    network request or stdout line.
 
-    deepctr_torch starts a thread at import that asks PyPI for a newer release and, when it cannot reach it
-    (offline, or a CI machine that reaches only the package index through pip), prints a line to stdout,
-    possibly after the caller's own table or figure. The import runs with stdout sent to stderr and the thread
-    is given a few seconds to finish inside. ImportError propagates.
+    deepctr_torch 0.3.0 starts a thread at import that asks PyPI (``requests.get``, no timeout) for a newer
+    release and, when it cannot reach it (offline, or a CI machine that reaches only the package index
+    through pip), prints a line to stdout, possibly after the caller's own table or figure, and a request in
+    flight beside a timing is noise. The first import runs with ``requests.get`` failing at once and stdout
+    sent to stderr, and the check's thread is joined inside. ImportError propagates.
     """
+    if "deepctr_torch" in sys.modules:
+        return importlib.import_module(module)
+    import requests  # deepctr_torch's own dependency (ImportError as for deepctr_torch itself)
+
+    def no_request(url, *args, **kwargs):
+        raise requests.ConnectionError(f"din-kernels' benchmarks skip deepctr_torch's version check ({url})")
+
     before = set(threading.enumerate())
-    with contextlib.redirect_stdout(sys.stderr):
-        imported = importlib.import_module(module)
-        for thread in set(threading.enumerate()) - before:
-            thread.join(timeout=5.0)
+    with contextlib.redirect_stdout(sys.stderr), unittest.mock.patch.object(requests, "get", no_request):
+        try:
+            imported = importlib.import_module(module)
+        finally:
+            for thread in set(threading.enumerate()) - before:
+                thread.join(timeout=5.0)
     return imported
 
 
