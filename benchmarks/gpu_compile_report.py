@@ -4,7 +4,7 @@ ships, and print registers, spilled bytes, shared memory, resident blocks per SM
 operand types) of tensor-core instructions in the SASS. The attention kernels first, then the reduction of
 their first-layer gradient (``fused_first_layer``), Dice's and MBA's (``other_kernels``).
 
-    python benchmarks/gpu_compile_report.py [--quick] [--check]
+    python benchmarks/gpu_compile_report.py [--quick] [--check] [--arch 90,80] [--jobs N]
 
 Specialisations (what ``attention_forward`` / ``attention_backward`` pass for B=2048): T in {50, 200},
 D in {36, 64}, hidden (80, 40) and (200, 80) (the latter outside ``fused_supported``: listed as running the
@@ -21,7 +21,9 @@ tensor-core instructions, or 16-bit inputs whose MMAs run in TF32: the gate issu
 specialisation is compiled with the launcher's own choices: ``_block_sizes`` (per backward pass),
 ``_backward_stages`` (``num_stages``), the forwards' register caps, ``DT._stage_configs``; those of the
 Triton that runs the report (Triton before 3.9 has its own: ``_triton_before_3_9``). Under Triton 3.6, as a
-stock CUDA image ships it: ``make compile-report-triton36``.
+stock CUDA image ships it: ``make compile-report-triton36``. With more than one core the architectures compile in
+processes of their own (``--jobs``, one per architecture; the compiles are single-threaded: the quick set took
+211 s in one process here, 102 s in two), merged into the table that one process prints.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, Iterator, List, Optional, Sequence  # noqa: E402
 
@@ -53,6 +57,7 @@ from din_kernels.testing import attention_fused_dice_training as DT  # noqa: E40
 
 # per SM: registers, shared memory a block may use, resident threads, resident blocks
 SM_LIMITS = {90: (65536, 227 * 1024, 2048, 32), 80: (65536, 163 * 1024, 2048, 32)}
+ARCHS = tuple(SM_LIMITS)  # (90, 80): the report's order
 TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
 TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|WGMMA|QGMMA)((?:\.[A-Za-z0-9]+)*)")
 INTS = {"C", "T", "D", "H1", "H2", "stride_kb", "stride_kt", "CHUNK", "SPLITS"}  # the attention kernels' ints
@@ -219,40 +224,45 @@ def _assemble(row: Row, source, arch: int, num_warps: int, options: Optional[Dic
     return row
 
 
-def report(quick: bool) -> List[Row]:
-    shapes = [(200, 36, (80, 40))] if quick else list(itertools.product((50, 200), (36, 64), ((80, 40), (200, 80))))
-    softmaxes = (True,) if quick else (False, True)
+def report(quick: bool, archs: Sequence[int] = ARCHS) -> List[Row]:
+    """Every specialisation for ``archs``, each row printed as it is compiled: the attention kernels
+    (``attention_rows``) under ``HEADER`` (printed by the caller), one architecture after the other, then
+    ``OTHER_HEADER`` and the other kernels, likewise (the order ``report_in_processes`` merges into)."""
     rows = []
-    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True),
-               (A._din_attention_fwd_candidates_kernel, False))
-    for arch in (90, 80):
-        for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
-            for fn, backward in kernels:
-                several = not quick and (seq_len, dim, hidden) == (200, 36, (80, 40)) and softmax
-                if fn is A._din_attention_fwd_candidates_kernel and not several:
-                    continue  # (listed for DIN's shape only, in the full report)
-                for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
-                        else (fn is A._din_attention_fwd_candidates_kernel,):
-                    for backward_pass in _passes(precision, hidden, backward, "sigmoid", candidates, arch):
-                        rows.append(compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward,
-                                                backward_pass, candidates))
-                        print(_line(rows[-1]), flush=True)
-    # Dice attention in training mode (fused_dice_training.py): every stage the launchers run, one candidate
-    for arch in (90, 80):
-        for (seq_len, dim, hidden), softmax, precision in itertools.product(
-                shapes, softmaxes, ("fp32", "fp32-tf32", "bf16")):
-            for row in dice_training_kernels(arch, precision, seq_len, dim, hidden, softmax):
-                rows.append(row)
-                print(_line(row), flush=True)
-    for row in variant_rows(quick):
-        rows.append(row)
-        print(_line(row), flush=True)
+    for arch in archs:
+        for row in attention_rows(quick, arch):
+            rows.append(row)
+            print(_line(row), flush=True)
     print("\n" + OTHER_HEADER)
-    for arch in (90, 80):
+    for arch in archs:
         for row in other_kernels(arch, quick):
             rows.append(row)
             print(_line(row), flush=True)
     return rows
+
+
+def attention_rows(quick: bool, arch: int) -> Iterator[Row]:
+    """The attention kernels for ``arch``: sigmoid at every shape, precision and normalisation, then the
+    Dice-training stages, then the activation variants and the position splits (``variant_rows``)."""
+    shapes = [(200, 36, (80, 40))] if quick else list(itertools.product((50, 200), (36, 64), ((80, 40), (200, 80))))
+    softmaxes = (True,) if quick else (False, True)
+    kernels = ((A._din_attention_fwd_kernel, False), (A._din_attention_bwd_kernel, True),
+               (A._din_attention_fwd_candidates_kernel, False))
+    for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes, PRECISIONS):
+        for fn, backward in kernels:
+            several = not quick and (seq_len, dim, hidden) == (200, 36, (80, 40)) and softmax
+            if fn is A._din_attention_fwd_candidates_kernel and not several:
+                continue  # (listed for DIN's shape only, in the full report)
+            for candidates in (False, True) if several and fn is not A._din_attention_fwd_candidates_kernel \
+                    else (fn is A._din_attention_fwd_candidates_kernel,):
+                for backward_pass in _passes(precision, hidden, backward, "sigmoid", candidates, arch):
+                    yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
+                                      candidates)
+    # Dice attention in training mode (fused_dice_training.py): every stage the launchers run, one candidate
+    for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes,
+                                                                         ("fp32", "fp32-tf32", "bf16")):
+        yield from dice_training_kernels(arch, precision, seq_len, dim, hidden, softmax)
+    yield from variant_rows(quick, (arch,))
 
 
 def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int],
@@ -296,7 +306,7 @@ def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hid
 VARIANT_ACTIVATIONS = ("relu", "prelu", "dice", "identity")
 
 
-def variant_rows(quick: bool) -> Iterator[Row]:
+def variant_rows(quick: bool, archs: Sequence[int] = ARCHS) -> Iterator[Row]:
     """The activation variants and the position-split kernels at DIN's shape (T=200, D=36, hidden (80, 40)):
     every activation with fused kernels, softmax and none (``--quick``: dice, softmax), one candidate and
     several as ``report`` lists sigmoid; the split forward and backward (``SPLIT``, launched when the rows
@@ -307,7 +317,7 @@ def variant_rows(quick: bool) -> Iterator[Row]:
                (A._din_attention_fwd_candidates_kernel, False))
     activations = ("dice",) if quick else VARIANT_ACTIVATIONS
     softmaxes = (True,) if quick else (True, False)
-    for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
+    for arch, activation, softmax, precision in itertools.product(archs, activations, softmaxes, PRECISIONS):
         for fn, backward in kernels:
             several = not quick and softmax
             if fn is A._din_attention_fwd_candidates_kernel and not several:
@@ -318,12 +328,12 @@ def variant_rows(quick: bool) -> Iterator[Row]:
                     yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
                                       candidates, activation=activation)
     activations = ("sigmoid",) if quick else ("sigmoid",) + VARIANT_ACTIVATIONS
-    for arch, activation, softmax, precision in itertools.product((90, 80), activations, softmaxes, PRECISIONS):
+    for arch, activation, softmax, precision in itertools.product(archs, activations, softmaxes, PRECISIONS):
         for fn, backward in kernels[:2]:
             for backward_pass in _passes(precision, hidden, backward, activation, False, arch, split=True):
                 yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
                                   activation=activation, split=True)
-    for arch, softmax, merge_dim in itertools.product((90, 80), softmaxes, (36,) if quick else (36, 64)):
+    for arch, softmax, merge_dim in itertools.product(archs, softmaxes, (36,) if quick else (36, 64)):
         yield compile_merge(arch, seq_len, merge_dim, softmax)
 
 
@@ -445,14 +455,85 @@ def _line(row: Row) -> str:
                    f"{row.tensor_core} {row.mma_types or '-'} |")
 
 
+def report_in_processes(quick: bool, archs: Sequence[int], poll_s: float = 15.0) -> List[Row]:
+    """``report`` with each architecture in a process of its own (this script with ``--arch A --jobs 1``,
+    its rows handed back as JSON), all at once; the rows are printed when all have finished, in ``report``'s
+    order, with a line of progress on stderr every ``poll_s`` seconds. RuntimeError with a process's stderr
+    if one fails."""
+    with tempfile.TemporaryDirectory(prefix="din-compile-report-") as folder:
+        children = []
+        for arch in archs:
+            out, err = (Path(folder) / f"sm_{arch}.{name}" for name in ("out", "err"))
+            command = [sys.executable, str(Path(__file__).resolve()), "--arch", str(arch), "--jobs", "1",
+                       "--rows-json", str(Path(folder) / f"sm_{arch}.json")] + (["--quick"] if quick else [])
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                children.append((arch, out, err, subprocess.Popen(command, stdout=stdout, stderr=stderr)))
+        started = time.monotonic()
+        try:
+            while any(child.poll() is None for *_, child in children):
+                time.sleep(min(poll_s, 1.0))
+                if time.monotonic() - started >= poll_s:
+                    started = time.monotonic()
+                    counts = ", ".join(f"sm_{arch} {_rows_printed(out)} rows" for arch, out, _, _ in children)
+                    print(f"compiling in {len(children)} processes: {counts}", file=sys.stderr, flush=True)
+        finally:
+            for *_, child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        for arch, _, err, child in children:
+            if child.returncode != 0:
+                raise RuntimeError(f"the sm_{arch} report failed (exit {child.returncode}):\n"
+                                   f"{err.read_text()[-3000:]}")
+        by_arch = {arch: [Row(**dict(fields, hidden=tuple(fields["hidden"])))
+                          for fields in json.loads((Path(folder) / f"sm_{arch}.json").read_text())]
+                   for arch in archs}
+    attention = [row for arch in archs for row in by_arch[arch] if not row.problem]
+    other = [row for arch in archs for row in by_arch[arch] if row.problem]
+    for row in attention:
+        print(_line(row))
+    print("\n" + OTHER_HEADER)
+    for row in other:
+        print(_line(row), flush=True)
+    return attention + other
+
+
+def _rows_printed(path: Path) -> int:
+    with open(path) as lines:
+        return sum(line.startswith("| ") and not line.startswith(("| kernel ", "| --- ")) for line in lines)
+
+
+def _archs(text: str) -> List[int]:
+    try:
+        archs = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        archs = []
+    if not archs or any(arch not in SM_LIMITS for arch in archs) or len(set(archs)) != len(archs):
+        raise argparse.ArgumentTypeError(f"expected distinct SM versions among {','.join(map(str, ARCHS))}, "
+                                         f"got {text!r}")
+    return archs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape (CI)")
     parser.add_argument("--check", action="store_true", help="exit 1 on spills, shared overflow, no tensor cores")
+    parser.add_argument("--arch", type=_archs, default=list(ARCHS), help="comma-separated SM versions (default 90,80)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="processes, one architecture each (default: one per architecture, at most the cores)")
+    parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # (a --jobs child: where its rows go)
     args = parser.parse_args(argv)
+    if args.jobs < 0:
+        parser.error(f"--jobs must be >= 0 (0: one per architecture up to the cores), got {args.jobs}")
+    jobs = args.jobs or min(len(args.arch), len(os.sched_getaffinity(0)))
     print(f"triton {triton.__version__}, torch {torch.__version__}; compiled here, not run")
     print(HEADER)
-    rows = report(args.quick)
+    if jobs > 1 and len(args.arch) > 1:
+        rows = report_in_processes(args.quick, args.arch)
+    else:
+        rows = report(args.quick, args.arch)
+    if args.rows_json:
+        Path(args.rows_json).write_text(json.dumps([asdict(row) for row in rows]))
     failures = [(row, problem) for row in rows for problem in row.problems()]
     print(f"\n{len(rows)} specialisations, {len(failures)} problems")
     for row, problem in failures:

@@ -70,3 +70,11 @@ def test_quick_report_compiles_every_specialisation(tmp_path):
             want = {"fp32-tf32": "TF32", "bf16": "BF16"}[precision]
             assert int(count) > 0 and types == want, (kernel, arch, precision, types)
     assert "119 specialisations" in result.stdout
+
+
+def test_bad_architectures_and_jobs_are_refused():
+    for args, message in ((["--arch", "70"], "--arch: expected distinct SM versions among 90,80, got '70'"),
+                          (["--arch", "90,90"], "--arch: expected distinct SM versions"),
+                          (["--jobs", "-1"], "--jobs must be >= 0")):
+        result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
