@@ -262,7 +262,7 @@ def attention_rows(quick: bool, arch: int) -> Iterator[Row]:
     for (seq_len, dim, hidden), softmax, precision in itertools.product(shapes, softmaxes,
                                                                          ("fp32", "fp32-tf32", "bf16")):
         yield from dice_training_kernels(arch, precision, seq_len, dim, hidden, softmax)
-    yield from variant_rows(quick, (arch,))
+    yield from variant_rows(quick, arch)
 
 
 def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hidden: Sequence[int],
@@ -306,7 +306,7 @@ def dice_training_kernels(arch: int, precision: str, seq_len: int, dim: int, hid
 VARIANT_ACTIVATIONS = ("relu", "prelu", "dice", "identity")
 
 
-def variant_rows(quick: bool, archs: Sequence[int] = ARCHS) -> Iterator[Row]:
+def variant_rows(quick: bool, arch: int) -> Iterator[Row]:
     """The activation variants and the position-split kernels at DIN's shape (T=200, D=36, hidden (80, 40)):
     every activation with fused kernels, softmax and none (``--quick``: dice, softmax), one candidate and
     several as ``report`` lists sigmoid; the split forward and backward (``SPLIT``, launched when the rows
@@ -317,7 +317,7 @@ def variant_rows(quick: bool, archs: Sequence[int] = ARCHS) -> Iterator[Row]:
                (A._din_attention_fwd_candidates_kernel, False))
     activations = ("dice",) if quick else VARIANT_ACTIVATIONS
     softmaxes = (True,) if quick else (True, False)
-    for arch, activation, softmax, precision in itertools.product(archs, activations, softmaxes, PRECISIONS):
+    for activation, softmax, precision in itertools.product(activations, softmaxes, PRECISIONS):
         for fn, backward in kernels:
             several = not quick and softmax
             if fn is A._din_attention_fwd_candidates_kernel and not several:
@@ -328,12 +328,12 @@ def variant_rows(quick: bool, archs: Sequence[int] = ARCHS) -> Iterator[Row]:
                     yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
                                       candidates, activation=activation)
     activations = ("sigmoid",) if quick else ("sigmoid",) + VARIANT_ACTIVATIONS
-    for arch, activation, softmax, precision in itertools.product(archs, activations, softmaxes, PRECISIONS):
+    for activation, softmax, precision in itertools.product(activations, softmaxes, PRECISIONS):
         for fn, backward in kernels[:2]:
             for backward_pass in _passes(precision, hidden, backward, activation, False, arch, split=True):
                 yield compile_one(fn, arch, precision, seq_len, dim, hidden, softmax, backward, backward_pass,
                                   activation=activation, split=True)
-    for arch, softmax, merge_dim in itertools.product(archs, softmaxes, (36,) if quick else (36, 64)):
+    for softmax, merge_dim in itertools.product(softmaxes, (36,) if quick else (36, 64)):
         yield compile_merge(arch, seq_len, merge_dim, softmax)
 
 
