@@ -336,7 +336,8 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
     ``rounds`` > 1 repeats the quiet and the loaded phase that many times and summarises the rounds instead:
     how a neighbour's work lines up with the timed calls changes from one loaded phase to the next (on 2
     cores a 3 ms call's slowdown ranged 1.5-5.5x over five phases), so one phase cannot say whether one
-    provider slows more than another."""
+    provider slows more than another. Per provider: the slowdown's median and range over the rounds, and the
+    slowdown of all rounds' samples pooled (median loaded over median quiet)."""
     results = []
     for index in range(rounds):
         if rounds > 1:
@@ -362,6 +363,7 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
     baselines = [p for p in providers if p != "din_kernels"]
     lines = [header + f", {rounds} rounds of a quiet and a loaded phase", "",
              "| threads | case | mode | " + " | ".join(f"{p} slowdown, median of rounds [min-max]" for p in providers) +
+             " | " + " | ".join(f"{p} slowdown, all rounds pooled" for p in providers) +
              " | " + " | ".join(f"din_kernels slowing no more than {p}" for p in baselines) +
              " | " + " | ".join(f"{p} / din_kernels loaded, median [min-max]" for p in baselines) + " |"]
     lines.append("|" + " --- |" * (lines[-1].count("|") - 1))
@@ -380,8 +382,13 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
                 loaded_ratio[p].append(l[p] / l["din_kernels"])
         no_worse = [f"{sum(ours <= theirs for ours, theirs in zip(slowdowns['din_kernels'], slowdowns[p]))} of "
                     f"{rounds}" for p in baselines]
+        # every round's samples in one median per phase: steadier than the median of per-round ratios when a
+        # phase holds few samples of a bimodal (stalled or not) call time
+        pooled = {p: statistics.median(t for _, loaded in results for t in loaded[key][p]) /
+                  statistics.median(t for quiet, _ in results for t in quiet[key][p]) for p in providers}
         threads, name, mode = key
         lines.append(f"| {threads} | {name} | {mode} | " + " | ".join(spread(slowdowns[p]) for p in providers) +
+                     " | " + " | ".join(f"{pooled[p]:.2f}x" for p in providers) +
                      " | " + " | ".join(no_worse) + " | " + " | ".join(spread(loaded_ratio[p]) for p in baselines) +
                      " |")
     return "\n".join(lines)
@@ -397,7 +404,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "at 1 and 2 threads, and print quiet and loaded columns in one table")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --busy: repeat the quiet and the loaded phase N times and summarise the "
-                             "slowdowns over the rounds (median, range, rounds where din_kernels slowed no more)")
+                             "slowdowns over the rounds (median, range, all samples pooled, rounds where din_kernels "
+                             "slowed no more)")
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("use --table, or run through pytest for pytest-benchmark")
