@@ -382,8 +382,9 @@ def busy_table(repeats: int, providers: List[str], busy: int, rounds: int = 1) -
                 loaded_ratio[p].append(l[p] / l["din_kernels"])
         no_worse = [f"{sum(ours <= theirs for ours, theirs in zip(slowdowns['din_kernels'], slowdowns[p]))} of "
                     f"{rounds}" for p in baselines]
-        # every round's samples in one median per phase: steadier than the median of per-round ratios when a
-        # phase holds few samples of a bimodal (stalled or not) call time
+        # every round's samples in one median per phase: a phase holds few samples of a bimodal (stalled or
+        # not) call time, so the per-round ratios swing; pooled swings less, but where most of a few rounds'
+        # loaded samples stalled it reads the stalled mode (RESULTS.md section 8): hence both columns
         pooled = {p: statistics.median(t for _, loaded in results for t in loaded[key][p]) /
                   statistics.median(t for quiet, _ in results for t in quiet[key][p]) for p in providers}
         threads, name, mode = key

@@ -1,6 +1,7 @@
 """benchmarks/bench_attention.py's loaded table over several rounds (``--rounds``): each round a quiet and a
 loaded phase, summarised per case and mode (slowdown medians and ranges, the slowdowns of the rounds' samples
-pooled, the rounds where din_kernels slowed no more than a baseline, the loaded speed ratios), and its arguments checked."""
+pooled, the rounds where din_kernels slowed no more than a baseline, the loaded speed ratios), and its
+arguments checked."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_bad_arguments_are_refused(bench_attention, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_pooled_slowdown_is_the_median_of_every_rounds_samples(bench_attention, monkeypatch, capsys):
+def test_pooled_slowdown_is_the_median_of_every_rounds_samples(bench_attention, monkeypatch):
     # two rounds of fixed samples: din_kernels quiet [1, 1, 1] / [1, 1, 3], loaded [2, 2, 9] / [3, 3, 3]
     # -> pooled 3 / 1 = 3.00x (the per-round medians' ratios are 2.00x and 3.00x); reference 2.00x throughout
     key = (2, "B8-T5-D4-random", "forward")
